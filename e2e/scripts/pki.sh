@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Makes the plane's certificates (once): the cluster CA, the API server's serving
+# certificate, client certificates for the admin and the controller-manager, the
+# service-account signing key, and a separate CA + serving certificate for Pebble's HTTPS.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+mkdir -p "$PKI"
+cd "$PKI"
+[[ -f .complete ]] && exit 0
+command -v openssl >/dev/null || die "openssl is needed to make the plane's certificates (apt-get install openssl)"
+
+ca() { # name cn
+  openssl ecparam -name prime256v1 -genkey -noout -out "$1.key"
+  openssl req -x509 -new -key "$1.key" -subj "/CN=$2" -days 3650 -sha256 \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign -out "$1.crt"
+}
+leaf() { # name ca subject ext...
+  local name=$1 ca=$2 subj=$3; shift 3
+  openssl ecparam -name prime256v1 -genkey -noout -out "$name.key"
+  openssl req -new -key "$name.key" -subj "$subj" -out "$name.csr"
+  printf '%s\n' "$@" >"$name.ext"
+  openssl x509 -req -in "$name.csr" -CA "$ca.crt" -CAkey "$ca.key" -CAcreateserial -days 3650 -sha256 \
+    -extfile "$name.ext" -out "$name.crt" 2>/dev/null
+  rm -f "$name.csr" "$name.ext"
+}
+
+ca ca "sidecert-local-ca"
+leaf apiserver ca "/CN=kube-apiserver" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+  "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,IP:10.214.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+leaf admin ca "/O=system:masters/CN=sidecert-admin" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+leaf controller-manager ca "/CN=system:kube-controller-manager" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+openssl genrsa -out sa.key 2048 2>/dev/null
+openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+ca pebble-ca "sidecert-local pebble https ca"
+leaf pebble pebble-ca "/CN=pebble" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+  "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,DNS:localhost,DNS:pebble"
+chmod 600 ./*.key
+touch .complete
