@@ -41,3 +41,17 @@ test: lint tools build ## every test: unit, integration and end to end, on a loc
 .PHONY: unit
 unit: ## only the tests that need no plane
 	$(CARGO) test --workspace --lib --bins
+
+.PHONY: bench
+bench: tools build ## benchmarks (not tests): webhook vs nginx over TLS, sidecar vs lego against Pebble
+	$(CARGO) bench -p sidecert-webhook
+	e2e/bench/webhook.sh
+	$(E2E)/with-plane.sh e2e/bench/sidecar.sh
+
+.PHONY: demo
+demo: tools build ## the local plane, sidecert, examples/ applied, until the certificate is issued
+	$(E2E)/demo.sh
+
+.PHONY: demo-down
+demo-down: ## stop the demo and the local plane
+	$(E2E)/cluster-down.sh

@@ -70,6 +70,8 @@ pub const STATUS_INJECTED: &str = "injected";
 pub const SIDECAR_CONTAINER_NAME: &str = "sidecert";
 /// Name of the sidecar's HTTP-01 container port.
 pub const HTTP01_PORT_NAME: &str = "sidecert-http";
+/// Name of the sidecar's metrics container port (port names are at most 15 characters).
+pub const METRICS_PORT_NAME: &str = "sidecert-prom";
 /// Default HTTP-01 port of the sidecar.
 pub const DEFAULT_HTTP01_PORT: u16 = 8089;
 /// Default metrics port of the sidecar.
@@ -501,6 +503,18 @@ mod tests {
             annotations::TEMPORARY,
         ] {
             assert!(k.starts_with(PREFIX), "{k}");
+        }
+    }
+
+    #[test]
+    fn port_names_are_valid_iana_service_names() {
+        for name in [HTTP01_PORT_NAME, METRICS_PORT_NAME] {
+            assert!(name.len() <= 15, "{name} is longer than 15 characters");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            );
+            assert!(!name.contains("--") && !name.starts_with('-') && !name.ends_with('-'));
         }
     }
 

@@ -24,7 +24,7 @@ CHALLTESTSRV_DNS=127.0.0.1:8053
 CHALLTESTSRV_MGMT=127.0.0.1:8055
 KCM_PORT=10257
 # Process order: started in this order, stopped in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager pebble-challtestsrv pebble localnode)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager pebble-challtestsrv pebble localnode webhook)
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

@@ -1,0 +1,408 @@
+//! The AdmissionReview envelope, the review itself (shared by the server, the offline
+//! commands and the tests), and the HTTP handlers.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use actix_web::{HttpResponse, web};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::{authentication::v1::UserInfo, core::v1::Pod, networking::v1::Ingress};
+use kube::core::{
+    DynamicObject, GroupVersionKind, GroupVersionResource, Resource, TypeMeta,
+    admission::{AdmissionRequest, Operation},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::value::RawValue;
+
+use crate::{
+    Context, Error, MAX_BODY_BYTES, Outcome, Result, SkipReason, effects::Executor, ingress::mutate_ingress,
+    metrics::Metrics, pod::mutate_pod,
+};
+
+/// The review as it arrives; the object stays raw until its kind is known, then is decoded
+/// once into its typed struct.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(borrow)]
+    request: Option<RawRequest<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawRequest<'a> {
+    uid: String,
+    kind: GroupVersionKind,
+    resource: GroupVersionResource,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    request_kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    request_resource: Option<GroupVersionResource>,
+    #[serde(default)]
+    request_sub_resource: Option<String>,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Operation,
+    #[serde(default)]
+    user_info: UserInfo,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    old_object: Option<&'a RawValue>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// A decoded admission request.
+#[derive(Debug, Clone)]
+pub enum Request {
+    Pod(Box<AdmissionRequest<Pod>>),
+    Ingress(Box<AdmissionRequest<Ingress>>),
+    /// Another kind, or an object that could not be decoded (`warning` says why).
+    Other {
+        request: Box<AdmissionRequest<DynamicObject>>,
+        warning: String,
+    },
+}
+
+impl Request {
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            Self::Pod(_) => "pod",
+            Self::Ingress(_) => "ingress",
+            Self::Other { .. } => "other",
+        }
+    }
+
+    pub fn operation(&self) -> &Operation {
+        match self {
+            Self::Pod(r) => &r.operation,
+            Self::Ingress(r) => &r.operation,
+            Self::Other { request, .. } => &request.operation,
+        }
+    }
+
+    pub fn dry_run(&self) -> bool {
+        match self {
+            Self::Pod(r) => r.dry_run,
+            Self::Ingress(r) => r.dry_run,
+            Self::Other { request, .. } => request.dry_run,
+        }
+    }
+
+    pub fn uid(&self) -> &str {
+        match self {
+            Self::Pod(r) => &r.uid,
+            Self::Ingress(r) => &r.uid,
+            Self::Other { request, .. } => &request.uid,
+        }
+    }
+}
+
+fn operation_label(op: &Operation) -> &'static str {
+    match op {
+        Operation::Create => "CREATE",
+        Operation::Update => "UPDATE",
+        Operation::Delete => "DELETE",
+        Operation::Connect => "CONNECT",
+    }
+}
+
+impl<'a> RawRequest<'a> {
+    fn typed<T: Resource + DeserializeOwned>(
+        &self,
+        types: &TypeMeta,
+    ) -> std::result::Result<AdmissionRequest<T>, serde_json::Error> {
+        let decode = |raw: Option<&'a RawValue>| raw.map(|r| serde_json::from_str::<T>(r.get())).transpose();
+        Ok(AdmissionRequest {
+            types: types.clone(),
+            uid: self.uid.clone(),
+            kind: self.kind.clone(),
+            resource: self.resource.clone(),
+            sub_resource: self.sub_resource.clone(),
+            request_kind: self.request_kind.clone(),
+            request_resource: self.request_resource.clone(),
+            request_sub_resource: self.request_sub_resource.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            operation: self.operation.clone(),
+            user_info: self.user_info.clone(),
+            object: decode(self.object)?,
+            old_object: decode(self.old_object)?,
+            dry_run: self.dry_run,
+            options: None,
+        })
+    }
+
+    fn other(&self, types: &TypeMeta, warning: String) -> Request {
+        Request::Other {
+            request: Box::new(AdmissionRequest {
+                types: types.clone(),
+                uid: self.uid.clone(),
+                kind: self.kind.clone(),
+                resource: self.resource.clone(),
+                sub_resource: self.sub_resource.clone(),
+                request_kind: self.request_kind.clone(),
+                request_resource: self.request_resource.clone(),
+                request_sub_resource: self.request_sub_resource.clone(),
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+                operation: self.operation.clone(),
+                user_info: self.user_info.clone(),
+                object: None,
+                old_object: None,
+                dry_run: self.dry_run,
+                options: None,
+            }),
+            warning,
+        }
+    }
+}
+
+/// Parses a request body. `Err` is an HTTP 400 (or 413) answer; an unknown kind or an
+/// undecodable object is an `Ok(Request::Other)` that is admitted with a warning.
+pub fn parse(body: &[u8]) -> Result<Request> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(Error::TooLarge(body.len()));
+    }
+    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| Error::InvalidReview(e.to_string()))?;
+    if let Some(kind) = env.kind.as_deref().filter(|k| *k != "AdmissionReview") {
+        return Err(Error::InvalidReview(format!(
+            "kind is {kind:?}, expected \"AdmissionReview\""
+        )));
+    }
+    let api_version = env.api_version.unwrap_or_default();
+    if !matches!(
+        api_version.as_str(),
+        "admission.k8s.io/v1" | "admission.k8s.io/v1beta1"
+    ) {
+        return Err(Error::InvalidReview(format!(
+            "apiVersion is {api_version:?}, expected \"admission.k8s.io/v1\""
+        )));
+    }
+    let raw = env
+        .request
+        .ok_or_else(|| Error::InvalidReview("it has no request".to_owned()))?;
+    let types = TypeMeta {
+        api_version,
+        kind: "AdmissionReview".to_owned(),
+    };
+    if let Some(sub) = &raw.sub_resource {
+        return Ok(raw.other(&types, format!("sidecert: subresource {sub} is not mutated")));
+    }
+    let k = &raw.kind;
+    Ok(match (k.group.as_str(), k.version.as_str(), k.kind.as_str()) {
+        ("", "v1", "Pod") => match raw.typed::<Pod>(&types) {
+            Ok(r) => Request::Pod(Box::new(r)),
+            Err(e) => raw.other(
+                &types,
+                format!("sidecert: could not decode the Pod ({e}); not mutated"),
+            ),
+        },
+        ("networking.k8s.io", "v1", "Ingress") => match raw.typed::<Ingress>(&types) {
+            Ok(r) => Request::Ingress(Box::new(r)),
+            Err(e) => raw.other(
+                &types,
+                format!("sidecert: could not decode the Ingress ({e}); not mutated"),
+            ),
+        },
+        (g, v, kind) => {
+            let gv = if g.is_empty() {
+                v.to_owned()
+            } else {
+                format!("{g}/{v}")
+            };
+            raw.other(
+                &types,
+                format!("sidecert: {gv} {kind} is not a kind sidecert mutates"),
+            )
+        }
+    })
+}
+
+/// Serves reviews: pure mutation, then (unless dry run, and when it has a cluster) the side
+/// effects, then the response.
+#[derive(Clone)]
+pub struct Reviewer {
+    pub ctx: Context,
+    pub metrics: Metrics,
+    pub executor: Option<Executor>,
+}
+
+impl Reviewer {
+    pub fn new(ctx: Context, metrics: Metrics, executor: Option<Executor>) -> Self {
+        Self {
+            ctx,
+            metrics,
+            executor,
+        }
+    }
+
+    /// The pure part of a review.
+    pub fn mutate(&self, request: &Request) -> Outcome {
+        match request {
+            Request::Pod(r) => mutate_pod(r, &self.ctx),
+            Request::Ingress(r) => mutate_ingress(r, &self.ctx),
+            Request::Other { warning, .. } => Outcome::skip(SkipReason::UnknownKind).warn(warning.clone()),
+        }
+    }
+
+    /// Reviews a body and returns the serialised AdmissionReview response. `Err` means the
+    /// body is not an AdmissionReview ([`Error::InvalidReview`], [`Error::TooLarge`]).
+    pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>> {
+        let mut timer = self.metrics.timer();
+        let request = parse(body)?;
+        timer.kind = request.kind_label();
+        timer.operation = operation_label(request.operation());
+        let mut outcome = self.mutate(&request);
+        let run_effects = !request.dry_run() && !outcome.effects.is_empty();
+        if let Some(exec) = self.executor.as_ref().filter(|_| run_effects) {
+            {
+                for (effect, err) in exec.apply(&outcome.effects).await {
+                    tracing::warn!(uid = request.uid(), effect = effect.label(), error = %err, "side effect failed");
+                    self.metrics
+                        .side_effect_failures
+                        .with_label_values(&[effect.label(), err.metric_label()])
+                        .inc();
+                    outcome.warnings.push(format!(
+                        "sidecert: could not create {} ({err}); admitted anyway, the next admission retries",
+                        effect.describe()
+                    ));
+                }
+            }
+        }
+        self.count(&request, &outcome);
+        timer.result = if outcome.patch.is_empty() {
+            "unchanged"
+        } else {
+            "mutated"
+        };
+        let body = match &request {
+            Request::Pod(r) => respond(r.as_ref(), outcome),
+            Request::Ingress(r) => respond(r.as_ref(), outcome),
+            Request::Other { request, .. } => respond(request.as_ref(), outcome),
+        };
+        if body.is_err() {
+            timer.result = "error";
+        }
+        body
+    }
+
+    fn count(&self, request: &Request, outcome: &Outcome) {
+        let kind = request.kind_label();
+        if !outcome.patch.is_empty() {
+            self.metrics.injections.with_label_values(&[kind]).inc();
+        }
+        if let Some(reason) = outcome.skipped {
+            self.metrics.skips.with_label_values(&[reason.as_str()]).inc();
+        }
+        if !outcome.warnings.is_empty() {
+            self.metrics
+                .warnings
+                .with_label_values(&[kind])
+                .inc_by(outcome.warnings.len() as u64);
+        }
+    }
+}
+
+/// The AdmissionReview response. kube's `AdmissionResponse` writes the patch as an array of
+/// numbers; this writes base64 like the API server's own types (a third of the size).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewOut<'a> {
+    api_version: &'a str,
+    kind: &'static str,
+    response: ResponseOut<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ResponseOut<'a> {
+    uid: &'a str,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch: Option<ByteString>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    patch_type: Option<&'static str>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+/// The serialised response for a request and its outcome.
+pub fn respond<T: Resource>(req: &AdmissionRequest<T>, outcome: Outcome) -> Result<Vec<u8>> {
+    let patch = if outcome.patch.is_empty() {
+        None
+    } else {
+        Some(ByteString(serde_json::to_vec(&outcome.patch)?))
+    };
+    let out = ReviewOut {
+        api_version: &req.types.api_version,
+        kind: "AdmissionReview",
+        response: ResponseOut {
+            uid: &req.uid,
+            allowed: true,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            warnings: outcome.warnings,
+        },
+    };
+    Ok(serde_json::to_vec(&out)?)
+}
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub reviewer: Reviewer,
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn mutate(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+    match state.reviewer.review(&body).await {
+        Ok(json) => HttpResponse::Ok().content_type("application/json").body(json),
+        Err(e @ Error::TooLarge(_)) => HttpResponse::PayloadTooLarge()
+            .content_type("text/plain")
+            .body(e.to_string()),
+        Err(e @ Error::InvalidReview(_)) => HttpResponse::BadRequest()
+            .content_type("text/plain")
+            .body(e.to_string()),
+        Err(e) => {
+            // Only serialising our own response can fail here; still answer, never panic.
+            tracing::error!(error = %e, "review failed");
+            HttpResponse::BadRequest()
+                .content_type("text/plain")
+                .body(e.to_string())
+        }
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok")
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        HttpResponse::Ok().content_type("text/plain").body("ok")
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .content_type("text/plain")
+            .body("waiting for the Ingress and Service caches")
+    }
+}
+
+/// The routes of the HTTPS server (`/mutate`, `/healthz`, `/readyz`).
+pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(state)
+            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
+            .route("/mutate", web::post().to(mutate))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz));
+    }
+}

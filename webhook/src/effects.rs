@@ -1,0 +1,447 @@
+//! Side effects of admission: temporary Secrets, solver Services, least-privilege RBAC.
+//! All are create-if-absent and idempotent; an existing Secret is never touched.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        core::v1::{Secret, Service, ServicePort, ServiceSpec},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
+    apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations};
+
+use crate::{Error, Lookup, Result, ingress::SOLVER_PORT_NAME};
+
+/// Validity of a temporary certificate.
+pub const TEMPORARY_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Something to create in the cluster after a review.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// A `kubernetes.io/tls` Secret with a self-signed certificate, unless one exists.
+    TemporarySecret {
+        namespace: String,
+        name: String,
+        domains: Vec<String>,
+    },
+    /// The solver Service for a backend Service, unless one exists.
+    SolverService {
+        namespace: String,
+        name: String,
+        backend: String,
+        owner: Option<OwnerReference>,
+    },
+    /// Role + RoleBinding `sidecert-<serviceAccount>`, merged with an existing Role.
+    Rbac {
+        namespace: String,
+        service_account: String,
+        secrets: Vec<String>,
+        leases: Vec<String>,
+    },
+}
+
+impl Effect {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::TemporarySecret { .. } => "temporary_secret",
+            Self::SolverService { .. } => "solver_service",
+            Self::Rbac { .. } => "rbac",
+        }
+    }
+
+    /// Human description for warnings.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::TemporarySecret { namespace, name, .. } => format!("temporary Secret {namespace}/{name}"),
+            Self::SolverService { namespace, name, .. } => format!("solver Service {namespace}/{name}"),
+            Self::Rbac {
+                namespace,
+                service_account,
+                ..
+            } => format!("Role/RoleBinding {namespace}/{}", rbac_name(service_account)),
+        }
+    }
+}
+
+fn managed_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())])
+}
+
+/// A self-signed certificate for exactly `domains` (ECDSA P-256, PKCS#8 key) as a TLS Secret.
+pub fn temporary_secret(namespace: &str, name: &str, domains: &[String]) -> Result<Secret> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(domains.to_vec())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        domains.first().map_or("sidecert temporary", String::as_str),
+    );
+    dn.push(DnType::OrganizationName, "sidecert temporary certificate");
+    params.distinguished_name = dn;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + TEMPORARY_VALIDITY;
+    let cert = params.self_signed(&key)?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            annotations: Some(BTreeMap::from([
+                (annotations::TEMPORARY.to_owned(), "true".to_owned()),
+                (annotations::DOMAINS_ON_SECRET.to_owned(), domains.join(",")),
+            ])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_owned(), ByteString(cert.pem().into_bytes())),
+            ("tls.key".to_owned(), ByteString(key.serialize_pem().into_bytes())),
+        ])),
+        ..Default::default()
+    })
+}
+
+/// The solver Service: the backend's selector, port `http` (80) → `sidecert-http`.
+pub fn solver_service(
+    namespace: &str,
+    name: &str,
+    selector: BTreeMap<String, String>,
+    owner: Option<OwnerReference>,
+) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            owner_references: owner.map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some(SOLVER_PORT_NAME.to_owned()),
+                port: 80,
+                target_port: Some(IntOrString::String(HTTP01_PORT_NAME.to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..Default::default()
+            }]),
+            type_: Some("ClusterIP".to_owned()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Name of the Role and RoleBinding for a ServiceAccount.
+pub fn rbac_name(service_account: &str) -> String {
+    let mut name = format!("sidecert-{service_account}");
+    name.truncate(253);
+    name
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: Option<&[String]>) -> PolicyRule {
+    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(strings(groups)),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        resource_names: names.map(<[String]>::to_vec),
+        non_resource_urls: None,
+    }
+}
+
+/// The sidecar's Role: what it needs and nothing more.
+pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: &[String]) -> Role {
+    Role {
+        metadata: ObjectMeta {
+            name: Some(rbac_name(service_account)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        rules: Some(vec![
+            // Its certificate Secrets and the namespace's ACME account Secret, by name.
+            rule(&[""], &["secrets"], &["get", "update", "patch"], Some(secrets)),
+            // Kubernetes cannot restrict `create` by name. The sidecar creates the ACME account
+            // Secret (and a certificate Secret someone deleted); `create` alone reads nothing.
+            rule(&[""], &["secrets"], &["create"], None),
+            // Leader election on its certificates' Leases, by name; `create` as above.
+            rule(
+                &["coordination.k8s.io"],
+                &["leases"],
+                &["get", "update", "patch"],
+                Some(leases),
+            ),
+            rule(&["coordination.k8s.io"], &["leases"], &["create"], None),
+            // Events about its work (kube's recorder patches a repeated Event's series).
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"], None),
+        ]),
+    }
+}
+
+/// `existing` with the resource names of `wanted` merged in; `None` when nothing is missing.
+pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
+    let mut merged = existing.clone();
+    let rules = merged.rules.get_or_insert_with(Vec::new);
+    let mut changed = false;
+    for want in wanted.rules.iter().flatten() {
+        let same_shape = |r: &&mut PolicyRule| {
+            r.api_groups == want.api_groups
+                && r.resources == want.resources
+                && r.verbs == want.verbs
+                && r.resource_names.is_some() == want.resource_names.is_some()
+        };
+        match rules.iter_mut().find(same_shape) {
+            Some(have) => {
+                if let (Some(have_names), Some(want_names)) =
+                    (have.resource_names.as_mut(), &want.resource_names)
+                {
+                    for n in want_names {
+                        if !have_names.contains(n) {
+                            have_names.push(n.clone());
+                            changed = true;
+                        }
+                    }
+                    have_names.sort();
+                }
+            }
+            None => {
+                rules.push(want.clone());
+                changed = true;
+            }
+        }
+    }
+    changed.then_some(merged)
+}
+
+/// The RoleBinding of the sidecar's Role to the ServiceAccount.
+pub fn role_binding(namespace: &str, service_account: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(rbac_name(service_account)),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "Role".to_owned(),
+            name: rbac_name(service_account),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: service_account.to_owned(),
+            namespace: Some(namespace.to_owned()),
+            api_group: None,
+        }]),
+    }
+}
+
+/// Carries out [`Effect`]s against the API server.
+#[derive(Clone)]
+pub struct Executor {
+    client: Client,
+    lookup: Arc<dyn Lookup>,
+    timeout: Duration,
+}
+
+fn already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_already_exists())
+}
+
+fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict())
+}
+
+impl Executor {
+    pub fn new(client: Client, lookup: Arc<dyn Lookup>, timeout: Duration) -> Self {
+        Self {
+            client,
+            lookup,
+            timeout,
+        }
+    }
+
+    /// Carries out every effect; returns the failures (the review still succeeds).
+    pub async fn apply(&self, effects: &[Effect]) -> Vec<(Effect, Error)> {
+        let runs = effects.iter().map(|effect| async move {
+            match tokio::time::timeout(self.timeout, self.apply_one(effect)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((effect.clone(), e)),
+                Err(_) => Some((effect.clone(), Error::Timeout(self.timeout))),
+            }
+        });
+        futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Carries out one effect.
+    pub async fn apply_one(&self, effect: &Effect) -> Result<()> {
+        match effect {
+            Effect::TemporarySecret {
+                namespace,
+                name,
+                domains,
+            } => self.ensure_secret(namespace, name, domains).await,
+            Effect::SolverService {
+                namespace,
+                name,
+                backend,
+                owner,
+            } => self.ensure_solver(namespace, name, backend, owner.as_ref()).await,
+            Effect::Rbac {
+                namespace,
+                service_account,
+                secrets,
+                leases,
+            } => {
+                self.ensure_rbac(namespace, service_account, secrets, leases)
+                    .await
+            }
+        }
+    }
+
+    async fn ensure_secret(&self, namespace: &str, name: &str, domains: &[String]) -> Result<()> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        // Look first (cheap, and most reviews find it); a create that races another answers
+        // 409 and leaves the existing Secret untouched.
+        if api.get_metadata_opt(name).await?.is_some() {
+            return Ok(());
+        }
+        let secret = temporary_secret(namespace, name, domains)?;
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, "created temporary Secret");
+                Ok(())
+            }
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ensure_solver(
+        &self,
+        namespace: &str,
+        name: &str,
+        backend: &str,
+        owner: Option<&OwnerReference>,
+    ) -> Result<()> {
+        let api = Api::<Service>::namespaced(self.client.clone(), namespace);
+        if let Some(existing) = api.get_metadata_opt(name).await? {
+            return self.adopt(&api, &existing.metadata, owner).await;
+        }
+        let backend_svc = match self.lookup.service(namespace, backend) {
+            Some(s) => Some((*s).clone()),
+            None => {
+                Api::<Service>::namespaced(self.client.clone(), namespace)
+                    .get_opt(backend)
+                    .await?
+            }
+        };
+        let selector = backend_svc
+            .and_then(|s| s.spec)
+            .and_then(|s| s.selector)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::MissingBackend {
+                namespace: namespace.to_owned(),
+                name: backend.to_owned(),
+            })?;
+        let svc = solver_service(namespace, name, selector, owner.cloned());
+        match api.create(&PostParams::default(), &svc).await {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, "created solver Service");
+                Ok(())
+            }
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Adds the Ingress as owner of a solver Service sidecert created without one.
+    async fn adopt(
+        &self,
+        api: &Api<Service>,
+        meta: &ObjectMeta,
+        owner: Option<&OwnerReference>,
+    ) -> Result<()> {
+        let Some(owner) = owner else { return Ok(()) };
+        let ours = meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .is_some_and(|v| v == MANAGED_BY);
+        let mut owners = meta.owner_references.clone().unwrap_or_default();
+        if !ours || owners.iter().any(|o| o.uid == owner.uid) {
+            return Ok(());
+        }
+        owners.push(owner.clone());
+        let patch = serde_json::json!({
+            "metadata": { "ownerReferences": owners, "resourceVersion": meta.resource_version }
+        });
+        let name = meta.name.as_deref().unwrap_or_default();
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if conflict(&e) => Ok(()), // someone else changed it; the next review heals
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ensure_rbac(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        secrets: &[String],
+        leases: &[String],
+    ) -> Result<()> {
+        let roles = Api::<Role>::namespaced(self.client.clone(), namespace);
+        let wanted = role(namespace, service_account, secrets, leases);
+        let name = rbac_name(service_account);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let result = match roles.get_opt(&name).await? {
+                None => roles.create(&PostParams::default(), &wanted).await.map(drop),
+                Some(existing) => match merge_role(&existing, &wanted) {
+                    None => Ok(()),
+                    Some(merged) => roles
+                        .replace(&name, &PostParams::default(), &merged)
+                        .await
+                        .map(drop),
+                },
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if (already_exists(&e) || conflict(&e)) && attempts < 5 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let bindings = Api::<RoleBinding>::namespaced(self.client.clone(), namespace);
+        if bindings.get_metadata_opt(&name).await?.is_none() {
+            match bindings
+                .create(&PostParams::default(), &role_binding(namespace, service_account))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if already_exists(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

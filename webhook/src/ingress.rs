@@ -1,0 +1,278 @@
+//! Ingress mutation: HTTP-01 routes to solver Services, temporary Secrets.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::networking::v1::{
+        HTTPIngressPath, Ingress, IngressBackend, IngressServiceBackend, ServiceBackendPort,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Resource,
+    core::admission::{AdmissionRequest, Operation},
+};
+use sidecert_contract::{ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, validate_domain};
+
+use crate::{Context, Outcome, SkipReason, add, effects::Effect, to_json};
+
+/// Name of the solver Service's port (→ target port `sidecert-http`).
+pub const SOLVER_PORT_NAME: &str = "http";
+
+/// Whether an Ingress carries `sidecert.io/issue-temporary-certificate: "true"`.
+pub fn is_annotated(ingress: &Ingress) -> bool {
+    ingress
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::ISSUE_TEMPORARY_CERTIFICATE))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+}
+
+/// The solver Service for a backend Service (a DNS-1035 label, at most 63 characters).
+pub fn solver_service_name(backend: &str) -> String {
+    let mut name = format!("{backend}{SOLVER_SERVICE_SUFFIX}");
+    if name.len() > 63 {
+        name.truncate(63);
+        while name.ends_with('-') {
+            name.pop();
+        }
+    }
+    name
+}
+
+/// One TLS Secret of an Ingress and the HTTP-01-capable hosts it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSecret {
+    pub secret_name: String,
+    /// Sorted, deduplicated, non-wildcard.
+    pub domains: Vec<String>,
+}
+
+/// A rule whose host is in a TLS entry: where its HTTP-01 challenges must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub rule_index: usize,
+    pub host: String,
+    pub secret_name: String,
+    /// The Service the rule's traffic goes to (its Pods get the sidecar).
+    pub backend: String,
+    /// The rule already routes the challenge path to the solver.
+    pub routed: bool,
+}
+
+/// What sidecert reads from an Ingress.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub secrets: Vec<TlsSecret>,
+    pub routes: Vec<Route>,
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// The TLS Secret of `name`.
+    pub fn secret(&self, name: &str) -> Option<&TlsSecret> {
+        self.secrets.iter().find(|s| s.secret_name == name)
+    }
+}
+
+fn service_of(backend: &IngressBackend) -> Option<&IngressServiceBackend> {
+    backend.service.as_ref()
+}
+
+/// Reads the TLS entries and rules of an Ingress.
+pub fn plan(ingress: &Ingress) -> Plan {
+    let mut plan = Plan::default();
+    let name = ingress.metadata.name.as_deref().unwrap_or("");
+    let Some(spec) = ingress.spec.as_ref() else {
+        plan.warnings
+            .push(format!("sidecert: Ingress {name} has no spec; nothing to do"));
+        return plan;
+    };
+    let rules = spec.rules.as_deref().unwrap_or_default();
+    let rule_hosts: Vec<&str> = rules.iter().filter_map(|r| r.host.as_deref()).collect();
+
+    // host -> secret, first TLS entry wins.
+    let mut host_secret: BTreeMap<String, String> = BTreeMap::new();
+    for (i, tls) in spec.tls.iter().flatten().enumerate() {
+        let hosts = tls.hosts.as_deref().unwrap_or_default();
+        let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
+            plan.warnings.push(format!(
+                "sidecert: spec.tls[{i}] ({}) has no secretName; no certificate is issued for it",
+                hosts.join(", ")
+            ));
+            continue;
+        };
+        let mut domains = Vec::new();
+        for host in hosts {
+            let host = host.trim().to_ascii_lowercase();
+            if host.starts_with("*.") {
+                plan.warnings.push(format!(
+                    "sidecert: wildcard host {host} cannot be validated with HTTP-01; left alone"
+                ));
+                continue;
+            }
+            if let Err(e) = validate_domain(&host) {
+                plan.warnings.push(format!("sidecert: spec.tls[{i}]: {e}"));
+                continue;
+            }
+            if !rule_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
+                plan.warnings.push(format!(
+                    "sidecert: TLS host {host} has no rule; its HTTP-01 challenge cannot be routed"
+                ));
+            }
+            host_secret
+                .entry(host.clone())
+                .or_insert_with(|| secret.to_owned());
+            domains.push(host);
+        }
+        match plan.secrets.iter_mut().find(|s| s.secret_name == secret) {
+            Some(existing) => existing.domains.extend(domains),
+            None => plan.secrets.push(TlsSecret {
+                secret_name: secret.to_owned(),
+                domains,
+            }),
+        }
+    }
+    for s in &mut plan.secrets {
+        s.domains.sort();
+        s.domains.dedup();
+    }
+    plan.secrets.retain(|s| !s.domains.is_empty());
+
+    let default_backend = spec.default_backend.as_ref().and_then(service_of);
+    for (i, rule) in rules.iter().enumerate() {
+        let Some(host) = rule.host.as_deref().map(str::to_ascii_lowercase) else {
+            continue;
+        };
+        let Some(secret) = host_secret.get(&host) else {
+            continue;
+        };
+        let Some(http) = rule.http.as_ref() else {
+            plan.warnings.push(format!(
+                "sidecert: rule for {host} has no http paths; its HTTP-01 challenge cannot be routed"
+            ));
+            continue;
+        };
+        let backend = http
+            .paths
+            .iter()
+            .filter_map(|p| service_of(&p.backend))
+            .map(|s| s.name.as_str())
+            .find(|n| !n.ends_with(SOLVER_SERVICE_SUFFIX))
+            .or(default_backend.map(|s| s.name.as_str()));
+        let Some(backend) = backend else {
+            plan.warnings.push(format!(
+                "sidecert: rule for {host} has no Service backend; its HTTP-01 challenge cannot be routed"
+            ));
+            continue;
+        };
+        let solver = solver_service_name(backend);
+        let routed = http.paths.iter().any(|p| {
+            p.path.as_deref() == Some(ACME_CHALLENGE_PATH)
+                && service_of(&p.backend).is_some_and(|s| s.name == solver)
+        });
+        plan.routes.push(Route {
+            rule_index: i,
+            host,
+            secret_name: secret.clone(),
+            backend: backend.to_owned(),
+            routed,
+        });
+    }
+    plan
+}
+
+/// The HTTP-01 path to a solver Service.
+pub fn challenge_path(solver: &str) -> HTTPIngressPath {
+    HTTPIngressPath {
+        path: Some(ACME_CHALLENGE_PATH.to_owned()),
+        path_type: "ImplementationSpecific".to_owned(),
+        backend: IngressBackend {
+            service: Some(IngressServiceBackend {
+                name: solver.to_owned(),
+                port: Some(ServiceBackendPort {
+                    name: Some(SOLVER_PORT_NAME.to_owned()),
+                    number: None,
+                }),
+            }),
+            resource: None,
+        },
+    }
+}
+
+/// Mutates an Ingress (CREATE and UPDATE): routes `/.well-known/acme-challenge/` of every TLS
+/// host to its solver Service, and asks for the temporary Secrets and solver Services.
+pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, _ctx: &Context) -> Outcome {
+    if !matches!(req.operation, Operation::Create | Operation::Update) {
+        return Outcome::skip(SkipReason::Operation);
+    }
+    let Some(ingress) = req.object.as_ref() else {
+        return Outcome::skip(SkipReason::NoObject);
+    };
+    if !is_annotated(ingress) {
+        return Outcome::skip(SkipReason::NotAnnotated);
+    }
+    let namespace = req
+        .namespace
+        .clone()
+        .or_else(|| ingress.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let plan = plan(ingress);
+    let mut out = Outcome {
+        warnings: plan.warnings.clone(),
+        ..Outcome::default()
+    };
+    for secret in &plan.secrets {
+        out.effects.push(Effect::TemporarySecret {
+            namespace: namespace.clone(),
+            name: secret.secret_name.clone(),
+            domains: secret.domains.clone(),
+        });
+    }
+    let owner = owner_reference(ingress);
+    let mut inserted = Vec::new();
+    for route in &plan.routes {
+        let solver = solver_service_name(&route.backend);
+        if !route.routed && !inserted.contains(&route.rule_index) {
+            inserted.push(route.rule_index);
+            out.patch.push(add(
+                [
+                    "spec",
+                    "rules",
+                    &route.rule_index.to_string(),
+                    "http",
+                    "paths",
+                    "0",
+                ],
+                to_json(&challenge_path(&solver)),
+            ));
+        }
+        let effect = Effect::SolverService {
+            namespace: namespace.clone(),
+            name: solver,
+            backend: route.backend.clone(),
+            owner: owner.clone(),
+        };
+        if !out.effects.contains(&effect) {
+            out.effects.push(effect);
+        }
+    }
+    if out.patch.is_empty() {
+        out.skipped = Some(SkipReason::Unchanged);
+    }
+    out
+}
+
+/// The owner reference to an Ingress, when it has a uid (not yet on CREATE).
+pub fn owner_reference(ingress: &Ingress) -> Option<OwnerReference> {
+    let uid = ingress.metadata.uid.clone().filter(|u| !u.is_empty())?;
+    Some(OwnerReference {
+        api_version: Ingress::api_version(&()).into_owned(),
+        kind: Ingress::kind(&()).into_owned(),
+        name: ingress.metadata.name.clone()?,
+        uid,
+        controller: Some(false),
+        block_owner_deletion: Some(false),
+    })
+}

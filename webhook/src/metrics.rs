@@ -1,0 +1,115 @@
+//! Prometheus metrics on an explicit registry, every name prefixed `sidecert_webhook_`.
+
+use std::time::Instant;
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+
+use crate::{Error, Result};
+
+/// The webhook's metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    /// Reviews by kind, operation and result (`mutated`, `unchanged`, `invalid`).
+    pub requests: IntCounterVec,
+    /// Review duration by kind and operation.
+    pub duration: HistogramVec,
+    /// Objects patched, by kind.
+    pub injections: IntCounterVec,
+    /// Reviews without a patch, by reason.
+    pub skips: IntCounterVec,
+    /// Admission warnings returned, by kind.
+    pub warnings: IntCounterVec,
+    /// Failed side effects, by effect and error.
+    pub side_effect_failures: IntCounterVec,
+}
+
+fn prom(e: prometheus::Error) -> Error {
+    Error::Config(format!("metrics: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self> {
+        let registry = Registry::new_custom(Some("sidecert_webhook".to_owned()), None).map_err(prom)?;
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).map_err(prom)?;
+            registry.register(Box::new(c.clone())).map_err(prom)?;
+            Ok(c)
+        };
+        let requests = counter(
+            "requests_total",
+            "Admission reviews by kind, operation and result",
+            &["kind", "operation", "result"],
+        )?;
+        let injections = counter("injections_total", "Objects patched, by kind", &["kind"])?;
+        let skips = counter("skips_total", "Reviews without a patch, by reason", &["reason"])?;
+        let warnings = counter(
+            "warnings_total",
+            "Admission warnings returned, by kind",
+            &["kind"],
+        )?;
+        let side_effect_failures = counter(
+            "side_effect_failures_total",
+            "Side effects that failed (the object was admitted with a warning)",
+            &["effect", "error"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Admission review duration").buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0,
+            ]),
+            &["kind", "operation"],
+        )
+        .map_err(prom)?;
+        registry.register(Box::new(duration.clone())).map_err(prom)?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            injections,
+            skips,
+            warnings,
+            side_effect_failures,
+        })
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only for malformed metric families, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+
+    /// A timer that records the duration on drop.
+    pub fn timer(&self) -> ReviewTimer<'_> {
+        ReviewTimer {
+            metrics: self,
+            start: Instant::now(),
+            kind: "unknown",
+            operation: "unknown",
+            result: "invalid",
+        }
+    }
+}
+
+/// Records one review's count and duration when dropped.
+pub struct ReviewTimer<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+    pub kind: &'static str,
+    pub operation: &'static str,
+    pub result: &'static str,
+}
+
+impl Drop for ReviewTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .requests
+            .with_label_values(&[self.kind, self.operation, self.result])
+            .inc();
+        self.metrics
+            .duration
+            .with_label_values(&[self.kind, self.operation])
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}

@@ -1,0 +1,162 @@
+//! Pod mutation (CREATE only): the sidecar container and the status annotations.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::{AdmissionRequest, Operation};
+use serde_json::{Value, json};
+use sidecert_contract::{
+    SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations, encode_certificates,
+    lease_name,
+};
+
+use crate::{
+    Context, Outcome, SkipReason, add,
+    effects::Effect,
+    selection::select,
+    sidecar::{container, sidecar_config},
+    to_json,
+};
+
+/// Whether a Pod already carries the sidecar (status annotation or a `sidecert` container).
+pub fn is_injected(pod: &Pod) -> bool {
+    let status = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::STATUS))
+        .is_some_and(|s| s == STATUS_INJECTED);
+    let has_container = pod.spec.as_ref().is_some_and(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_CONTAINER_NAME)
+    });
+    status || has_container
+}
+
+/// Mutates a Pod on CREATE: adds the sidecar when the Pod is selected (see
+/// [`crate::selection::select`]); asks for its temporary Secrets and RBAC.
+pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
+    if req.operation != Operation::Create {
+        return Outcome::skip(SkipReason::Operation);
+    }
+    let Some(pod) = req.object.as_ref() else {
+        return Outcome::skip(SkipReason::NoObject);
+    };
+    let namespace = req
+        .namespace
+        .as_deref()
+        .or(pod.metadata.namespace.as_deref())
+        .unwrap_or("default");
+    mutate_pod_in(pod, namespace, ctx)
+}
+
+/// The mutation of a Pod (or a pod template) in `namespace`; shared with `inject`.
+pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
+    let empty = BTreeMap::new();
+    let pod_annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    if pod_annotations
+        .get(annotations::INJECT)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
+    {
+        return Outcome::skip(SkipReason::OptedOut);
+    }
+    if is_injected(pod) {
+        return Outcome::skip(SkipReason::AlreadyInjected);
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Outcome::skip(SkipReason::NoObject);
+    };
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let selection = select(namespace, labels, pod_annotations, ctx.lookup.as_ref());
+    if selection.certificates.is_empty() {
+        let reason = if selection.invalid {
+            SkipReason::InvalidAnnotations
+        } else {
+            SkipReason::NotSelected
+        };
+        return Outcome {
+            warnings: selection.warnings,
+            ..Outcome::skip(reason)
+        };
+    }
+
+    let mut out = Outcome {
+        warnings: selection.warnings,
+        ..Outcome::default()
+    };
+    let reload_url = pod_annotations
+        .get(annotations::RELOAD_URL)
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty());
+    let certificates = selection.certificates;
+    let config = sidecar_config(
+        certificates.clone(),
+        &ctx.acme,
+        &selection.overrides,
+        reload_url,
+        &mut out.warnings,
+    );
+    let sidecar = to_json(&container(&ctx.sidecar, &config));
+
+    // The sidecar first among the init containers, so that it runs alongside the others;
+    // a regular container goes last.
+    out.patch.push(if ctx.sidecar.native {
+        match &spec.init_containers {
+            Some(_) => add(["spec", "initContainers", "0"], sidecar),
+            None => add(["spec", "initContainers"], Value::Array(vec![sidecar])),
+        }
+    } else {
+        add(["spec", "containers", "-"], sidecar)
+    });
+    let encoded = encode_certificates(&certificates);
+    if pod.metadata.annotations.is_none() {
+        out.patch.push(add(
+            ["metadata", "annotations"],
+            json!({ annotations::STATUS: STATUS_INJECTED, annotations::CERTIFICATES: encoded }),
+        ));
+    } else {
+        out.patch.push(add(
+            ["metadata", "annotations", annotations::STATUS],
+            Value::String(STATUS_INJECTED.to_owned()),
+        ));
+        out.patch.push(add(
+            ["metadata", "annotations", annotations::CERTIFICATES],
+            Value::String(encoded),
+        ));
+    }
+    if spec.automount_service_account_token == Some(false) {
+        out.warnings.push(
+            "sidecert: automountServiceAccountToken is false; the sidecar cannot reach the API server \
+             to store its certificate"
+                .to_owned(),
+        );
+    }
+
+    for cert in &certificates {
+        out.effects.push(Effect::TemporarySecret {
+            namespace: namespace.to_owned(),
+            name: cert.secret_name.clone(),
+            domains: cert.domains.clone(),
+        });
+    }
+    let service_account = spec
+        .service_account_name
+        .as_deref()
+        .or(spec.service_account.as_deref())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    let mut secrets: Vec<String> = certificates.iter().map(|c| c.secret_name.clone()).collect();
+    secrets.push(account_secret_name(
+        &config.acme_server,
+        config.acme_email.as_deref(),
+    ));
+    out.effects.push(Effect::Rbac {
+        namespace: namespace.to_owned(),
+        service_account: service_account.to_owned(),
+        secrets,
+        leases: certificates.iter().map(|c| lease_name(&c.secret_name)).collect(),
+    });
+    out
+}

@@ -1,0 +1,219 @@
+//! Which certificates a Pod's sidecar owns: from annotated Ingresses (through the Services
+//! backing their TLS hosts) or from the Pod's own annotations.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use futures::StreamExt;
+use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use sidecert_contract::{CertificateSpec, annotations};
+
+use crate::{
+    ingress::{is_annotated, plan},
+    sidecar::Overrides,
+};
+
+/// Where Ingresses and Services are looked up. The server uses a watch-backed cache
+/// ([`Cache`]); tests and the offline commands use a [`Snapshot`].
+pub trait Lookup: Send + Sync {
+    /// The Ingresses of a namespace.
+    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>>;
+    /// One Service.
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
+}
+
+/// A fixed set of objects (possibly empty: no cluster).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub ingresses: Vec<Arc<Ingress>>,
+    pub services: Vec<Arc<Service>>,
+}
+
+impl Lookup for Snapshot {
+    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
+        self.ingresses
+            .iter()
+            .filter(|i| i.metadata.namespace.as_deref() == Some(namespace))
+            .cloned()
+            .collect()
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .iter()
+            .find(|s| {
+                s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+            })
+            .cloned()
+    }
+}
+
+/// Reflector stores of all Ingresses and Services, kept current by watches.
+#[derive(Clone)]
+pub struct Cache {
+    ingresses: Store<Ingress>,
+    services: Store<Service>,
+}
+
+impl Cache {
+    /// Starts the watches (tasks on the current runtime) and returns the cache at once; see
+    /// [`Cache::wait_until_ready`].
+    pub fn start(client: Client) -> Self {
+        let (ingresses, iw) = reflector::store();
+        let (services, sw) = reflector::store();
+        let watch_i = reflector(
+            iw,
+            watcher(Api::<Ingress>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::warn!(error = %e, "Ingress watch");
+            }
+        });
+        let watch_s = reflector(
+            sw,
+            watcher(Api::<Service>::all(client), watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::warn!(error = %e, "Service watch");
+            }
+        });
+        tokio::spawn(watch_i);
+        tokio::spawn(watch_s);
+        Self { ingresses, services }
+    }
+
+    /// Resolves when both stores have their first full list.
+    pub async fn wait_until_ready(&self) -> bool {
+        self.ingresses.wait_until_ready().await.is_ok() && self.services.wait_until_ready().await.is_ok()
+    }
+}
+
+impl Lookup for Cache {
+    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
+        self.ingresses
+            .state_filter(|i| i.metadata.namespace.as_deref() == Some(namespace))
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .get(&reflector::ObjectRef::new(name).within(namespace))
+    }
+}
+
+/// The outcome of selection for one Pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Sorted, deduplicated by Secret name.
+    pub certificates: Vec<CertificateSpec>,
+    /// ACME overrides: the Pod's own annotations, then the first selecting Ingress's.
+    pub overrides: Overrides,
+    pub warnings: Vec<String>,
+    /// `true` when the Pod's annotations ask for injection but are invalid.
+    pub invalid: bool,
+}
+
+fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Selects the certificates for a Pod with these labels and annotations in `namespace`.
+/// The caller has already honoured `sidecert.io/inject: "false"`.
+pub fn select(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    pod_annotations: &BTreeMap<String, String>,
+    lookup: &dyn Lookup,
+) -> Selection {
+    let mut sel = Selection::default();
+    let mut certs: BTreeMap<String, CertificateSpec> = BTreeMap::new();
+
+    // Direct request on the Pod.
+    let wants = pod_annotations
+        .get(annotations::INJECT)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if wants {
+        let domains = pod_annotations.get(annotations::DOMAINS);
+        let secret = pod_annotations.get(annotations::SECRET_NAME);
+        match (domains, secret) {
+            (Some(d), Some(s)) => match CertificateSpec::new(s.trim(), d.split(',')) {
+                Ok(spec) => {
+                    certs.insert(spec.secret_name.clone(), spec);
+                }
+                Err(e) => {
+                    sel.invalid = true;
+                    sel.warnings.push(format!("sidecert: not injected: {e}"));
+                }
+            },
+            _ => {
+                sel.invalid = true;
+                sel.warnings.push(format!(
+                    "sidecert: not injected: {} needs {} and {}",
+                    annotations::INJECT,
+                    annotations::DOMAINS,
+                    annotations::SECRET_NAME
+                ));
+            }
+        }
+    }
+
+    // Annotated Ingresses whose TLS hosts are served by a Service selecting this Pod.
+    let mut ingress_overrides: Option<(String, Overrides)> = None;
+    let mut ingresses = lookup.ingresses(namespace);
+    ingresses.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for ing in ingresses.iter().filter(|i| is_annotated(i)) {
+        let plan = plan(ing);
+        let mut selected = false;
+        for route in &plan.routes {
+            let Some(svc) = lookup.service(namespace, &route.backend) else {
+                continue;
+            };
+            let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+            if !selector.is_some_and(|s| selector_matches(s, labels)) {
+                continue;
+            }
+            let Some(tls) = plan.secret(&route.secret_name) else {
+                continue;
+            };
+            match CertificateSpec::new(tls.secret_name.clone(), &tls.domains) {
+                Ok(spec) => {
+                    selected = true;
+                    certs.entry(spec.secret_name.clone()).or_insert(spec);
+                }
+                Err(e) => sel.warnings.push(format!("sidecert: {e}")),
+            }
+        }
+        if selected {
+            let name = ing.metadata.name.clone().unwrap_or_default();
+            let o = Overrides::from_annotations(ing.metadata.annotations.as_ref());
+            match &ingress_overrides {
+                None => ingress_overrides = Some((name, o)),
+                Some((first, chosen)) if *chosen != o => sel.warnings.push(format!(
+                    "sidecert: Ingresses {first} and {name} select this Pod with different ACME settings; \
+                     using {first}'s"
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    let pod_overrides = if wants {
+        Overrides::from_annotations(Some(pod_annotations))
+    } else {
+        Overrides::default()
+    };
+    sel.overrides = match ingress_overrides {
+        Some((_, o)) => pod_overrides.or(&o),
+        None => pod_overrides,
+    };
+    sel.certificates = certs.into_values().collect();
+    if !sel.certificates.is_empty() {
+        sel.invalid = false;
+    }
+    sel
+}

@@ -1,0 +1,162 @@
+//! `sidecert-webhook serve`: HTTPS admission server plus a plain-HTTP metrics server.
+
+use std::{
+    path::Path,
+    pin::pin,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use kube::Client;
+
+use crate::{
+    Context, Error, Lookup, Result, Reviewer,
+    admission::{AppState, routes},
+    config::{NativeSidecars, ServeArgs},
+    effects::Executor,
+    metrics::Metrics,
+    selection::Cache,
+    sidecar::{AcmeDefaults, SidecarSettings, supports_native_sidecars},
+    tls::{ReloadingResolver, server_config},
+};
+
+/// A client from a kubeconfig file, or the default (in-cluster, then `$KUBECONFIG`).
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    match kubeconfig {
+        None => Ok(Client::try_default().await?),
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            Ok(Client::try_from(cfg)?)
+        }
+    }
+}
+
+/// Resolves `--native-sidecars`. `auto` asks the API server's version (1.29+ → native); with
+/// no cluster it answers native; when the server cannot be asked, a regular container.
+pub async fn native_sidecars(mode: NativeSidecars, client: Option<&Client>) -> bool {
+    match (mode, client) {
+        (NativeSidecars::Always, _) => true,
+        (NativeSidecars::Never, _) => false,
+        (NativeSidecars::Auto, None) => true,
+        (NativeSidecars::Auto, Some(c)) => match c.apiserver_version().await {
+            Ok(v) => {
+                let native = supports_native_sidecars(&v.major, &v.minor);
+                tracing::info!(version = %v.git_version, native, "API server version");
+                native
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the API server version; injecting regular containers");
+                false
+            }
+        },
+    }
+}
+
+async fn metrics_handler(metrics: web::Data<Metrics>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(metrics.render())
+}
+
+async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the server until SIGTERM/SIGINT, then drains in-flight reviews (a second signal aborts).
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let native = native_sidecars(args.mutation.native_sidecars, Some(&client)).await;
+    let cache = Cache::start(client.clone());
+    let lookup: Arc<dyn Lookup> = Arc::new(cache.clone());
+    let ctx = Context {
+        sidecar: SidecarSettings::from_args(&args.mutation, native),
+        acme: AcmeDefaults::from_args(&args.mutation)?,
+        lookup: lookup.clone(),
+    };
+    let metrics = Metrics::new()?;
+    let executor = Executor::new(client, lookup, args.side_effect_timeout);
+    let ready = Arc::new(AtomicBool::new(false));
+    {
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            if cache.wait_until_ready().await {
+                ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("Ingress and Service caches ready");
+            }
+        });
+    }
+
+    let resolver = Arc::new(ReloadingResolver::load(&args.tls_cert_file, &args.tls_key_file)?);
+    tokio::spawn(resolver.clone().watch(args.tls_reload_interval));
+    let tls = server_config(resolver)?;
+
+    let state = web::Data::new(AppState {
+        reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)),
+        ready,
+    });
+    let shutdown_secs = args.shutdown_timeout.as_secs().max(1);
+    let mut https = HttpServer::new(move || App::new().configure(routes(state.clone())))
+        .disable_signals()
+        .shutdown_timeout(shutdown_secs);
+    if let Some(workers) = args.workers {
+        https = https.workers(workers.max(1));
+    }
+    let https = https
+        .bind_rustls_0_23(args.listen, tls)
+        .map_err(|e| Error::io(args.listen.to_string(), e))?
+        .run();
+    let metrics_data = web::Data::new(metrics);
+    let plain = HttpServer::new(move || {
+        App::new()
+            .app_data(metrics_data.clone())
+            .route("/metrics", web::get().to(metrics_handler))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(args.metrics_listen)
+    .map_err(|e| Error::io(args.metrics_listen.to_string(), e))?
+    .run();
+    tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, native, "serving");
+
+    let (https_handle, plain_handle) = (https.handle(), plain.handle());
+    let mut https = pin!(https);
+    let mut plain = pin!(plain);
+    tokio::select! {
+        r = &mut https => return r.map_err(|e| Error::io(args.listen.to_string(), e)),
+        r = &mut plain => return r.map_err(|e| Error::io(args.metrics_listen.to_string(), e)),
+        () = signal() => {}
+    }
+    tracing::info!("signal received; finishing in-flight reviews");
+    let drain = async {
+        tokio::join!(https_handle.stop(true), plain_handle.stop(true));
+        let _ = tokio::join!(&mut https, &mut plain);
+    };
+    tokio::select! {
+        () = drain => tracing::info!("stopped"),
+        () = signal() => tracing::warn!("second signal; exiting now"),
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! The serving certificate: a rustls `ResolvesServerCert` over an `ArcSwap`, reloaded when
+//! the files change (polling their content, which also catches Kubernetes' `..data` symlink
+//! swap that file watchers miss). Connections in flight keep their certificate.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use arc_swap::ArcSwap;
+use rustls::{
+    ServerConfig,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+
+use crate::{Error, Result};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds a certified key from PEM chain and key.
+pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(Error::Tls("no certificate in the certificate file".to_owned()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::Tls(format!("private key PEM: {e}")))?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| Error::Tls(format!("private key: {e}")))?;
+    let ck = CertifiedKey::new(chain, signing);
+    ck.keys_match()
+        .map_err(|e| Error::Tls(format!("key does not match the certificate: {e}")))?;
+    Ok(ck)
+}
+
+/// Serves the current certificate; [`ReloadingResolver::watch`] swaps in new ones.
+#[derive(Debug)]
+pub struct ReloadingResolver {
+    current: ArcSwap<CertifiedKey>,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    last: std::sync::Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+impl ReloadingResolver {
+    /// Loads the files once; fails when they are missing or invalid.
+    pub fn load(cert_file: impl Into<PathBuf>, key_file: impl Into<PathBuf>) -> Result<Self> {
+        let (cert_file, key_file) = (cert_file.into(), key_file.into());
+        let (cert, key) = (read(&cert_file)?, read(&key_file)?);
+        let ck = certified_key(&cert, &key)?;
+        Ok(Self {
+            current: ArcSwap::from_pointee(ck),
+            cert_file,
+            key_file,
+            last: std::sync::Mutex::new((cert, key)),
+        })
+    }
+
+    /// Re-reads the files; swaps the certificate when they changed and are valid.
+    /// Returns whether it swapped.
+    pub fn reload(&self) -> Result<bool> {
+        let (cert, key) = (read(&self.cert_file)?, read(&self.key_file)?);
+        let mut last = self
+            .last
+            .lock()
+            .map_err(|_| Error::Tls("reload lock poisoned".to_owned()))?;
+        if last.0 == cert && last.1 == key {
+            return Ok(false);
+        }
+        let ck = certified_key(&cert, &key)?;
+        self.current.store(Arc::new(ck));
+        *last = (cert, key);
+        Ok(true)
+    }
+
+    /// Polls the files every `interval` until the process ends.
+    pub async fn watch(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(file = %self.cert_file.display(), "reloaded the serving certificate")
+                }
+                Ok(false) => {}
+                // Half-written files (cert updated, key not yet): keep the old pair, retry.
+                Err(e) => tracing::warn!(error = %e, "serving certificate not reloaded"),
+            }
+        }
+    }
+
+    /// The certificate being served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for ReloadingResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// A rustls server config (ring, TLS 1.2 and 1.3, HTTP/1.1) using `resolver`.
+pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

@@ -1,0 +1,210 @@
+//! Side effects against a mocked API server (`tower_test::mock::pair` + `kube::Client::new`):
+//! each request's method, path and body is asserted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use http::{Method, Request, Response, StatusCode};
+use kube::{Client, client::Body};
+use serde_json::{Value, json};
+use sidecert_webhook::{
+    effects::{Effect, Executor, merge_role, role},
+    selection::Snapshot,
+};
+use tower_test::mock;
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+fn executor() -> (Executor, Handle) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    (
+        Executor::new(client, Arc::new(Snapshot::default()), Duration::from_secs(5)),
+        handle,
+    )
+}
+
+async fn expect(handle: &mut Handle, method: Method, path: &str) -> Value {
+    let (req, send) = handle.next_request().await.expect("a request");
+    assert_eq!(req.method(), method, "{}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let body = req.into_body().collect_bytes().await.unwrap();
+    let v = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap()
+    };
+    STASH.with(|s| *s.borrow_mut() = Some(send));
+    v
+}
+
+thread_local! {
+    static STASH: std::cell::RefCell<Option<mock::SendResponse<Response<Body>>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn reply(status: StatusCode, body: Value) {
+    let send = STASH.with(|s| s.borrow_mut().take()).expect("pending request");
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+}
+
+fn not_found() -> Value {
+    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404,"message":"not found"})
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn temporary_secret_is_created_when_absent() {
+    let (exec, mut handle) = executor();
+    let effect = Effect::TemporarySecret {
+        namespace: "shop".into(),
+        name: "web-tls".into(),
+        domains: vec!["shop.example".into(), "www.shop.example".into()],
+    };
+    let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+    expect(
+        &mut handle,
+        Method::GET,
+        "/api/v1/namespaces/shop/secrets/web-tls",
+    )
+    .await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    let body = expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/secrets").await;
+    assert_eq!(body["type"], "kubernetes.io/tls");
+    assert_eq!(body["metadata"]["annotations"]["sidecert.io/temporary"], "true");
+    assert_eq!(
+        body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "sidecert"
+    );
+    assert!(body["data"]["tls.crt"].is_string() && body["data"]["tls.key"].is_string());
+    reply(StatusCode::CREATED, body.clone());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn existing_secret_is_never_touched() {
+    let (exec, mut handle) = executor();
+    let effect = Effect::TemporarySecret {
+        namespace: "shop".into(),
+        name: "web-tls".into(),
+        domains: vec!["shop.example".into()],
+    };
+    let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+    expect(
+        &mut handle,
+        Method::GET,
+        "/api/v1/namespaces/shop/secrets/web-tls",
+    )
+    .await;
+    reply(
+        StatusCode::OK,
+        json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"web-tls","namespace":"shop"}}),
+    );
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn rbac_is_created_then_merged() {
+    let (exec, mut handle) = executor();
+    let effect = Effect::Rbac {
+        namespace: "shop".into(),
+        service_account: "web".into(),
+        secrets: vec!["web-tls".into(), "sidecert-acme-account-0123456789ab".into()],
+        leases: vec!["sidecert-web-tls".into()],
+    };
+    let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+    let roles = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles";
+    expect(&mut handle, Method::GET, &format!("{roles}/sidecert-web")).await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    let role_body = expect(&mut handle, Method::POST, roles).await;
+    assert_eq!(role_body["metadata"]["name"], "sidecert-web");
+    assert_eq!(
+        role_body["rules"][0],
+        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get","update","patch"],
+               "resourceNames":["web-tls","sidecert-acme-account-0123456789ab"]})
+    );
+    reply(StatusCode::CREATED, role_body);
+    let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
+    expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    let binding = expect(&mut handle, Method::POST, rb).await;
+    assert_eq!(
+        binding["subjects"][0],
+        json!({"kind":"ServiceAccount","name":"web","namespace":"shop"})
+    );
+    assert_eq!(binding["roleRef"]["name"], "sidecert-web");
+    reply(StatusCode::CREATED, binding);
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn merging_adds_only_missing_names() {
+    let have = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    assert!(merge_role(&have, &have).is_none());
+    let want = role("shop", "web", &["b-tls".into()], &["sidecert-b-tls".into()]);
+    let merged = merge_role(&have, &want).unwrap();
+    let rules = merged.rules.unwrap();
+    assert_eq!(rules.len(), 5);
+    assert_eq!(rules[0].resource_names.as_deref().unwrap(), ["a-tls", "b-tls"]);
+    assert_eq!(
+        rules[2].resource_names.as_deref().unwrap(),
+        ["sidecert-a-tls", "sidecert-b-tls"]
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn solver_service_copies_the_backend_selector() {
+    let (exec, mut handle) = executor();
+    let effect = Effect::SolverService {
+        namespace: "shop".into(),
+        name: "web-sidecert-solver".into(),
+        backend: "web".into(),
+        owner: None,
+    };
+    let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+    let svcs = "/api/v1/namespaces/shop/services";
+    expect(&mut handle, Method::GET, &format!("{svcs}/web-sidecert-solver")).await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    expect(&mut handle, Method::GET, &format!("{svcs}/web")).await;
+    reply(
+        StatusCode::OK,
+        json!({"apiVersion":"v1","kind":"Service","metadata":{"name":"web","namespace":"shop"},
+               "spec":{"selector":{"app":"web"},"ports":[{"port":80}]}}),
+    );
+    let body = expect(&mut handle, Method::POST, svcs).await;
+    assert_eq!(body["spec"]["selector"], json!({"app":"web"}));
+    assert_eq!(
+        body["spec"]["ports"][0],
+        json!({"name":"http","port":80,"targetPort":"sidecert-http","protocol":"TCP"})
+    );
+    assert!(body["metadata"].get("ownerReferences").is_none());
+    reply(StatusCode::CREATED, body);
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn api_failure_is_an_error_not_a_panic() {
+    let (exec, mut handle) = executor();
+    let effect = Effect::TemporarySecret {
+        namespace: "shop".into(),
+        name: "web-tls".into(),
+        domains: vec!["shop.example".into()],
+    };
+    let task = tokio::spawn(async move { exec.apply(&[effect]).await });
+    expect(
+        &mut handle,
+        Method::GET,
+        "/api/v1/namespaces/shop/secrets/web-tls",
+    )
+    .await;
+    reply(
+        StatusCode::FORBIDDEN,
+        json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403,"message":"no"}),
+    );
+    let failures = task.await.unwrap();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].1.metric_label(), "forbidden");
+}

@@ -1,0 +1,377 @@
+//! Integration tests against the local control plane: the webhook runs in-process on the
+//! plane's gateway address, a MutatingWebhookConfiguration (url clientConfig, a CA made here
+//! as caBundle) points the API server at it, and objects created through the API server
+//! come back mutated.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+        },
+        core::v1::{Namespace, Pod, Secret, Service},
+        networking::v1::Ingress,
+        rbac::v1::Role,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use serde_json::json;
+use sidecert_e2e::{Plane, wait_for};
+use sidecert_webhook::{
+    config::{NativeSidecars, ServeArgs},
+    server::serve,
+    sidecar::default_mutation_args,
+};
+
+const TEST_LABEL: &str = "sidecert-webhook-test";
+
+/// A CA and a serving certificate for the gateway IP; returns (ca pem, dir with tls files).
+fn pki(ip: std::net::Ipv4Addr) -> (String, std::path::PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec![ip.to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let dir = std::env::temp_dir().join(format!("sidecert-webhook-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    (ca_cert.pem(), dir)
+}
+
+fn free_port(ip: std::net::Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn webhook_config(name: &str, url: &str, ca: &str, run: &str) -> MutatingWebhookConfiguration {
+    let selector = LabelSelector {
+        match_labels: Some(BTreeMap::from([
+            ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
+            (TEST_LABEL.to_owned(), run.to_owned()),
+        ])),
+        ..Default::default()
+    };
+    let hook = |hook_name: &str, rule: RuleWithOperations| MutatingWebhook {
+        name: format!("{hook_name}.{run}.sidecert.io"),
+        admission_review_versions: vec!["v1".into()],
+        client_config: WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: Some(ByteString(ca.as_bytes().to_vec())),
+            service: None,
+        },
+        namespace_selector: Some(selector.clone()),
+        rules: Some(vec![rule]),
+        side_effects: "NoneOnDryRun".into(),
+        failure_policy: Some("Ignore".into()),
+        reinvocation_policy: Some("Never".into()),
+        timeout_seconds: Some(10),
+        ..Default::default()
+    };
+    MutatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![
+            hook(
+                "pods",
+                RuleWithOperations {
+                    api_groups: Some(vec!["".into()]),
+                    api_versions: Some(vec!["v1".into()]),
+                    operations: Some(vec!["CREATE".into()]),
+                    resources: Some(vec!["pods".into()]),
+                    scope: Some("Namespaced".into()),
+                },
+            ),
+            hook(
+                "ingresses",
+                RuleWithOperations {
+                    api_groups: Some(vec!["networking.k8s.io".into()]),
+                    api_versions: Some(vec!["v1".into()]),
+                    operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                    resources: Some(vec!["ingresses".into()]),
+                    scope: Some("Namespaced".into()),
+                },
+            ),
+        ]),
+    }
+}
+
+fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "ghcr.io/sidecert/sidecar:0.1.0", "args": ["--help"]}]}
+    }))
+    .unwrap()
+}
+
+fn has_sidecar(p: &Pod) -> bool {
+    let spec = p.spec.as_ref().unwrap();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == "sidecert")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_against_the_plane() {
+    let plane = Plane::get().await.expect("local plane");
+    sidecert_webhook::install_crypto_provider();
+    let client = plane.client().await.unwrap();
+    let ip = plane.gateway();
+    let (ca, dir) = pki(ip);
+    let port = free_port(ip);
+    let run = format!("r{}", std::process::id());
+
+    let mut mutation = default_mutation_args();
+    mutation.native_sidecars = NativeSidecars::Auto;
+    mutation.acme_server = plane.pebble_directory().to_owned();
+    mutation.acme_ca_bundle_file = Some(plane.pebble_ca_file().to_owned());
+    let args = ServeArgs {
+        listen: SocketAddr::from((ip, port)),
+        metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        tls_cert_file: dir.join("tls.crt"),
+        tls_key_file: dir.join("tls.key"),
+        tls_reload_interval: Duration::from_secs(2),
+        workers: Some(1),
+        side_effect_timeout: Duration::from_secs(4),
+        shutdown_timeout: Duration::from_secs(1),
+        kubeconfig: Some(plane.kubeconfig().to_owned()),
+        mutation,
+    };
+    // `serve` runs until a signal; its own thread and runtime end with the test process.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        if let Err(e) = rt.block_on(serve(args)) {
+            eprintln!("webhook: {e}");
+        }
+    });
+    wait_for(Duration::from_secs(20), || async move {
+        tokio::net::TcpStream::connect((ip, port)).await.ok()
+    })
+    .await
+    .expect("webhook listening");
+
+    let hooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let hook_name = format!("sidecert-webhook-test-{run}");
+    hooks
+        .create(
+            &PostParams::default(),
+            &webhook_config(&hook_name, &format!("https://{ip}:{port}/mutate"), &ca, &run),
+        )
+        .await
+        .unwrap();
+
+    let labelled = plane.namespace("whk", true).await.unwrap();
+    let unlabelled = plane.namespace("whk-off", false).await.unwrap();
+    let label = json!({"metadata": {"labels": {TEST_LABEL: run}}});
+    for ns in [labelled.name(), unlabelled.name()] {
+        Api::<Namespace>::all(client.clone())
+            .patch(ns, &PatchParams::default(), &Patch::Merge(&label))
+            .await
+            .unwrap();
+    }
+    let result = std::panic::AssertUnwindSafe(scenarios(&labelled, &unlabelled));
+    let outcome = futures::FutureExt::catch_unwind(result).await;
+
+    let _ = hooks.delete(&hook_name, &DeleteParams::default()).await;
+    if outcome.is_err() {
+        plane.dump_on_failure(labelled.name()).await;
+    }
+    let _ = labelled.cleanup().await;
+    let _ = unlabelled.cleanup().await;
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn scenarios(labelled: &sidecert_e2e::TestNamespace, unlabelled: &sidecert_e2e::TestNamespace) {
+    let direct = json!({
+        "sidecert.io/inject": "true",
+        "sidecert.io/domains": "direct.shop.example",
+        "sidecert.io/secret-name": "direct-tls"
+    });
+    let pods: Api<Pod> = labelled.api();
+    let secrets: Api<Secret> = labelled.api();
+
+    // The webhook config may take a moment to be picked up by the API server.
+    let created = wait_for(Duration::from_secs(20), || {
+        let pods = pods.clone();
+        let direct = direct.clone();
+        async move {
+            let name = format!("direct-{}", rand_suffix());
+            let p = pods
+                .create(
+                    &PostParams::default(),
+                    &pod(&name, json!({"app": "direct"}), direct),
+                )
+                .await
+                .map_err(|e| eprintln!("creating Pod {name}: {e}"))
+                .ok()?;
+            if has_sidecar(&p) {
+                Some(p)
+            } else {
+                pods.delete(&name, &DeleteParams::default())
+                    .await
+                    .ok()
+                    .map(|_| ())
+                    .and(None)
+            }
+        }
+    })
+    .await
+    .expect("a Pod comes back with the sidecar");
+    let ann = created.metadata.annotations.clone().unwrap();
+    assert_eq!(ann["sidecert.io/status"], "injected");
+    let spec = created.spec.as_ref().unwrap();
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "sidecert")
+        .expect("native sidecar");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+
+    let secret = secrets.get("direct-tls").await.expect("temporary Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_eq!(
+        secret.metadata.annotations.unwrap()["sidecert.io/temporary"],
+        "true"
+    );
+    let role = labelled
+        .api::<Role>()
+        .get("sidecert-default")
+        .await
+        .expect("Role");
+    let names = role.rules.unwrap()[0].resource_names.clone().unwrap();
+    assert!(names.contains(&"direct-tls".to_owned()), "{names:?}");
+
+    // Dry run: the answer is mutated, nothing is created.
+    let dry = pods
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &pod(
+                "dry",
+                json!({"app": "dry"}),
+                json!({"sidecert.io/inject": "true", "sidecert.io/domains": "dry.shop.example",
+                       "sidecert.io/secret-name": "dry-tls"}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert!(has_sidecar(&dry));
+    assert!(
+        secrets.get_opt("dry-tls").await.unwrap().is_none(),
+        "dry run created a Secret"
+    );
+
+    // A namespace without the label is untouched.
+    let other = unlabelled
+        .api::<Pod>()
+        .create(
+            &PostParams::default(),
+            &pod("plain", json!({"app": "plain"}), direct.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(!has_sidecar(&other));
+    let annotations = other.metadata.annotations.unwrap_or_default();
+    assert!(!annotations.contains_key("sidecert.io/status"));
+
+    // Ingress: challenge route, temporary Secret, solver Service; then Pods behind it.
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    labelled
+        .api::<Service>()
+        .create(&PostParams::default(), &svc)
+        .await
+        .unwrap();
+    let ing: Ingress = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web", "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+        "spec": {
+            "tls": [{"hosts": ["web.shop.example"], "secretName": "web-tls"}],
+            "rules": [{"host": "web.shop.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"name": "http"}}}}
+            ]}}]
+        }
+    }))
+    .unwrap();
+    let ing = labelled
+        .api::<Ingress>()
+        .create(&PostParams::default(), &ing)
+        .await
+        .unwrap();
+    let paths = &ing.spec.unwrap().rules.unwrap()[0].http.clone().unwrap().paths;
+    assert_eq!(paths.len(), 2);
+    assert_eq!(paths[0].path.as_deref(), Some("/.well-known/acme-challenge/"));
+    assert_eq!(
+        paths[0].backend.service.as_ref().unwrap().name,
+        "web-sidecert-solver"
+    );
+    let solver = labelled
+        .api::<Service>()
+        .get("web-sidecert-solver")
+        .await
+        .expect("solver Service");
+    assert_eq!(solver.spec.unwrap().selector.unwrap()["app"], "web");
+    secrets.get("web-tls").await.expect("Ingress temporary Secret");
+
+    // A Pod behind the Ingress's backend, without annotations (the cache must see the Ingress).
+    let web = wait_for(Duration::from_secs(20), || {
+        let pods = pods.clone();
+        async move {
+            let name = format!("web-{}", rand_suffix());
+            let p = pods
+                .create(
+                    &PostParams::default(),
+                    &pod(&name, json!({"app": "web"}), json!({})),
+                )
+                .await
+                .ok()?;
+            has_sidecar(&p).then_some(p)
+        }
+    })
+    .await
+    .expect("the Pod behind the Ingress comes back with the sidecar");
+    let certs = &web.metadata.annotations.unwrap()["sidecert.io/certificates"];
+    assert!(certs.contains("web-tls"), "{certs}");
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 0xffffff
+    )
+}
