@@ -1,8 +1,12 @@
 //! The command line: one clap `Parser`; every flag also reads a `SIDECERT_WEBHOOK_*` variable.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use sidecert_contract::KeyAlgorithm;
 
 /// sidecert's admission webhook: sidecar injection, HTTP-01 routing, temporary certificates.
@@ -37,7 +41,10 @@ pub enum Command {
     Inject(InjectArgs),
 }
 
+/// `serve` needs a serving certificate: either files (`--tls-cert-file` and `--tls-key-file`)
+/// or `--self-signed`, never both.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("serving_certificate").required(true).args(["tls_cert_file", "self_signed"])))]
 pub struct ServeArgs {
     /// HTTPS address for /mutate, /healthz and /readyz.
     #[arg(long, env = "SIDECERT_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
@@ -45,12 +52,23 @@ pub struct ServeArgs {
     /// Plain-HTTP address for /metrics.
     #[arg(long, env = "SIDECERT_WEBHOOK_METRICS_LISTEN", default_value = "0.0.0.0:9443")]
     pub metrics_listen: SocketAddr,
-    /// Serving certificate chain (PEM); reloaded when it changes.
-    #[arg(long, env = "SIDECERT_WEBHOOK_TLS_CERT_FILE")]
-    pub tls_cert_file: PathBuf,
+    /// Serving certificate chain (PEM); reloaded when it changes. Needs `--tls-key-file`;
+    /// excludes `--self-signed`.
+    #[arg(
+        long,
+        env = "SIDECERT_WEBHOOK_TLS_CERT_FILE",
+        requires = "tls_key_file",
+        conflicts_with = "self_signed"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
     /// Serving private key (PEM); reloaded when it changes.
-    #[arg(long, env = "SIDECERT_WEBHOOK_TLS_KEY_FILE")]
-    pub tls_key_file: PathBuf,
+    #[arg(
+        long,
+        env = "SIDECERT_WEBHOOK_TLS_KEY_FILE",
+        requires = "tls_cert_file",
+        conflicts_with = "self_signed"
+    )]
+    pub tls_key_file: Option<PathBuf>,
     /// How often the certificate files are checked for changes.
     #[arg(long, env = "SIDECERT_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,
@@ -67,7 +85,114 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
+    pub self_signed: SelfSignedArgs,
+    #[command(flatten)]
     pub mutation: MutationArgs,
+}
+
+/// Where the serving certificate comes from, once the flags are checked.
+#[derive(Debug, Clone)]
+pub enum TlsSource {
+    /// PEM files, reloaded when they change.
+    Files { cert: PathBuf, key: PathBuf },
+    /// A CA in a Secret and a serving certificate issued in memory ([`crate::selfsigned`]).
+    SelfSigned(SelfSignedArgs),
+}
+
+impl ServeArgs {
+    /// Checks that exactly one source of the serving certificate is given (clap checks the
+    /// command line; this also covers `ServeArgs` built in code).
+    pub fn tls_source(&self) -> Result<TlsSource, String> {
+        match (&self.tls_cert_file, &self.tls_key_file, self.self_signed.enabled) {
+            (Some(_), _, true) | (_, Some(_), true) => Err(
+                "--self-signed and --tls-cert-file/--tls-key-file exclude each other; give one".to_owned(),
+            ),
+            (Some(cert), Some(key), false) => Ok(TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None, true) => Ok(TlsSource::SelfSigned(self.self_signed.clone())),
+            (Some(_), None, false) => Err("--tls-cert-file needs --tls-key-file".to_owned()),
+            (None, Some(_), false) => Err("--tls-key-file needs --tls-cert-file".to_owned()),
+            (None, None, false) => Err(
+                "no serving certificate: give --self-signed, or --tls-cert-file and --tls-key-file".to_owned(),
+            ),
+        }
+    }
+}
+
+/// Default name of the Secret that holds the webhook's CA.
+pub const DEFAULT_CA_SECRET_NAME: &str = "sidecert-webhook-ca";
+/// Default name of the webhook's Service.
+pub const DEFAULT_SERVICE_NAME: &str = "sidecert-webhook";
+/// Default name of the MutatingWebhookConfiguration whose `caBundle` the webhook keeps current.
+pub const DEFAULT_WEBHOOK_CONFIGURATION_NAME: &str = "sidecert";
+
+/// `serve --self-signed`: the webhook keeps its own CA in a Secret, issues its serving
+/// certificate in memory and patches the `caBundle` of its MutatingWebhookConfiguration.
+/// Durations take `ms`, `s`, `m`, `h` or `d` (`90d`, `2h`, `40s`).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct SelfSignedArgs {
+    /// Manage the serving certificate: CA in a Secret, serving certificate in memory, rotation.
+    #[arg(id = "self_signed", long = "self-signed", env = "SIDECERT_WEBHOOK_SELF_SIGNED",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::SetTrue)]
+    pub enabled: bool,
+    /// Namespace of the CA Secret and the Service (default: the Pod's own namespace, from the
+    /// service-account namespace file or `POD_NAMESPACE`).
+    #[arg(long, env = "SIDECERT_WEBHOOK_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The webhook's Service; its DNS names go into the serving certificate.
+    #[arg(long, env = "SIDECERT_WEBHOOK_SERVICE_NAME", default_value = DEFAULT_SERVICE_NAME)]
+    pub service_name: String,
+    /// Secret holding the CA (`ca.crt`, `ca.key`; `next-ca.crt`, `next-ca.key` during a rollover).
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_SECRET_NAME", default_value = DEFAULT_CA_SECRET_NAME)]
+    pub ca_secret_name: String,
+    /// MutatingWebhookConfiguration whose webhooks get the CA bundle.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CONFIGURATION_NAME", default_value = DEFAULT_WEBHOOK_CONFIGURATION_NAME)]
+    pub webhook_configuration_name: String,
+    /// Lifetime of a new CA.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_VALIDITY", default_value = "365d", value_parser = parse_duration)]
+    pub ca_validity: Duration,
+    /// Start a CA rollover when the CA has less than this left.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROTATE_BEFORE", default_value = "90d", value_parser = parse_duration)]
+    pub ca_rotate_before: Duration,
+    /// Lifetime of a serving certificate.
+    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_VALIDITY", default_value = "7d", value_parser = parse_duration)]
+    pub serving_validity: Duration,
+    /// Issue a new serving certificate when the current one has less than this left.
+    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_ROTATE_BEFORE", default_value = "2d", value_parser = parse_duration)]
+    pub serving_rotate_before: Duration,
+    /// During a CA rollover, how long the new CA stands in the `caBundle` before the serving
+    /// certificate switches to it (time for every API server to pick the bundle up).
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROLLOVER_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub ca_rollover_delay: Duration,
+    /// More DNS names for the serving certificate (comma-separated).
+    #[arg(long, env = "SIDECERT_WEBHOOK_EXTRA_DNS_NAMES", value_delimiter = ',')]
+    pub extra_dns_names: Vec<String>,
+    /// IP addresses for the serving certificate (comma-separated; for `url` client configs).
+    #[arg(long, env = "SIDECERT_WEBHOOK_EXTRA_IP_SANS", value_delimiter = ',')]
+    pub extra_ip_sans: Vec<IpAddr>,
+}
+
+impl Default for SelfSignedArgs {
+    /// The flags' defaults, with `enabled` false.
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            enabled: false,
+            namespace: None,
+            service_name: DEFAULT_SERVICE_NAME.to_owned(),
+            ca_secret_name: DEFAULT_CA_SECRET_NAME.to_owned(),
+            webhook_configuration_name: DEFAULT_WEBHOOK_CONFIGURATION_NAME.to_owned(),
+            ca_validity: Duration::from_secs(365 * DAY),
+            ca_rotate_before: Duration::from_secs(90 * DAY),
+            serving_validity: Duration::from_secs(7 * DAY),
+            serving_rotate_before: Duration::from_secs(2 * DAY),
+            ca_rollover_delay: Duration::from_secs(30),
+            extra_dns_names: Vec::new(),
+            extra_ip_sans: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -148,7 +273,7 @@ pub enum NativeSidecars {
     Never,
 }
 
-/// Parses `500ms`, `2s`, `1m` or a plain number of seconds.
+/// Parses `500ms`, `2s`, `1m`, `2h`, `7d` or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s
@@ -161,7 +286,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s or m)")),
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     };
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
@@ -172,7 +299,8 @@ pub fn init_tracing(format: &LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
