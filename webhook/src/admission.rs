@@ -360,7 +360,51 @@ pub fn respond<T: Resource>(req: &AdmissionRequest<T>, outcome: Outcome) -> Resu
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     pub reviewer: Reviewer,
-    pub ready: Arc<AtomicBool>,
+    pub ready: Readiness,
+}
+
+/// What `/readyz` waits for: the Ingress and Service caches, and a served certificate the API
+/// server trusts (always true with certificate files; see [`crate::selfsigned`]).
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    caches: Arc<AtomicBool>,
+    certificate: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn new(caches: bool, certificate: bool) -> Self {
+        Self {
+            caches: Arc::new(AtomicBool::new(caches)),
+            certificate: Arc::new(AtomicBool::new(certificate)),
+        }
+    }
+
+    pub fn set_caches(&self, ready: bool) {
+        self.caches.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn set_certificate(&self, ready: bool) {
+        self.certificate.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn certificate(&self) -> bool {
+        self.certificate.load(Ordering::Relaxed)
+    }
+
+    /// `None` when ready, else what is missing.
+    pub fn waiting_for(&self) -> Option<&'static str> {
+        match (
+            self.caches.load(Ordering::Relaxed),
+            self.certificate.load(Ordering::Relaxed),
+        ) {
+            (true, true) => None,
+            (false, true) => Some("waiting for the Ingress and Service caches"),
+            (true, false) => Some("waiting for the caBundle to trust the serving certificate"),
+            (false, false) => Some(
+                "waiting for the Ingress and Service caches and for the caBundle to trust the serving certificate",
+            ),
+        }
+    }
 }
 
 async fn mutate(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
@@ -387,12 +431,11 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    if state.ready.load(Ordering::Relaxed) {
-        HttpResponse::Ok().content_type("text/plain").body("ok")
-    } else {
-        HttpResponse::ServiceUnavailable()
+    match state.ready.waiting_for() {
+        None => HttpResponse::Ok().content_type("text/plain").body("ok"),
+        Some(why) => HttpResponse::ServiceUnavailable()
             .content_type("text/plain")
-            .body("waiting for the Ingress and Service caches")
+            .body(why),
     }
 }
 

@@ -34,7 +34,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve admission reviews over HTTPS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Read one AdmissionReview and print the response the server would give (no side effects).
     Review(ReviewArgs),
     /// Inject the sidecar into the pod templates of YAML manifests that ask for it.
@@ -115,7 +115,8 @@ impl ServeArgs {
             (Some(_), None, false) => Err("--tls-cert-file needs --tls-key-file".to_owned()),
             (None, Some(_), false) => Err("--tls-key-file needs --tls-cert-file".to_owned()),
             (None, None, false) => Err(
-                "no serving certificate: give --self-signed, or --tls-cert-file and --tls-key-file".to_owned(),
+                "no serving certificate: give --self-signed, or --tls-cert-file and --tls-key-file"
+                    .to_owned(),
             ),
         }
     }
@@ -305,4 +306,72 @@ pub fn init_tracing(format: &LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["sidecert-webhook", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(args) => Ok(*args),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn durations_take_hours_and_days() {
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("40").unwrap(), Duration::from_secs(40));
+        assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn self_signed_flags_and_defaults() {
+        let args = serve(&["--self-signed"]).unwrap();
+        assert_eq!(
+            args.self_signed,
+            SelfSignedArgs {
+                enabled: true,
+                ..SelfSignedArgs::default()
+            }
+        );
+        assert!(matches!(args.tls_source(), Ok(TlsSource::SelfSigned(_))));
+
+        let args = serve(&[
+            "--self-signed",
+            "--namespace=ops",
+            "--serving-validity=40s",
+            "--extra-ip-sans=10.213.0.1,::1",
+            "--extra-dns-names=a.example,b.example",
+        ])
+        .unwrap();
+        let ss = args.self_signed;
+        assert_eq!(ss.namespace.as_deref(), Some("ops"));
+        assert_eq!(ss.serving_validity, Duration::from_secs(40));
+        assert_eq!(ss.extra_ip_sans.len(), 2);
+        assert_eq!(ss.extra_dns_names, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn exactly_one_certificate_source() {
+        let files = serve(&["--tls-cert-file=c", "--tls-key-file=k"]).unwrap();
+        assert!(matches!(files.tls_source(), Ok(TlsSource::Files { .. })));
+        assert!(serve(&[]).is_err());
+        assert!(serve(&["--tls-cert-file=c"]).is_err());
+        assert!(serve(&["--self-signed", "--tls-cert-file=c", "--tls-key-file=k"]).is_err());
+
+        // Built in code, not parsed: the same rules, with a clear message.
+        let mut args = files;
+        args.self_signed.enabled = true;
+        assert!(args.tls_source().unwrap_err().contains("exclude each other"));
+        args.tls_cert_file = None;
+        args.tls_key_file = None;
+        args.self_signed.enabled = false;
+        assert!(args.tls_source().unwrap_err().contains("--self-signed"));
+    }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod offline;
 pub mod pod;
 pub mod selection;
+pub mod selfsigned;
 pub mod server;
 pub mod sidecar;
 pub mod tls;
@@ -197,7 +198,7 @@ pub fn install_crypto_provider() {
 pub async fn run(cli: config::Cli) -> Result<()> {
     config::init_tracing(&cli.log_format);
     match cli.command {
-        config::Command::Serve(args) => server::serve(args).await,
+        config::Command::Serve(args) => server::serve(*args).await,
         config::Command::Review(args) => offline::review(args).await,
         config::Command::Inject(args) => offline::inject(args).await,
     }

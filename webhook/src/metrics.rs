@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::{Error, Result};
 
@@ -22,6 +22,13 @@ pub struct Metrics {
     pub warnings: IntCounterVec,
     /// Failed side effects, by effect and error.
     pub side_effect_failures: IntCounterVec,
+    /// `serve --self-signed`: expiry of the served certificate (Unix seconds).
+    pub serving_cert_not_after: Gauge,
+    /// `serve --self-signed`: expiry of the current CA (Unix seconds).
+    pub ca_not_after: Gauge,
+    /// `serve --self-signed`: certificate rotations, by kind (`serving`, `ca_rollover`,
+    /// `ca_promote`, `ca_replace`).
+    pub rotations: IntCounterVec,
 }
 
 fn prom(e: prometheus::Error) -> Error {
@@ -61,6 +68,24 @@ impl Metrics {
         )
         .map_err(prom)?;
         registry.register(Box::new(duration.clone())).map_err(prom)?;
+        let rotations = counter(
+            "certificate_rotations_total",
+            "Serving certificates issued and CA rollover steps taken (serve --self-signed)",
+            &["kind"],
+        )?;
+        let gauge = |name: &str, help: &str| -> Result<Gauge> {
+            let g = Gauge::new(name, help).map_err(prom)?;
+            registry.register(Box::new(g.clone())).map_err(prom)?;
+            Ok(g)
+        };
+        let serving_cert_not_after = gauge(
+            "serving_cert_not_after_seconds",
+            "Expiry of the served certificate, Unix seconds (serve --self-signed)",
+        )?;
+        let ca_not_after = gauge(
+            "ca_not_after_seconds",
+            "Expiry of the webhook's current CA, Unix seconds (serve --self-signed)",
+        )?;
         Ok(Self {
             registry,
             requests,
@@ -69,6 +94,9 @@ impl Metrics {
             skips,
             warnings,
             side_effect_failures,
+            serving_cert_not_after,
+            ca_not_after,
+            rotations,
         })
     }
 

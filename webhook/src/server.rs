@@ -1,21 +1,18 @@
 //! `sidecert-webhook serve`: HTTPS admission server plus a plain-HTTP metrics server.
 
-use std::{
-    path::Path,
-    pin::pin,
-    sync::{Arc, atomic::AtomicBool},
-};
+use std::{path::Path, pin::pin, sync::Arc};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
 use kube::Client;
 
 use crate::{
     Context, Error, Lookup, Result, Reviewer,
-    admission::{AppState, routes},
-    config::{NativeSidecars, ServeArgs},
+    admission::{AppState, Readiness, routes},
+    config::{NativeSidecars, ServeArgs, TlsSource},
     effects::Executor,
     metrics::Metrics,
     selection::Cache,
+    selfsigned::{self, SelfSigned},
     sidecar::{AcmeDefaults, SidecarSettings, supports_native_sidecars},
     tls::{ReloadingResolver, server_config},
 };
@@ -84,8 +81,18 @@ async fn signal() {
     }
 }
 
+/// Where the serving certificate comes from, flags resolved.
+enum Serving {
+    Files(std::path::PathBuf, std::path::PathBuf),
+    SelfSigned(selfsigned::Settings),
+}
+
 /// Runs the server until SIGTERM/SIGINT, then drains in-flight reviews (a second signal aborts).
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    let serving = match args.tls_source().map_err(Error::Config)? {
+        TlsSource::Files { cert, key } => Serving::Files(cert, key),
+        TlsSource::SelfSigned(ss) => Serving::SelfSigned(selfsigned::Settings::from_args(&ss)?),
+    };
     let client = client(args.kubeconfig.as_deref()).await?;
     let native = native_sidecars(args.mutation.native_sidecars, Some(&client)).await;
     let cache = Cache::start(client.clone());
@@ -96,21 +103,50 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         lookup: lookup.clone(),
     };
     let metrics = Metrics::new()?;
-    let executor = Executor::new(client, lookup, args.side_effect_timeout);
-    let ready = Arc::new(AtomicBool::new(false));
+    let executor = Executor::new(client.clone(), lookup, args.side_effect_timeout);
+    // With certificate files the API server's trust is the installer's business.
+    let ready = Readiness::new(false, matches!(serving, Serving::Files(..)));
     {
         let ready = ready.clone();
         tokio::spawn(async move {
             if cache.wait_until_ready().await {
-                ready.store(true, std::sync::atomic::Ordering::Relaxed);
+                ready.set_caches(true);
                 tracing::info!("Ingress and Service caches ready");
             }
         });
     }
 
-    let resolver = Arc::new(ReloadingResolver::load(&args.tls_cert_file, &args.tls_key_file)?);
-    tokio::spawn(resolver.clone().watch(args.tls_reload_interval));
-    let tls = server_config(resolver)?;
+    let tls = match serving {
+        Serving::SelfSigned(settings) => {
+            // Retried until the API server answers (or a signal): the CA lives in a Secret.
+            let start = async {
+                let mut wait = std::time::Duration::from_secs(1);
+                loop {
+                    match SelfSigned::start(client.clone(), settings.clone(), metrics.clone(), ready.clone())
+                        .await
+                    {
+                        Ok(started) => break started,
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?wait, "cannot set up the serving certificate");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                        }
+                    }
+                }
+            };
+            let (manager, resolver) = tokio::select! {
+                started = start => started,
+                () = signal() => return Ok(()),
+            };
+            tokio::spawn(manager.run());
+            server_config(resolver)?
+        }
+        Serving::Files(cert, key) => {
+            let resolver = Arc::new(ReloadingResolver::load(cert, key)?);
+            tokio::spawn(resolver.clone().watch(args.tls_reload_interval));
+            server_config(resolver)?
+        }
+    };
 
     let state = web::Data::new(AppState {
         reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)),

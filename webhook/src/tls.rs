@@ -116,6 +116,37 @@ impl ResolvesServerCert for ReloadingResolver {
     }
 }
 
+/// A certificate held in memory and swapped atomically (`serve --self-signed`: the key never
+/// touches the disk). Connections in flight keep their certificate.
+#[derive(Debug)]
+pub struct MemoryResolver {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl MemoryResolver {
+    pub fn new(ck: CertifiedKey) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(ck),
+        }
+    }
+
+    /// Serves `ck` from the next handshake on.
+    pub fn store(&self, ck: CertifiedKey) {
+        self.current.store(Arc::new(ck));
+    }
+
+    /// The certificate being served now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+impl ResolvesServerCert for MemoryResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
 /// A rustls server config (ring, TLS 1.2 and 1.3, HTTP/1.1) using `resolver`.
 pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(provider())

@@ -1,13 +1,13 @@
 //! The HTTP handlers through actix's test utilities.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, atomic::AtomicBool};
+use std::sync::Arc;
 
 use actix_web::{App, http::StatusCode, test, web};
 use serde_json::Value;
 use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
-    admission::{AppState, routes},
+    admission::{AppState, Readiness, routes},
     metrics::Metrics,
     selection::Snapshot,
 };
@@ -20,7 +20,7 @@ fn state(ready: bool) -> web::Data<AppState> {
     };
     web::Data::new(AppState {
         reviewer: Reviewer::new(ctx, Metrics::new().unwrap(), None),
-        ready: Arc::new(AtomicBool::new(ready)),
+        ready: Readiness::new(ready, true),
     })
 }
 

@@ -147,8 +147,9 @@ async fn webhook_against_the_plane() {
     let args = ServeArgs {
         listen: SocketAddr::from((ip, port)),
         metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tls_cert_file: dir.join("tls.crt"),
-        tls_key_file: dir.join("tls.key"),
+        tls_cert_file: Some(dir.join("tls.crt")),
+        tls_key_file: Some(dir.join("tls.key")),
+        self_signed: Default::default(),
         tls_reload_interval: Duration::from_secs(2),
         workers: Some(1),
         side_effect_timeout: Duration::from_secs(4),
