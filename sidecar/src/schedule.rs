@@ -1,0 +1,258 @@
+//! Renewal scheduling as pure functions: every input (the clock, the random draw) is a
+//! parameter, so the arithmetic is tested without waiting.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
+
+use time::OffsetDateTime;
+
+/// The validity period of a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Lifetime {
+    pub fn length(&self) -> time::Duration {
+        (self.not_after - self.not_before).max(time::Duration::ZERO)
+    }
+
+    /// When one third of the lifetime is left.
+    pub fn one_third_left(&self) -> OffsetDateTime {
+        self.not_after - self.length() / 3
+    }
+
+    /// When one twentieth of the lifetime is left: past this, renew whatever ARI says.
+    pub fn emergency(&self) -> OffsetDateTime {
+        self.not_after - self.length() / 20
+    }
+}
+
+/// A renewal window suggested by the CA (ARI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: OffsetDateTime,
+    pub end: OffsetDateTime,
+}
+
+/// Why a renewal moment was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A random moment in the CA's suggested window.
+    Ari,
+    /// One third of the lifetime left (minus jitter).
+    OneThird,
+    /// Less than 1/20 of the lifetime left.
+    Emergency,
+}
+
+/// The planned renewal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub renew_at: OffsetDateTime,
+    pub reason: Reason,
+}
+
+/// Plans the renewal of a certificate.
+///
+/// `u` is a uniform random draw in `[0, 1)`. With an ARI window the moment is
+/// `start + u * (end - start)` (RFC 9773 §4.2; a moment in the past means "now"); without,
+/// it is
+/// one third of the lifetime before expiry, made earlier by up to 1/30 of the lifetime so
+/// that replicas of many Pods do not renew in lockstep. Either way the moment is never later
+/// than the emergency point (1/20 of the lifetime left).
+pub fn plan(lifetime: Lifetime, ari: Option<Window>, now: OffsetDateTime, u: f64) -> Plan {
+    let u = u.clamp(0.0, 1.0);
+    let emergency = lifetime.emergency();
+    let (at, reason) = match ari {
+        Some(w) if w.end >= w.start => ((w.start + (w.end - w.start) * u).max(now), Reason::Ari),
+        _ => (
+            lifetime.one_third_left() - lifetime.length() / 30 * u,
+            Reason::OneThird,
+        ),
+    };
+    if at >= emergency || now >= emergency {
+        Plan {
+            renew_at: emergency.min(at),
+            reason: Reason::Emergency,
+        }
+    } else {
+        Plan { renew_at: at, reason }
+    }
+}
+
+/// The shortest pause after a successful order before the next one for the same
+/// certificate, whatever the CA's renewal window says (no tight loop on a CA that keeps
+/// saying "renew now"): a tenth of the lifetime, at most an hour.
+pub fn min_reorder_interval(lifetime: Lifetime) -> Duration {
+    Duration::try_from(lifetime.length() / 10)
+        .unwrap_or(Duration::ZERO)
+        .min(Duration::from_secs(3600))
+}
+
+/// Backoff after `failures` consecutive failed attempts (1 = the first failure).
+///
+/// `base * 2^(failures-1)` capped at `cap`, then scaled into `[1/2, 1]` of that by `u`
+/// ("equal jitter": never shorter than half, so no tight loop even with bad luck).
+pub fn backoff(failures: u32, base: Duration, cap: Duration, u: f64) -> Duration {
+    let exp = failures.saturating_sub(1).min(32);
+    let raw = base.saturating_mul(1u32 << exp.min(31)).min(cap);
+    raw.mul_f64(0.5 + 0.5 * u.clamp(0.0, 1.0))
+}
+
+/// Let's Encrypt allows 5 failed validations per account, hostname and hour.
+pub const MAX_FAILED_VALIDATIONS_PER_HOUR: usize = 5;
+
+/// Remembers failed validations per domain, to stay under the CA's hourly limit.
+#[derive(Debug, Default, Clone)]
+pub struct ValidationLimiter {
+    failures: HashMap<String, VecDeque<OffsetDateTime>>,
+}
+
+impl ValidationLimiter {
+    pub fn record_failure(&mut self, domain: &str, now: OffsetDateTime) {
+        let q = self.failures.entry(domain.to_owned()).or_default();
+        q.push_back(now);
+        while q.len() > MAX_FAILED_VALIDATIONS_PER_HOUR {
+            q.pop_front();
+        }
+    }
+
+    /// The earliest moment an order for `domains` stays within the limit (`now` if it does).
+    pub fn allowed_at<'a>(
+        &self,
+        domains: impl IntoIterator<Item = &'a String>,
+        now: OffsetDateTime,
+    ) -> OffsetDateTime {
+        let hour = time::Duration::HOUR;
+        domains
+            .into_iter()
+            .filter_map(|d| self.failures.get(d))
+            .filter(|q| q.len() >= MAX_FAILED_VALIDATIONS_PER_HOUR)
+            .filter_map(|q| q.front().map(|oldest| *oldest + hour))
+            .fold(now, OffsetDateTime::max)
+    }
+}
+
+/// Converts a wall-clock moment into a delay from `now` (zero if it is past).
+pub fn delay_until(at: OffsetDateTime, now: OffsetDateTime) -> Duration {
+    Duration::try_from(at - now).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use time::{Duration as TD, macros::datetime};
+
+    use super::*;
+
+    fn days(nb: OffsetDateTime, d: i64) -> Lifetime {
+        Lifetime {
+            not_before: nb,
+            not_after: nb + TD::days(d),
+        }
+    }
+
+    const T0: OffsetDateTime = datetime!(2026-01-01 00:00 UTC);
+
+    #[test]
+    fn one_third_rule_scales_with_lifetime() {
+        for d in [6, 45, 90] {
+            let l = days(T0, d);
+            let p = plan(l, None, T0, 0.0);
+            assert_eq!(p.reason, Reason::OneThird);
+            assert_eq!(p.renew_at, T0 + TD::days(d) * 2 / 3);
+            let late = plan(l, None, T0, 0.999_999);
+            assert!(late.renew_at < p.renew_at);
+            assert!(late.renew_at >= p.renew_at - l.length() / 30);
+        }
+    }
+
+    #[test]
+    fn ari_picks_a_moment_in_the_window() {
+        let l = days(T0, 90);
+        let w = Window {
+            start: T0 + TD::days(50),
+            end: T0 + TD::days(52),
+        };
+        assert_eq!(plan(l, Some(w), T0, 0.0).renew_at, w.start);
+        assert_eq!(plan(l, Some(w), T0, 0.5).renew_at, T0 + TD::days(51));
+        assert_eq!(plan(l, Some(w), T0, 0.5).reason, Reason::Ari);
+        // A moment in the window is drawn even when the window already began ...
+        let now = T0 + TD::days(51);
+        assert_eq!(
+            plan(l, Some(w), now, 0.75).renew_at,
+            T0 + TD::days(51) + TD::hours(12)
+        );
+        // ... and a drawn moment in the past means now.
+        assert_eq!(plan(l, Some(w), now, 0.25).renew_at, now);
+    }
+
+    #[test]
+    fn emergency_wins_over_a_late_ari_window() {
+        let l = days(T0, 90);
+        let w = Window {
+            start: T0 + TD::days(89),
+            end: T0 + TD::days(90),
+        };
+        let p = plan(l, Some(w), T0, 0.5);
+        assert_eq!(p.reason, Reason::Emergency);
+        assert_eq!(p.renew_at, T0 + TD::days(90) - TD::days(90) / 20);
+        // Short certificate (120 s): emergency at 6 s before expiry.
+        let short = Lifetime {
+            not_before: T0,
+            not_after: T0 + TD::seconds(120),
+        };
+        let now = T0 + TD::seconds(115);
+        let p = plan(short, None, now, 0.0);
+        assert_eq!(p.reason, Reason::Emergency);
+        assert!(p.renew_at <= now);
+    }
+
+    #[test]
+    fn reorders_are_spaced() {
+        let short = Lifetime {
+            not_before: T0,
+            not_after: T0 + TD::seconds(120),
+        };
+        assert_eq!(min_reorder_interval(short), Duration::from_secs(12));
+        assert_eq!(min_reorder_interval(days(T0, 90)), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_never_collapses() {
+        let base = Duration::from_secs(60);
+        let cap = Duration::from_secs(4 * 3600);
+        assert_eq!(backoff(1, base, cap, 1.0), base);
+        assert_eq!(backoff(1, base, cap, 0.0), base / 2);
+        assert_eq!(backoff(3, base, cap, 1.0), base * 4);
+        assert_eq!(backoff(30, base, cap, 1.0), cap);
+        assert_eq!(backoff(u32::MAX, base, cap, 0.0), cap / 2);
+        assert!(backoff(1, base, cap, 0.0) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn validation_limit_is_five_per_hour() {
+        let mut l = ValidationLimiter::default();
+        let d = vec!["a.example".to_owned(), "b.example".to_owned()];
+        for i in 0..4 {
+            l.record_failure("a.example", T0 + TD::minutes(i));
+        }
+        assert_eq!(l.allowed_at(&d, T0 + TD::minutes(5)), T0 + TD::minutes(5));
+        l.record_failure("a.example", T0 + TD::minutes(10));
+        assert_eq!(l.allowed_at(&d, T0 + TD::minutes(11)), T0 + TD::HOUR);
+        l.record_failure("a.example", T0 + TD::minutes(61));
+        // the oldest in the last five is now minute 1
+        assert_eq!(l.allowed_at(&d, T0 + TD::minutes(60)), T0 + TD::minutes(61));
+        assert_eq!(l.allowed_at(&d, T0 + TD::minutes(62)), T0 + TD::minutes(62));
+    }
+
+    #[test]
+    fn delays_never_go_negative() {
+        assert_eq!(delay_until(T0, T0 + TD::seconds(5)), Duration::ZERO);
+        assert_eq!(delay_until(T0 + TD::seconds(5), T0), Duration::from_secs(5));
+    }
+}

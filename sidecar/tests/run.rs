@@ -1,0 +1,613 @@
+//! `sidecert-sidecar run` against the plane's API server and Pebble.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::*;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Event, Secret},
+    },
+};
+use kube::{
+    Api,
+    api::{ListParams, ObjectMeta, PostParams},
+};
+use sidecert_contract::{CertificateSpec, KeyAlgorithm, PodIdentity, SidecarConfig, annotations};
+use sidecert_e2e::Plane;
+use sidecert_sidecar::run::RunOptions;
+use tokio_util::sync::CancellationToken;
+
+fn options(
+    plane: &Plane,
+    ns: &str,
+    spec: &CertificateSpec,
+    ip: Ipv4Addr,
+    profile: Option<&str>,
+    ari: bool,
+) -> RunOptions {
+    RunOptions {
+        config: SidecarConfig {
+            certificates: vec![spec.clone()],
+            acme_server: plane.pebble_directory().to_owned(),
+            acme_email: Some("ops@example.com".into()),
+            acme_profile: profile.map(str::to_owned),
+            acme_ca_bundle: Some(plane.pebble_ca_pem().to_owned()),
+            eab_secret: None,
+            key_algorithm: KeyAlgorithm::EcdsaP256,
+            reload_url: None,
+            http01_port: 8089,
+            metrics_port: 9089,
+        },
+        pod: PodIdentity {
+            name: Some(format!("pod-{ip}").replace('.', "-")),
+            namespace: Some(ns.to_owned()),
+            uid: None,
+            ip: Some(ip.to_string()),
+        },
+        namespace: ns.to_owned(),
+        http01_listen: SocketAddr::from((ip, 8089)),
+        metrics_listen: SocketAddr::from((ip, 9089)),
+        cert_dir: None,
+        ari,
+        retry_base: Duration::from_secs(2),
+        retry_cap: Duration::from_secs(30),
+        lease_duration: Duration::from_secs(6),
+    }
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<sidecert_sidecar::Result<()>>,
+    metrics: String,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("run stops within 5 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn start(opts: RunOptions, client: kube::Client) -> Running {
+    let stop = CancellationToken::new();
+    let metrics = opts.metrics_listen.to_string();
+    let task = tokio::spawn(sidecert_sidecar::run::run(opts, client, stop.clone()));
+    Running { stop, task, metrics }
+}
+
+fn temporary_secret(name: &str, domains: &[String]) -> Secret {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(domains.to_vec())
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            annotations: Some(BTreeMap::from([(
+                annotations::TEMPORARY.to_owned(),
+                "true".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".into(), ByteString(cert.pem().into_bytes())),
+            ("tls.key".into(), ByteString(key.serialize_pem().into_bytes())),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Waits until the Secret holds a real certificate whose not-after differs from `not`.
+async fn wait_issued(api: &Api<Secret>, name: &str, not: Option<&str>, timeout: Duration) -> Secret {
+    wait_until("a real certificate in the Secret", timeout, || async {
+        let s = api.get_opt(name).await.ok()??;
+        let a = s.metadata.annotations.clone().unwrap_or_default();
+        let na = a.get(annotations::NOT_AFTER)?;
+        (!a.contains_key(annotations::TEMPORARY) && Some(na.as_str()) != not).then_some(s)
+    })
+    .await
+}
+
+fn crt(s: &Secret) -> String {
+    String::from_utf8(s.data.as_ref().unwrap()["tls.crt"].0.clone()).unwrap()
+}
+
+fn not_after(s: &Secret) -> String {
+    s.metadata.annotations.as_ref().unwrap()[annotations::NOT_AFTER].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_replaces_the_temporary_secret_and_a_restart_orders_nothing() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-run", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 51);
+    let domains = vec![domain("run-a"), domain("run-b")];
+    for d in &domains {
+        plane.add_a(d, ip).await.unwrap();
+    }
+    let spec = CertificateSpec::new("web-tls", &domains).unwrap();
+    let secrets: Api<Secret> = ns.api();
+    secrets
+        .create(
+            &PostParams::default(),
+            &temporary_secret("web-tls", &spec.domains),
+        )
+        .await
+        .unwrap();
+
+    let r = start(
+        options(plane, ns.name(), &spec, ip, Some("default"), true),
+        ns.client(),
+    )
+    .await;
+    let s = wait_issued(&secrets, "web-tls", None, Duration::from_secs(60)).await;
+    assert_eq!(s.type_.as_deref(), Some("kubernetes.io/tls"));
+    assert_chains_to(&crt(&s), &plane.pebble_root_pem().await.unwrap(), &spec.domains);
+    let key = String::from_utf8(s.data.as_ref().unwrap()["tls.key"].0.clone()).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let a = s.metadata.annotations.clone().unwrap();
+    assert_eq!(a[annotations::DOMAINS_ON_SECRET], spec.domains.join(","));
+    assert_eq!(a[annotations::ISSUER_URL], plane.pebble_directory());
+    assert!(a.contains_key(annotations::RENEW_AT));
+    let m = scrape(&r.metrics).await;
+    assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 1.0, "{m}");
+    assert_eq!(sample(&m, "sidecert_ready{secret=\"web-tls\"}"), 1.0);
+    assert_eq!(sample(&m, "sidecert_leader{secret=\"web-tls\"}"), 1.0);
+    assert!(
+        sample(
+            &m,
+            "sidecert_acme_requests_total{endpoint=\"order\",status=\"201\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    let events: Api<Event> = ns.api();
+    let issued_ev = wait_until("an Issued Event on the Pod", Duration::from_secs(10), || async {
+        let evs = events.list(&ListParams::default()).await.ok()?;
+        evs.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("Issued"))
+    })
+    .await;
+    assert_eq!(issued_ev.involved_object.kind.as_deref(), Some("Pod"));
+    r.stop().await;
+    // Stopping released the Lease.
+    let lease: Lease = ns.api().get(&spec.lease_name()).await.unwrap();
+    let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert!(holder.is_empty(), "Lease still held by {holder}");
+
+    // Restart: the Secret holds a valid certificate, nothing is ordered.
+    let rv = s.metadata.resource_version.clone();
+    let r = start(
+        options(plane, ns.name(), &spec, ip, Some("default"), true),
+        ns.client(),
+    )
+    .await;
+    let m = wait_until(
+        "leader and ready after restart",
+        Duration::from_secs(30),
+        || async {
+            let m = scrape(&r.metrics).await;
+            (sample(&m, "sidecert_leader{secret=\"web-tls\"}") == 1.0
+                && sample(&m, "sidecert_ready{secret=\"web-tls\"}") == 1.0)
+                .then_some(m)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 0.0, "{m}");
+    assert_eq!(
+        secrets.get("web-tls").await.unwrap().metadata.resource_version,
+        rv
+    );
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+async fn renewal(ari: bool, ip: Ipv4Addr) {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane
+        .namespace(if ari { "sc-ari" } else { "sc-noari" }, false)
+        .await
+        .unwrap();
+    let d = domain("renew");
+    plane.add_a(&d, ip).await.unwrap();
+    let spec = CertificateSpec::new("short-tls", [&d]).unwrap();
+    let secrets: Api<Secret> = ns.api();
+    let mut opts = options(plane, ns.name(), &spec, ip, Some("shortlived"), ari);
+    let dir = temp_dir("renew");
+    opts.cert_dir = Some(dir.clone());
+    let (reload_url, reloads) = reload_target(ip).await;
+    opts.config.reload_url = Some(reload_url);
+    let r = start(opts, ns.client()).await;
+    let first = wait_issued(&secrets, "short-tls", None, Duration::from_secs(60)).await;
+    let second = wait_issued(
+        &secrets,
+        "short-tls",
+        Some(&not_after(&first)),
+        Duration::from_secs(150),
+    )
+    .await;
+    assert_ne!(crt(&first), crt(&second));
+    assert_chains_to(
+        &crt(&second),
+        &plane.pebble_root_pem().await.unwrap(),
+        &spec.domains,
+    );
+    let on_disk = wait_until("the directory follows", Duration::from_secs(10), || async {
+        let c = std::fs::read_to_string(dir.join("tls.crt")).ok()?;
+        (c == crt(&second)).then_some(c)
+    })
+    .await;
+    assert!(!on_disk.is_empty());
+    wait_until(
+        "the reload URL is called for each certificate",
+        Duration::from_secs(10),
+        || async { (reloads.load(std::sync::atomic::Ordering::SeqCst) >= 2).then_some(()) },
+    )
+    .await;
+    let m = scrape(&r.metrics).await;
+    assert!(
+        sample(&m, "sidecert_orders_total{result=\"issued\"}") >= 2.0,
+        "{m}"
+    );
+    if ari {
+        assert!(
+            sample(
+                &m,
+                "sidecert_acme_requests_total{endpoint=\"renewal-info\",status=\"200\"}"
+            ) >= 1.0,
+            "{m}"
+        );
+    } else {
+        assert_eq!(
+            sample(
+                &m,
+                "sidecert_acme_requests_total{endpoint=\"renewal-info\",status=\"200\"}"
+            ),
+            0.0,
+            "{m}"
+        );
+    }
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+/// A tiny HTTP server on `ip`:8080 that counts POSTs to /-/reload.
+async fn reload_target(ip: Ipv4Addr) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind((ip, 8080)).await.unwrap();
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            if buf[..n].starts_with(b"POST /-/reload") {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    (format!("http://{ip}:8080/-/reload"), count)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_with_ari() {
+    renewal(true, Ipv4Addr::new(127, 0, 0, 52)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_without_ari() {
+    renewal(false, Ipv4Addr::new(127, 0, 0, 53)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_challenge_backs_off_with_event_and_metric() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-fail", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 54);
+    let d = domain("fail");
+    // Validation goes to an address where nothing listens.
+    plane.add_a(&d, Ipv4Addr::new(127, 0, 0, 99)).await.unwrap();
+    let spec = CertificateSpec::new("fail-tls", [&d]).unwrap();
+    let opts = options(plane, ns.name(), &spec, ip, None, true);
+    let pod = opts.pod.name.clone().unwrap();
+    let r = start(opts, ns.client()).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let m = scrape(&r.metrics).await;
+    let failed = sample(&m, "sidecert_orders_total{result=\"validation_failed\"}");
+    // retry base 2 s: attempts at ~0, +1..2, +2..4, +4..8, +8..16 s: never a tight loop.
+    assert!(
+        (1.0..=5.0).contains(&failed),
+        "{failed} failed orders in 20 s\n{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "sidecert_failures_total{kind=\"validation\",secret=\"fail-tls\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    let events: Api<Event> = ns.api();
+    let evs = events.list(&ListParams::default()).await.unwrap();
+    let failed_ev = evs.items.iter().find(|e| {
+        e.reason.as_deref() == Some("Failed") && e.involved_object.name.as_deref() == Some(pod.as_str())
+    });
+    let note = failed_ev.and_then(|e| e.message.clone()).unwrap_or_default();
+    assert!(
+        note.contains("connection"),
+        "no Failed Event with the CA's detail: {:?}",
+        evs.items
+    );
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_down_at_start_then_up_issues_with_bounded_attempts() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-cadown", false).await.unwrap();
+    let mut pebble = OwnPebble::start(14120, &[], false);
+    let ip = Ipv4Addr::new(127, 0, 0, 55);
+    let d = domain("cadown");
+    add_a(&pebble.challtestsrv, &d, ip).await;
+    let spec = CertificateSpec::new("cadown-tls", [&d]).unwrap();
+    let mut opts = options(plane, ns.name(), &spec, ip, Some("default"), true);
+    opts.config.acme_server = pebble.directory.clone();
+    opts.config.acme_ca_bundle = Some(pebble.ca_pem());
+    opts.retry_base = Duration::from_secs(1);
+    let r = start(opts, ns.client()).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    pebble.start_pebble(&[], 14122);
+    let secrets: Api<Secret> = ns.api();
+    let s = wait_issued(&secrets, "cadown-tls", None, Duration::from_secs(60)).await;
+    assert_chains_to(&crt(&s), &pebble.root_pem().await, &spec.domains);
+    let m = scrape(&r.metrics).await;
+    let failed = sample(&m, "sidecert_orders_total{result=\"failed\"}");
+    assert!((1.0..=8.0).contains(&failed), "{failed} failed attempts\n{m}");
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+struct Replica {
+    _proc: Proc,
+    metrics: String,
+}
+
+fn spawn_replica(plane: &Plane, ns: &str, spec: &CertificateSpec, ip: Ipv4Addr) -> Replica {
+    let metrics = format!("{ip}:9089");
+    let child = Command::new(bin())
+        .arg("run")
+        .args(["--metrics-listen", &metrics])
+        .env("KUBECONFIG", plane.kubeconfig())
+        .env(
+            sidecert_contract::env::CERTIFICATES,
+            sidecert_contract::encode_certificates(std::slice::from_ref(spec)),
+        )
+        .env(sidecert_contract::env::ACME_SERVER, plane.pebble_directory())
+        .env(sidecert_contract::env::ACME_CA_BUNDLE, plane.pebble_ca_pem())
+        .env(sidecert_contract::env::ACME_PROFILE, "shortlived")
+        .env(sidecert_contract::env::POD_NAMESPACE, ns)
+        .env(
+            sidecert_contract::env::POD_NAME,
+            format!("replica-{ip}").replace('.', "-"),
+        )
+        .env(sidecert_contract::env::POD_IP, ip.to_string())
+        .env("SIDECERT_LEASE_SECONDS", "6")
+        .env("SIDECERT_RETRY_BASE_SECONDS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Replica {
+        _proc: Proc(child),
+        metrics,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_one_order_and_the_lease_moves() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-replicas", false).await.unwrap();
+    let ips = [56, 57, 58].map(|n| Ipv4Addr::new(127, 0, 0, n));
+    let d = domain("replicas");
+    // Until a leader is known the name points at 127.0.0.1, where no replica answers: an
+    // early order fails validation (and its authorization is not reused).
+    plane.add_a(&d, Ipv4Addr::LOCALHOST).await.unwrap();
+    let spec = CertificateSpec::new("shared-tls", [&d]).unwrap();
+    let mut replicas: Vec<Replica> = ips
+        .iter()
+        .map(|ip| spawn_replica(plane, ns.name(), &spec, *ip))
+        .collect();
+    let leader = wait_until("a leader", Duration::from_secs(30), || async {
+        for (i, r) in replicas.iter().enumerate() {
+            let m = scrape(&r.metrics).await;
+            if sample(&m, "sidecert_leader{secret=\"shared-tls\"}") == 1.0 {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    // The CA validates at a replica that does NOT lead: issuance proves that a non-leader
+    // answers the challenge the leader published on the Lease.
+    let answering = (leader + 1) % 3;
+    plane.add_a(&d, ips[answering]).await.unwrap();
+    let secrets: Api<Secret> = ns.api();
+    let first = wait_issued(&secrets, "shared-tls", None, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut issued = 0.0;
+    for (i, r) in replicas.iter().enumerate() {
+        let m = scrape(&r.metrics).await;
+        issued += sample(&m, "sidecert_orders_total{result=\"issued\"}");
+        assert_eq!(
+            sample(&m, "sidecert_leader{secret=\"shared-tls\"}") == 1.0,
+            i == leader,
+            "replica {i}"
+        );
+        if i == answering {
+            assert!(
+                sample(&m, "sidecert_http01_requests_total{result=\"served\"}") >= 1.0,
+                "{m}"
+            );
+        }
+    }
+    assert_eq!(issued, 1.0, "exactly one certificate ordered");
+    eprintln!("replica {leader} leads; the CA validated at replica {answering}");
+
+    // The holder dies (SIGKILL: no release); the Lease moves to a survivor.
+    let dead = replicas.remove(leader);
+    drop(dead);
+    let survivor_ips: Vec<Ipv4Addr> = ips
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, ip)| *ip)
+        .collect();
+    let new_leader = wait_until("the Lease moves", Duration::from_secs(30), || async {
+        for (i, r) in replicas.iter().enumerate() {
+            if sample(
+                &scrape(&r.metrics).await,
+                "sidecert_leader{secret=\"shared-tls\"}",
+            ) == 1.0
+            {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    eprintln!("replica {new_leader} of the survivors took over");
+    // The CA now validates at the survivor that does NOT lead: the renewal only succeeds if
+    // a non-leader answers the challenge the leader published on the Lease.
+    plane.add_a(&d, survivor_ips[1 - new_leader]).await.unwrap();
+    let second = wait_issued(
+        &secrets,
+        "shared-tls",
+        Some(&not_after(&first)),
+        Duration::from_secs(150),
+    )
+    .await;
+    assert_chains_to(
+        &crt(&second),
+        &plane.pebble_root_pem().await.unwrap(),
+        &spec.domains,
+    );
+    drop(replicas);
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_releases_the_lease_and_exits_quickly() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-term", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 59);
+    let d = domain("term");
+    plane.add_a(&d, ip).await.unwrap();
+    let spec = CertificateSpec::new("term-tls", [&d]).unwrap();
+    let mut replica = spawn_replica(plane, ns.name(), &spec, ip);
+    let secrets: Api<Secret> = ns.api();
+    wait_issued(&secrets, "term-tls", None, Duration::from_secs(60)).await;
+    let pid = replica._proc.0.id().to_string();
+    let t0 = std::time::Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = loop {
+        if let Some(s) = replica._proc.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    let lease: Lease = ns.api().get(&spec.lease_name()).await.unwrap();
+    let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+    assert!(holder.is_empty(), "Lease still held by {holder}");
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_issued_certificate_survives_a_failing_secret_write() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-keep", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 60);
+    let d = domain("keep");
+    plane.add_a(&d, ip).await.unwrap();
+    let spec = CertificateSpec::new("keep-tls", [&d]).unwrap();
+    let secrets: Api<Secret> = ns.api();
+    // An immutable Secret rejects every write.
+    let mut blocker = temporary_secret("keep-tls", &spec.domains);
+    blocker.immutable = Some(true);
+    secrets.create(&PostParams::default(), &blocker).await.unwrap();
+    let r = start(
+        options(plane, ns.name(), &spec, ip, Some("default"), true),
+        ns.client(),
+    )
+    .await;
+    wait_until("the order", Duration::from_secs(30), || async {
+        let m = scrape(&r.metrics).await;
+        (sample(&m, "sidecert_orders_total{result=\"issued\"}") == 1.0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let still = secrets.get("keep-tls").await.unwrap();
+    assert!(
+        still
+            .metadata
+            .annotations
+            .unwrap()
+            .contains_key(annotations::TEMPORARY)
+    );
+    // The obstacle goes away: the certificate kept in memory is written, no new order.
+    secrets.delete("keep-tls", &Default::default()).await.unwrap();
+    let s = wait_issued(&secrets, "keep-tls", None, Duration::from_secs(90)).await;
+    assert_chains_to(&crt(&s), &plane.pebble_root_pem().await.unwrap(), &spec.domains);
+    let m = scrape(&r.metrics).await;
+    assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 1.0, "{m}");
+    // Deleted again: the leader restores it from memory, still without a new order.
+    let rv = s.metadata.resource_version.clone();
+    secrets.delete("keep-tls", &Default::default()).await.unwrap();
+    let again = wait_until("the restored Secret", Duration::from_secs(60), || async {
+        let s = secrets.get_opt("keep-tls").await.ok()??;
+        (s.metadata.resource_version != rv).then_some(s)
+    })
+    .await;
+    assert_eq!(crt(&again), crt(&s));
+    let m = scrape(&r.metrics).await;
+    assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 1.0);
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
