@@ -6,7 +6,14 @@ use std::sync::{
     atomic::{AtomicBool, Ordering},
 };
 
-use actix_web::{HttpResponse, web};
+use actix_web::{
+    HttpResponse,
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    http::ConnectionType,
+    middleware::Next,
+    web,
+};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::{authentication::v1::UserInfo, core::v1::Pod, networking::v1::Ingress};
 use kube::core::{
@@ -369,6 +376,7 @@ pub struct AppState {
 pub struct Readiness {
     caches: Arc<AtomicBool>,
     certificate: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Readiness {
@@ -376,7 +384,18 @@ impl Readiness {
         Self {
             caches: Arc::new(AtomicBool::new(caches)),
             certificate: Arc::new(AtomicBool::new(certificate)),
+            draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Shutting down: `/readyz` answers 503 from now on and every response closes its
+    /// connection, while reviews are still served.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn set_caches(&self, ready: bool) {
@@ -393,6 +412,9 @@ impl Readiness {
 
     /// `None` when ready, else what is missing.
     pub fn waiting_for(&self) -> Option<&'static str> {
+        if self.draining() {
+            return Some("shutting down");
+        }
         match (
             self.caches.load(Ordering::Relaxed),
             self.certificate.load(Ordering::Relaxed),
@@ -437,6 +459,23 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .content_type("text/plain")
             .body(why),
     }
+}
+
+/// Middleware: while the server drains, every response carries `Connection: close`, so a
+/// client that still reuses a kept-alive connection gets its answer and then a closed
+/// connection, instead of a reset when the listener goes.
+pub async fn close_when_draining(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let mut res = next.call(req).await?;
+    if state.is_some_and(|s| s.ready.draining()) {
+        res.response_mut()
+            .head_mut()
+            .set_connection_type(ConnectionType::Close);
+    }
+    Ok(res)
 }
 
 /// The routes of the HTTPS server (`/mutate`, `/healthz`, `/readyz`).

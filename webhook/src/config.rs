@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Time budget for the side effects of one review (the API server's webhook timeout is 10 s).
     #[arg(long, env = "SIDECERT_WEBHOOK_SIDE_EFFECT_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
     pub side_effect_timeout: Duration,
+    /// After SIGTERM: how long the server keeps serving with /readyz false (and every response
+    /// closing its connection) before it stops listening, so the endpoints drop the Pod first.
+    #[arg(long, env = "SIDECERT_WEBHOOK_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
     /// How long in-flight reviews may take to finish after SIGTERM.
     #[arg(long, env = "SIDECERT_WEBHOOK_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -86,6 +90,8 @@ pub struct ServeArgs {
     pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
     pub self_signed: SelfSignedArgs,
+    #[command(flatten)]
+    pub reconciler: ReconcilerArgs,
     #[command(flatten)]
     pub mutation: MutationArgs,
 }
@@ -118,6 +124,66 @@ impl ServeArgs {
                 "no serving certificate: give --self-signed, or --tls-cert-file and --tls-key-file"
                     .to_owned(),
             ),
+        }
+    }
+}
+
+/// Default name of the Lease the replicas elect the reconciler's leader on.
+pub const DEFAULT_LEADER_LEASE_NAME: &str = "sidecert-webhook-leader";
+
+/// The Ingress reconciler, run by one leader among the replicas (a Lease in the release
+/// namespace, which is `--namespace` or the Pod's own).
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct ReconcilerArgs {
+    /// Run the Ingress reconciler (on the elected leader). `--reconcile=false`: admission only.
+    #[arg(id = "reconcile", long = "reconcile", env = "SIDECERT_WEBHOOK_RECONCILE", default_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub enabled: bool,
+    /// Restart (once, like `kubectl rollout restart`) the workloads whose Pods back an annotated
+    /// Ingress without the sidecar. `false`: only an Event says they need it.
+    #[arg(long, env = "SIDECERT_WEBHOOK_ROLLOUT_RESTART", default_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub rollout_restart: bool,
+    /// Lease (in the release namespace) on which the replicas elect the reconciler's leader.
+    #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_LEASE_NAME", default_value = DEFAULT_LEADER_LEASE_NAME)]
+    pub leader_lease_name: String,
+    /// How long a leader's Lease lasts without renewal (a killed leader is replaced after this).
+    #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// Identity on the Lease (default: `POD_NAME` or the host name, plus a random suffix).
+    #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_IDENTITY")]
+    pub leader_identity: Option<String>,
+    /// Label selector of the namespaces reconciled (keep it in step with the
+    /// MutatingWebhookConfiguration's namespaceSelector). kube-system, kube-public,
+    /// kube-node-lease and the release namespace are never reconciled.
+    #[arg(
+        long,
+        env = "SIDECERT_WEBHOOK_RECONCILE_NAMESPACE_SELECTOR",
+        default_value = "sidecert.io/injection=enabled"
+    )]
+    pub reconcile_namespace_selector: String,
+    /// How often every annotated Ingress is looked at again, changed or not.
+    #[arg(long, env = "SIDECERT_WEBHOOK_RECONCILE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+}
+
+impl Default for ReconcilerArgs {
+    /// The flags' defaults, with the reconciler off (code that builds `ServeArgs` opts in).
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            rollout_restart: true,
+            leader_lease_name: DEFAULT_LEADER_LEASE_NAME.to_owned(),
+            leader_lease_duration: Duration::from_secs(15),
+            leader_identity: None,
+            reconcile_namespace_selector: format!(
+                "{}={}",
+                sidecert_contract::INJECTION_LABEL,
+                sidecert_contract::INJECTION_ENABLED
+            ),
+            reconcile_interval: Duration::from_secs(300),
         }
     }
 }
@@ -355,6 +421,38 @@ mod tests {
         assert_eq!(ss.serving_validity, Duration::from_secs(40));
         assert_eq!(ss.extra_ip_sans.len(), 2);
         assert_eq!(ss.extra_dns_names, ["a.example", "b.example"]);
+    }
+
+    #[test]
+    fn reconciler_flags_and_defaults() {
+        let args = serve(&["--self-signed"]).unwrap();
+        assert_eq!(
+            args.reconciler,
+            ReconcilerArgs {
+                enabled: true,
+                ..ReconcilerArgs::default()
+            }
+        );
+        assert_eq!(args.shutdown_delay, Duration::from_secs(5));
+        let args = serve(&[
+            "--self-signed",
+            "--reconcile=false",
+            "--rollout-restart",
+            "false",
+            "--leader-lease-name=x-leader",
+            "--shutdown-delay=0s",
+        ])
+        .unwrap();
+        assert!(!args.reconciler.enabled);
+        assert!(!args.reconciler.rollout_restart);
+        assert_eq!(args.reconciler.leader_lease_name, "x-leader");
+        assert_eq!(args.shutdown_delay, Duration::ZERO);
+        assert!(
+            serve(&["--self-signed", "--reconcile"])
+                .unwrap()
+                .reconciler
+                .enabled
+        );
     }
 
     #[test]

@@ -142,6 +142,57 @@ pub fn solver_service(
     }
 }
 
+/// Whether sidecert made this object (`app.kubernetes.io/managed-by: sidecert`).
+pub fn is_managed(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
+/// The merge patch that brings a solver Service back in line: the backend's selector, and
+/// `owner` among its owners. `None` when nothing is off, or when sidecert did not make it.
+/// Guarded by the Service's resourceVersion (a concurrent change answers 409; retried).
+pub fn solver_repair(
+    existing: &Service,
+    selector: &BTreeMap<String, String>,
+    owner: Option<&OwnerReference>,
+) -> Option<serde_json::Value> {
+    if !is_managed(&existing.metadata) {
+        return None;
+    }
+    let mut patch = serde_json::Map::new();
+    let current = existing.spec.as_ref().and_then(|s| s.selector.as_ref());
+    if current != Some(selector) {
+        // A merge patch merges maps: keys to drop are set to null.
+        let mut sel: serde_json::Map<String, serde_json::Value> = current
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !selector.contains_key(*k))
+            .map(|(k, _)| (k.clone(), serde_json::Value::Null))
+            .collect();
+        sel.extend(selector.iter().map(|(k, v)| (k.clone(), v.clone().into())));
+        patch.insert("spec".into(), serde_json::json!({ "selector": sel }));
+    }
+    let mut meta = serde_json::Map::new();
+    if let Some(owner) = owner {
+        let mut owners = existing.metadata.owner_references.clone().unwrap_or_default();
+        if !owners.iter().any(|o| o.uid == owner.uid) {
+            owners.push(owner.clone());
+            meta.insert("ownerReferences".into(), serde_json::to_value(owners).ok()?);
+        }
+    }
+    if patch.is_empty() && meta.is_empty() {
+        return None;
+    }
+    meta.insert(
+        "resourceVersion".into(),
+        existing.metadata.resource_version.clone().into(),
+    );
+    patch.insert("metadata".into(), meta.into());
+    Some(patch.into())
+}
+
 /// Name of the Role and RoleBinding for a ServiceAccount.
 pub fn rbac_name(service_account: &str) -> String {
     let mut name = format!("sidecert-{service_account}");
@@ -170,16 +221,24 @@ pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: 
             ..Default::default()
         },
         rules: Some(vec![
-            // Its certificate Secrets and the namespace's ACME account Secret, by name.
-            rule(&[""], &["secrets"], &["get", "update", "patch"], Some(secrets)),
+            // Its certificate Secrets, the namespace's ACME account Secret and the EAB Secret,
+            // by name. `list`/`watch` serve the sidecar's watch on its own Secrets (a
+            // metadata.name field selector, which RBAC matches against resourceNames).
+            rule(
+                &[""],
+                &["secrets"],
+                &["get", "list", "watch", "update", "patch"],
+                Some(secrets),
+            ),
             // Kubernetes cannot restrict `create` by name. The sidecar creates the ACME account
             // Secret (and a certificate Secret someone deleted); `create` alone reads nothing.
             rule(&[""], &["secrets"], &["create"], None),
             // Leader election on its certificates' Leases, by name; `create` as above.
+            // Replicas watch the Lease for the key authorizations the leader publishes on it.
             rule(
                 &["coordination.k8s.io"],
                 &["leases"],
-                &["get", "update", "patch"],
+                &["get", "list", "watch", "update", "patch"],
                 Some(leases),
             ),
             rule(&["coordination.k8s.io"], &["leases"], &["create"], None),
@@ -255,11 +314,11 @@ pub struct Executor {
     timeout: Duration,
 }
 
-fn already_exists(e: &kube::Error) -> bool {
+pub(crate) fn already_exists(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_already_exists())
 }
 
-fn conflict(e: &kube::Error) -> bool {
+pub(crate) fn conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.is_conflict())
 }
 
@@ -343,22 +402,7 @@ impl Executor {
         if let Some(existing) = api.get_metadata_opt(name).await? {
             return self.adopt(&api, &existing.metadata, owner).await;
         }
-        let backend_svc = match self.lookup.service(namespace, backend) {
-            Some(s) => Some((*s).clone()),
-            None => {
-                Api::<Service>::namespaced(self.client.clone(), namespace)
-                    .get_opt(backend)
-                    .await?
-            }
-        };
-        let selector = backend_svc
-            .and_then(|s| s.spec)
-            .and_then(|s| s.selector)
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| Error::MissingBackend {
-                namespace: namespace.to_owned(),
-                name: backend.to_owned(),
-            })?;
+        let selector = self.backend_selector(namespace, backend).await?;
         let svc = solver_service(namespace, name, selector, owner.cloned());
         match api.create(&PostParams::default(), &svc).await {
             Ok(_) => {
@@ -370,6 +414,63 @@ impl Executor {
         }
     }
 
+    /// The backend Service's selector, from the cache or the API server.
+    pub(crate) async fn backend_selector(
+        &self,
+        namespace: &str,
+        backend: &str,
+    ) -> Result<BTreeMap<String, String>> {
+        let backend_svc = match self.lookup.service(namespace, backend) {
+            Some(s) => Some((*s).clone()),
+            None => {
+                Api::<Service>::namespaced(self.client.clone(), namespace)
+                    .get_opt(backend)
+                    .await?
+            }
+        };
+        backend_svc
+            .and_then(|s| s.spec)
+            .and_then(|s| s.selector)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::MissingBackend {
+                namespace: namespace.to_owned(),
+                name: backend.to_owned(),
+            })
+    }
+
+    /// The reconciler's version of [`Effect::SolverService`]: creates the solver Service if
+    /// absent; on one sidecert made, adds the owner if missing and puts the backend's selector
+    /// back if it drifted. Returns what it changed (`None`: nothing). A Service of that name
+    /// that sidecert did not make is left alone.
+    pub async fn sync_solver(
+        &self,
+        namespace: &str,
+        name: &str,
+        backend: &str,
+        owner: Option<&OwnerReference>,
+    ) -> Result<Option<&'static str>> {
+        let api = Api::<Service>::namespaced(self.client.clone(), namespace);
+        let selector = self.backend_selector(namespace, backend).await?;
+        let Some(existing) = api.get_opt(name).await? else {
+            let svc = solver_service(namespace, name, selector, owner.cloned());
+            return match api.create(&PostParams::default(), &svc).await {
+                Ok(_) => {
+                    tracing::info!(%namespace, %name, "created solver Service");
+                    Ok(Some("solver_created"))
+                }
+                Err(e) if already_exists(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let Some(patch) = solver_repair(&existing, &selector, owner) else {
+            return Ok(None);
+        };
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(%namespace, %name, "repaired solver Service (selector or owner)");
+        Ok(Some("solver_repaired"))
+    }
+
     /// Adds the Ingress as owner of a solver Service sidecert created without one.
     async fn adopt(
         &self,
@@ -378,11 +479,7 @@ impl Executor {
         owner: Option<&OwnerReference>,
     ) -> Result<()> {
         let Some(owner) = owner else { return Ok(()) };
-        let ours = meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(MANAGED_BY_LABEL))
-            .is_some_and(|v| v == MANAGED_BY);
+        let ours = is_managed(meta);
         let mut owners = meta.owner_references.clone().unwrap_or_default();
         if !ours || owners.iter().any(|o| o.uid == owner.uid) {
             return Ok(());

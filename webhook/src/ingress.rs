@@ -14,6 +14,9 @@ use kube::{
 };
 use sidecert_contract::{ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, validate_domain};
 
+use json_patch::{PatchOperation, RemoveOperation, TestOperation};
+use jsonptr::PointerBuf;
+
 use crate::{Context, Outcome, SkipReason, add, effects::Effect, to_json};
 
 /// Name of the solver Service's port (→ target port `sidecert-http`).
@@ -221,47 +224,126 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, _ctx: &Context) -> Outcom
     let plan = plan(ingress);
     let mut out = Outcome {
         warnings: plan.warnings.clone(),
+        patch: route_patch(&plan),
+        effects: effects(ingress, &namespace, &plan),
         ..Outcome::default()
     };
-    for secret in &plan.secrets {
-        out.effects.push(Effect::TemporarySecret {
-            namespace: namespace.clone(),
-            name: secret.secret_name.clone(),
-            domains: secret.domains.clone(),
-        });
-    }
-    let owner = owner_reference(ingress);
-    let mut inserted = Vec::new();
-    for route in &plan.routes {
-        let solver = solver_service_name(&route.backend);
-        if !route.routed && !inserted.contains(&route.rule_index) {
-            inserted.push(route.rule_index);
-            out.patch.push(add(
-                [
-                    "spec",
-                    "rules",
-                    &route.rule_index.to_string(),
-                    "http",
-                    "paths",
-                    "0",
-                ],
-                to_json(&challenge_path(&solver)),
-            ));
-        }
-        let effect = Effect::SolverService {
-            namespace: namespace.clone(),
-            name: solver,
-            backend: route.backend.clone(),
-            owner: owner.clone(),
-        };
-        if !out.effects.contains(&effect) {
-            out.effects.push(effect);
-        }
-    }
     if out.patch.is_empty() {
         out.skipped = Some(SkipReason::Unchanged);
     }
     out
+}
+
+/// The `add` operations that route `/.well-known/acme-challenge/` of every TLS host that lacks
+/// it to its solver Service (at the head of the rule's paths, so it wins over `/`).
+pub fn route_patch(plan: &Plan) -> Vec<PatchOperation> {
+    let mut patch = Vec::new();
+    let mut inserted = Vec::new();
+    for route in plan.routes.iter().filter(|r| !r.routed) {
+        if inserted.contains(&route.rule_index) {
+            continue;
+        }
+        inserted.push(route.rule_index);
+        patch.push(add(
+            [
+                "spec",
+                "rules",
+                &route.rule_index.to_string(),
+                "http",
+                "paths",
+                "0",
+            ],
+            to_json(&challenge_path(&solver_service_name(&route.backend))),
+        ));
+    }
+    patch
+}
+
+/// What must exist for an annotated Ingress: its temporary Secrets (unless a Secret exists)
+/// and a solver Service per backend, owned by the Ingress once it has a uid.
+pub fn effects(ingress: &Ingress, namespace: &str, plan: &Plan) -> Vec<Effect> {
+    let mut effects: Vec<Effect> = plan
+        .secrets
+        .iter()
+        .map(|secret| Effect::TemporarySecret {
+            namespace: namespace.to_owned(),
+            name: secret.secret_name.clone(),
+            domains: secret.domains.clone(),
+        })
+        .collect();
+    let owner = owner_reference(ingress);
+    for route in &plan.routes {
+        let effect = Effect::SolverService {
+            namespace: namespace.to_owned(),
+            name: solver_service_name(&route.backend),
+            backend: route.backend.clone(),
+            owner: owner.clone(),
+        };
+        if !effects.contains(&effect) {
+            effects.push(effect);
+        }
+    }
+    effects
+}
+
+/// Whether a path is one sidecert adds: the challenge path to a `*-sidecert-solver` Service.
+pub fn is_challenge_path(path: &HTTPIngressPath) -> bool {
+    path.path.as_deref() == Some(ACME_CHALLENGE_PATH)
+        && service_of(&path.backend).is_some_and(|s| s.name.ends_with(SOLVER_SERVICE_SUFFIX))
+}
+
+/// The solver Services the Ingress's challenge paths point at.
+pub fn routed_solvers(ingress: &Ingress) -> Vec<String> {
+    let mut names: Vec<String> = ingress
+        .spec
+        .iter()
+        .flat_map(|s| s.rules.iter().flatten())
+        .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter()))
+        .filter(|p| is_challenge_path(p))
+        .filter_map(|p| service_of(&p.backend).map(|s| s.name.clone()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The operations that take sidecert's challenge paths out of an Ingress (the reverse of
+/// [`route_patch`]), each guarded by a `test` of the path it removes, from the last index
+/// down so earlier removals do not shift later ones.
+pub fn route_removal_patch(ingress: &Ingress) -> Vec<PatchOperation> {
+    let mut patch = Vec::new();
+    let rules = ingress.spec.iter().flat_map(|s| s.rules.iter().flatten());
+    for (i, rule) in rules.enumerate() {
+        let paths = rule.http.iter().flat_map(|h| h.paths.iter());
+        let found: Vec<(usize, &HTTPIngressPath)> =
+            paths.enumerate().filter(|(_, p)| is_challenge_path(p)).collect();
+        for (j, path) in found.into_iter().rev() {
+            let pointer =
+                PointerBuf::from_tokens(["spec", "rules", &i.to_string(), "http", "paths", &j.to_string()]);
+            patch.push(PatchOperation::Test(TestOperation {
+                path: pointer.clone(),
+                value: to_json(path),
+            }));
+            patch.push(PatchOperation::Remove(RemoveOperation { path: pointer }));
+        }
+    }
+    patch
+}
+
+/// Whether the Ingress sends traffic to the Service `name`, or routes challenges to it.
+pub fn references_service(ingress: &Ingress, name: &str) -> bool {
+    let Some(spec) = ingress.spec.as_ref() else {
+        return false;
+    };
+    let backends = spec.default_backend.iter().chain(
+        spec.rules
+            .iter()
+            .flatten()
+            .flat_map(|r| r.http.iter().flat_map(|h| h.paths.iter().map(|p| &p.backend))),
+    );
+    backends
+        .filter_map(service_of)
+        .any(|s| s.name == name || solver_service_name(&s.name) == name)
 }
 
 /// The owner reference to an Ingress, when it has a uid (not yet on CREATE).

@@ -21,6 +21,7 @@ pub mod ingress;
 pub mod metrics;
 pub mod offline;
 pub mod pod;
+pub mod reconciler;
 pub mod selection;
 pub mod selfsigned;
 pub mod server;

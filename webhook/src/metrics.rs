@@ -2,7 +2,9 @@
 
 use std::time::Instant;
 
-use prometheus::{Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use crate::{Error, Result};
 
@@ -29,6 +31,13 @@ pub struct Metrics {
     /// `serve --self-signed`: certificate rotations, by kind (`serving`, `ca_rollover`,
     /// `ca_promote`, `ca_replace`).
     pub rotations: IntCounterVec,
+    /// 1 while this replica holds the leader Lease (and runs the Ingress reconciler).
+    pub leader: IntGauge,
+    /// Ingress reconciliations, by result (`ok`, or the error's metric label).
+    pub reconciles: IntCounterVec,
+    /// Reconciler actions, by kind (`route_added`, `route_removed`, `solver_deleted`,
+    /// `rollout_restart`, ...).
+    pub reconciler_actions: IntCounterVec,
 }
 
 fn prom(e: prometheus::Error) -> Error {
@@ -86,8 +95,27 @@ impl Metrics {
             "ca_not_after_seconds",
             "Expiry of the webhook's current CA, Unix seconds (serve --self-signed)",
         )?;
+        let leader = IntGauge::new(
+            "leader",
+            "1 while this replica holds the leader Lease and runs the Ingress reconciler",
+        )
+        .map_err(prom)?;
+        registry.register(Box::new(leader.clone())).map_err(prom)?;
+        let reconciles = counter(
+            "reconciles_total",
+            "Ingress reconciliations, by result",
+            &["result"],
+        )?;
+        let reconciler_actions = counter(
+            "reconciler_actions_total",
+            "Changes the Ingress reconciler made, by kind",
+            &["action"],
+        )?;
         Ok(Self {
             registry,
+            leader,
+            reconciles,
+            reconciler_actions,
             requests,
             duration,
             injections,

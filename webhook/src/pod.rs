@@ -152,6 +152,8 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         &config.acme_server,
         config.acme_email.as_deref(),
     ));
+    // The sidecar reads the external-account-binding Secret when one is configured.
+    secrets.extend(config.eab_secret.clone());
     out.effects.push(Effect::Rbac {
         namespace: namespace.to_owned(),
         service_account: service_account.to_owned(),

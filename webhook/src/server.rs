@@ -2,15 +2,16 @@
 
 use std::{path::Path, pin::pin, sync::Arc};
 
-use actix_web::{App, HttpResponse, HttpServer, web};
+use actix_web::{App, HttpResponse, HttpServer, middleware::from_fn, web};
 use kube::Client;
 
 use crate::{
     Context, Error, Lookup, Result, Reviewer,
-    admission::{AppState, Readiness, routes},
+    admission::{AppState, Readiness, close_when_draining, routes},
     config::{NativeSidecars, ServeArgs, TlsSource},
     effects::Executor,
     metrics::Metrics,
+    reconciler,
     selection::Cache,
     selfsigned::{self, SelfSigned},
     sidecar::{AcmeDefaults, SidecarSettings, supports_native_sidecars},
@@ -87,8 +88,40 @@ enum Serving {
     SelfSigned(selfsigned::Settings),
 }
 
-/// Runs the server until SIGTERM/SIGINT, then drains in-flight reviews (a second signal aborts).
+/// How long an idle connection stays open. Longer than the API server's own idle timeout
+/// (Go's 90 s), so the client, not the server, closes idle connections: a server that closes
+/// one just as the client reuses it makes that review fail.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs the server until SIGTERM/SIGINT; see [`serve_until`].
 pub async fn serve(args: ServeArgs) -> Result<()> {
+    serve_until(args, signal()).await
+}
+
+/// The release namespace: `--namespace`, else the Pod's own.
+fn release_namespace(args: &ServeArgs) -> Result<String> {
+    match args.self_signed.namespace.as_deref().map(str::trim) {
+        Some(ns) if !ns.is_empty() => Ok(ns.to_owned()),
+        _ => selfsigned::own_namespace(
+            std::fs::read_to_string(selfsigned::SERVICE_ACCOUNT_NAMESPACE_FILE).ok(),
+            std::env::var("POD_NAMESPACE").ok(),
+        )
+        .map_err(|_| {
+            Error::Config(
+                "the reconciler's leader Lease needs a namespace: give --namespace, run in a Pod, \
+                 set POD_NAMESPACE, or turn the reconciler off with --reconcile=false"
+                    .to_owned(),
+            )
+        }),
+    }
+}
+
+/// Runs the server until `shutdown` resolves, then: `/readyz` turns false at once and every
+/// response closes its connection; the reconciler stops and the leader Lease is released; the
+/// server keeps serving for `--shutdown-delay` (time for the endpoints to drop this Pod), then
+/// stops listening, finishes in-flight reviews (up to `--shutdown-timeout`) and closes idle
+/// keep-alive connections. A signal during all that exits at once.
+pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let serving = match args.tls_source().map_err(Error::Config)? {
         TlsSource::Files { cert, key } => Serving::Files(cert, key),
         TlsSource::SelfSigned(ss) => Serving::SelfSigned(selfsigned::Settings::from_args(&ss)?),
@@ -103,7 +136,40 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         lookup: lookup.clone(),
     };
     let metrics = Metrics::new()?;
-    let executor = Executor::new(client.clone(), lookup, args.side_effect_timeout);
+    let executor = Executor::new(client.clone(), lookup.clone(), args.side_effect_timeout);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reconciler = if args.reconciler.enabled {
+        let namespace = release_namespace(&args)?;
+        let r = &args.reconciler;
+        let settings = reconciler::Settings {
+            rollout_restart: r.rollout_restart,
+            namespace_selector: r.reconcile_namespace_selector.clone(),
+            own_namespace: namespace.clone(),
+            interval: r.reconcile_interval,
+            identity: r
+                .leader_identity
+                .clone()
+                .filter(|i| !i.trim().is_empty())
+                .unwrap_or_else(reconciler::default_identity),
+        };
+        let leader = reconciler::LeaderSettings {
+            namespace,
+            lease_name: r.leader_lease_name.clone(),
+            duration: r.leader_lease_duration,
+        };
+        Some(tokio::spawn(reconciler::run(
+            client.clone(),
+            lookup,
+            settings,
+            leader,
+            metrics.clone(),
+            stop_rx,
+        )))
+    } else {
+        tracing::info!("the Ingress reconciler is off (--reconcile=false)");
+        None
+    };
+    let mut shutdown = pin!(shutdown);
     // With certificate files the API server's trust is the installer's business.
     let ready = Readiness::new(false, matches!(serving, Serving::Files(..)));
     {
@@ -136,7 +202,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             };
             let (manager, resolver) = tokio::select! {
                 started = start => started,
-                () = signal() => return Ok(()),
+                () = &mut shutdown => {
+                    let _ = stop_tx.send(true);
+                    return Ok(());
+                }
             };
             tokio::spawn(manager.run());
             server_config(resolver)?
@@ -150,12 +219,17 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
 
     let state = web::Data::new(AppState {
         reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)),
-        ready,
+        ready: ready.clone(),
     });
     let shutdown_secs = args.shutdown_timeout.as_secs().max(1);
-    let mut https = HttpServer::new(move || App::new().configure(routes(state.clone())))
-        .disable_signals()
-        .shutdown_timeout(shutdown_secs);
+    let mut https = HttpServer::new(move || {
+        App::new()
+            .wrap(from_fn(close_when_draining))
+            .configure(routes(state.clone()))
+    })
+    .disable_signals()
+    .keep_alive(KEEP_ALIVE)
+    .shutdown_timeout(shutdown_secs);
     if let Some(workers) = args.workers {
         https = https.workers(workers.max(1));
     }
@@ -183,12 +257,30 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     tokio::select! {
         r = &mut https => return r.map_err(|e| Error::io(args.listen.to_string(), e)),
         r = &mut plain => return r.map_err(|e| Error::io(args.metrics_listen.to_string(), e)),
-        () = signal() => {}
+        () = &mut shutdown => {}
     }
-    tracing::info!("signal received; finishing in-flight reviews");
+    tracing::info!(delay = ?args.shutdown_delay, "shutting down: not ready; still serving until the endpoints drop this Pod");
+    ready.set_draining();
+    let _ = stop_tx.send(true);
     let drain = async {
-        tokio::join!(https_handle.stop(true), plain_handle.stop(true));
-        let _ = tokio::join!(&mut https, &mut plain);
+        tokio::select! {
+            () = tokio::time::sleep(args.shutdown_delay) => {}
+            _ = &mut https => return,
+        }
+        tracing::info!("stopped listening; finishing in-flight reviews");
+        // Graceful: in-flight reviews finish (up to --shutdown-timeout) and idle keep-alive
+        // connections are closed at once.
+        // The servers process the stop command only while they are polled: await both together.
+        let _ = tokio::join!(
+            https_handle.stop(true),
+            plain_handle.stop(true),
+            &mut https,
+            &mut plain
+        );
+        if let Some(task) = reconciler {
+            // The reconciler bounds its own shutdown (running reconciles, Lease release).
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+        }
     };
     tokio::select! {
         () = drain => tracing::info!("stopped"),

@@ -123,7 +123,7 @@ async fn rbac_is_created_then_merged() {
     assert_eq!(role_body["metadata"]["name"], "sidecert-web");
     assert_eq!(
         role_body["rules"][0],
-        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get","update","patch"],
+        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
                "resourceNames":["web-tls","sidecert-acme-account-0123456789ab"]})
     );
     reply(StatusCode::CREATED, role_body);

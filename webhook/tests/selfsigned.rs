@@ -93,6 +93,8 @@ fn common_args(plane: &Plane, ns: &str, config: &str, port: u16, metrics_port: u
         "webhook.test.example",
         "--workers",
         "1",
+        // The reconciler has its own test (tests/reconciler.rs).
+        "--reconcile=false",
         // An image the plane runs without a process: admitted Pods start nothing.
         "--sidecar-image",
         "example.invalid/sidecar:0",

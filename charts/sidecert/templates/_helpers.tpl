@@ -33,9 +33,9 @@
 {{- default (printf "%s-webhook-ca" (include "sidecert.fullname" .)) .Values.certificates.caSecretName }}
 {{- end }}
 
-{{/* The webhook's leader-election Lease. Fixed in the binary (no flag yet). */}}
+{{/* The Lease the webhook replicas elect the reconciler's leader on (--leader-lease-name). */}}
 {{- define "sidecert.leaderLeaseName" -}}
-sidecert-webhook-leader
+{{- printf "%s-webhook-leader" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "sidecert.acmeCaConfigMapName" -}}

@@ -127,6 +127,15 @@ check defaults 'arg("--acme-server") == "letsencrypt" and arg("--acme-email") is
 check defaults '[arg(f) for f in ("--ca-validity", "--ca-rotate-before", "--serving-validity", "--serving-rotate-before")] == ["365d", "90d", "7d", "2d"]' \
 	"certificate lifetimes default to the webhook's own"
 
+check defaults '[arg(f) for f in ("--reconcile", "--rollout-restart", "--reconcile-interval", "--shutdown-delay")] == ["true", "true", "5m", "5s"]' \
+	"reconciler on, rollout restarts on, shutdown delay 5s"
+check defaults 'arg("--leader-lease-name") == "sidecert-webhook-leader" and [r for r in one("Role")["rules"] if r.get("resourceNames") == [arg("--leader-lease-name")]][0]["verbs"] == ["get", "update", "patch"]' \
+	"--leader-lease-name matches the Role's Lease rule"
+check defaults '{(g, r): v for x in one("ClusterRole")["rules"] for g in x["apiGroups"] for r in x["resources"] for v in [x["verbs"]]}.items() >= {("apps", "deployments"): ["get", "patch"], ("apps", "replicasets"): ["get"], ("", "pods"): ["list"], ("", "namespaces"): ["list", "watch"]}.items()' \
+	"ClusterRole: the reconciler reads Pods and namespaces, restarts workloads"
+check defaults 'all("delete" not in x["verbs"] or x["resources"] == ["services"] for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
+	"ClusterRole: deletes only Services, patches Ingresses"
+
 render overrides --set webhook.failurePolicy.pods=Ignore --set webhook.failurePolicy.ingresses=Fail --set webhook.timeoutSeconds=5 \
 	--set acme.email=ops@example.com --set acme.server=https://acme.example/dir --set acme.profile=shortlived \
 	--set certificates.servingValidity=10m --set sidecar.resources.limits.cpu=100m --set webhook.extraArgs[0]=--workers=2
@@ -159,16 +168,22 @@ render cabundlefile --set acme.caBundleFile=/host/pebble-ca.crt
 check cabundlefile 'arg("--acme-ca-bundle-file") == "/host/pebble-ca.crt" and not has("ConfigMap") and "volumes" not in one("Deployment")["spec"]["template"]["spec"]' \
 	"caBundleFile passed as is, nothing mounted"
 
+render noreconciler --set reconciler.enabled=false --set reconciler.rolloutRestart=false --set reconciler.interval=10m --set webhook.shutdownDelay=15s
+check noreconciler 'arg("--reconcile") == "false" and arg("--rollout-restart") == "false" and arg("--reconcile-interval") == "10m" and arg("--shutdown-delay") == "15s"' \
+	"reconciler values become flags"
+
 render renamed --set fullnameOverride=acme-injector --set certificates.caSecretName=my-ca
 check renamed 'arg("--webhook-configuration-name") == one("MutatingWebhookConfiguration")["metadata"]["name"] == "acme-injector"' "renamed: configuration name follows"
 check renamed 'arg("--service-name") == pods()["clientConfig"]["service"]["name"] == "acme-injector-webhook" and arg("--ca-secret-name") == "my-ca"' "renamed: Service and CA Secret follow"
+check renamed 'arg("--leader-lease-name") == "acme-injector-webhook-leader" and any(r.get("resourceNames") == ["acme-injector-webhook-leader"] for r in one("Role")["rules"])' \
+	"renamed: leader Lease follows the fullname"
 
 # Every flag the chart passes must exist in the webhook binary (when one is built that has
 # --self-signed; skipped otherwise, e.g. on a clean clone before `make build`).
 echo "flags known to the webhook binary"
 webhook_bin=${SIDECERT_WEBHOOK_BIN:-$repo/target/debug/sidecert-webhook}
 if [[ -x $webhook_bin ]] && "$webhook_bin" serve --help >"$tmp/help.txt" 2>&1 && grep -q -- '--self-signed' "$tmp/help.txt"; then
-	for r in defaults overrides cabundle; do
+	for r in defaults overrides cabundle noreconciler; do
 		HELP_FILE=$tmp/help.txt check "$r" 'known_flags(os.environ["HELP_FILE"])' \
 			"$r: every flag passed is in \`sidecert-webhook serve --help\`"
 	done
@@ -183,6 +198,9 @@ refuse "wrong failurePolicy" "failurePolicy/pods" --set webhook.failurePolicy.po
 refuse "timeoutSeconds above 30" "timeoutSeconds" --set webhook.timeoutSeconds=31
 refuse "unknown key algorithm" "keyAlgorithm" --set acme.keyAlgorithm=ed25519
 refuse "bad duration" "caValidity" --set certificates.caValidity=1year
+refuse "typo in reconciler" "additional properties 'rollout' not allowed" --set reconciler.rollout=false
+refuse "reconciler.enabled not a boolean" "reconciler/enabled" --set-string reconciler.enabled=yes
+refuse "bad shutdownDelay" "shutdownDelay" --set webhook.shutdownDelay=soon
 refuse "caBundle that is no PEM" "caBundle" --set acme.caBundle=hello
 refuse "caBundle and caBundleFile" "mutually exclusive" --set-file acme.caBundle="$here/testdata/ca.crt" --set acme.caBundleFile=/x
 

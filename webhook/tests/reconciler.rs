@@ -1,0 +1,509 @@
+//! The Ingress reconciler against the local control plane. Two webhook replicas run in-process
+//! (`serve --reconcile`, one Lease); a url MutatingWebhookConfiguration, restricted to this
+//! run's namespace label, points the API server at the follower. Scenarios: a Deployment
+//! created before its Ingress is annotated gets rolled (new Pods carry the sidecar, an Event
+//! says why); a deleted or drifted solver Service comes back; taking the annotation off removes
+//! the HTTP-01 path and the solver Service but keeps the Secret; only the leader reconciles, and
+//! when it is killed the other replica takes over.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use clap::Parser;
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+        },
+        apps::v1::Deployment,
+        core::v1::{Namespace, Pod, Secret, Service},
+        events::v1::Event,
+        networking::v1::Ingress,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use serde_json::json;
+use sidecert_e2e::{Plane, TestNamespace, wait_for};
+use sidecert_webhook::{
+    config::{Cli, Command},
+    server::serve_until,
+};
+use tokio::sync::oneshot;
+
+const TEST_LABEL: &str = "sidecert-webhook-test";
+
+/// A CA and a serving certificate for the gateway IP; returns (ca pem, dir with tls files).
+fn pki(ip: Ipv4Addr, run: &str) -> (String, std::path::PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![ip.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sidecert-reconciler-test-{run}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    (ca_cert.pem(), dir)
+}
+
+fn free_port(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A replica running in its own thread and runtime. `kill` drops the runtime at once (no
+/// graceful shutdown, no Lease release: like a killed Pod).
+struct Replica {
+    port: u16,
+    metrics_port: u16,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl Replica {
+    fn start(args: Vec<String>, port: u16, metrics_port: u16) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            sidecert_webhook::config::init_tracing(&sidecert_webhook::config::LogFormat::Text);
+        }
+        let cli = Cli::try_parse_from(
+            ["sidecert-webhook", "serve"]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(args),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Serve(serve_args) = cli.command else {
+            panic!("not serve")
+        };
+        let (kill, killed) = oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                tokio::select! {
+                    r = serve_until(*serve_args, std::future::pending()) => if let Err(e) = r { eprintln!("webhook: {e}") },
+                    _ = killed => {}
+                }
+            });
+            rt.shutdown_background();
+        });
+        Self {
+            port,
+            metrics_port,
+            kill: Some(kill),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).await else {
+            return 0.0;
+        };
+        let _ = tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let mut out = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await;
+        out.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn webhook_config(name: &str, url: &str, ca: &str, run: &str) -> MutatingWebhookConfiguration {
+    let selector = LabelSelector {
+        match_labels: Some(BTreeMap::from([
+            ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
+            (TEST_LABEL.to_owned(), run.to_owned()),
+        ])),
+        ..Default::default()
+    };
+    let hook = |hook_name: &str, resource: &str, group: &str, ops: &[&str]| MutatingWebhook {
+        name: format!("{hook_name}.{run}.sidecert.io"),
+        admission_review_versions: vec!["v1".into()],
+        client_config: WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: Some(ByteString(ca.as_bytes().to_vec())),
+            service: None,
+        },
+        namespace_selector: Some(selector.clone()),
+        rules: Some(vec![RuleWithOperations {
+            api_groups: Some(vec![group.into()]),
+            api_versions: Some(vec!["v1".into()]),
+            operations: Some(ops.iter().map(|s| (*s).to_owned()).collect()),
+            resources: Some(vec![resource.into()]),
+            scope: Some("Namespaced".into()),
+        }]),
+        side_effects: "NoneOnDryRun".into(),
+        failure_policy: Some("Ignore".into()),
+        reinvocation_policy: Some("Never".into()),
+        timeout_seconds: Some(10),
+        ..Default::default()
+    };
+    MutatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![
+            hook("pods", "pods", "", &["CREATE"]),
+            hook(
+                "ingresses",
+                "ingresses",
+                "networking.k8s.io",
+                &["CREATE", "UPDATE"],
+            ),
+        ]),
+    }
+}
+
+fn has_sidecar(p: &Pod) -> bool {
+    let spec = p.spec.as_ref().unwrap();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == "sidecert")
+}
+
+fn has_challenge_path(ing: &Ingress) -> bool {
+    ing.spec.as_ref().unwrap().rules.as_ref().unwrap()[0]
+        .http
+        .as_ref()
+        .unwrap()
+        .paths
+        .iter()
+        .any(|p| p.path.as_deref() == Some("/.well-known/acme-challenge/"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_heals_rolls_and_hands_over() {
+    let plane = Plane::get().await.expect("local plane");
+    sidecert_webhook::install_crypto_provider();
+    let client = plane.client().await.unwrap();
+    let ip = plane.gateway();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let run = format!("rec{}-{:x}", std::process::id(), nanos % 0xffffff);
+    let (ca, dir) = pki(ip, &run);
+
+    let apps = plane.namespace("rec", true).await.unwrap();
+    let system = plane.namespace("rec-sys", false).await.unwrap();
+    let label = json!({"metadata": {"labels": {TEST_LABEL: run}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(apps.name(), &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+
+    let replica_args = |port: u16, metrics_port: u16| -> Vec<String> {
+        [
+            format!("--listen={ip}:{port}"),
+            format!("--metrics-listen=127.0.0.1:{metrics_port}"),
+            format!("--tls-cert-file={}", dir.join("tls.crt").display()),
+            format!("--tls-key-file={}", dir.join("tls.key").display()),
+            format!("--kubeconfig={}", plane.kubeconfig().display()),
+            format!("--namespace={}", system.name()),
+            "--reconcile=true".to_owned(),
+            format!("--leader-lease-name=leader-{run}"),
+            "--leader-lease-duration=4s".to_owned(),
+            format!("--reconcile-namespace-selector=sidecert.io/injection=enabled,{TEST_LABEL}={run}"),
+            "--workers=1".to_owned(),
+            "--shutdown-timeout=1s".to_owned(),
+            // The injected sidecar (the real binary on the plane) talks to Pebble: harmless.
+            format!("--acme-server={}", plane.pebble_directory()),
+            format!("--acme-ca-bundle-file={}", plane.pebble_ca_file().display()),
+        ]
+        .into()
+    };
+    let ports: Vec<(u16, u16)> = (0..2)
+        .map(|_| (free_port(ip), free_port(Ipv4Addr::LOCALHOST)))
+        .collect();
+    let mut replicas: Vec<Replica> = ports
+        .iter()
+        .map(|&(p, m)| Replica::start(replica_args(p, m), p, m))
+        .collect();
+
+    let hooks = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    let hook_name = format!("sidecert-reconciler-test-{run}");
+    let body = async {
+        // Exactly one leader.
+        let leader = wait_for(Duration::from_secs(30), || {
+            let replicas = &replicas;
+            async move {
+                let mut leaders = Vec::new();
+                for (i, r) in replicas.iter().enumerate() {
+                    if r.metric("sidecert_webhook_leader").await == 1.0 {
+                        leaders.push(i);
+                    }
+                }
+                (leaders.len() == 1).then(|| leaders[0])
+            }
+        })
+        .await
+        .expect("one replica leads");
+        let follower = 1 - leader;
+        // Admission goes to the follower, so killing the leader leaves admission up.
+        let url = format!("https://{ip}:{}/mutate", replicas[follower].port);
+        hooks
+            .create(
+                &PostParams::default(),
+                &webhook_config(&hook_name, &url, &ca, &run),
+            )
+            .await
+            .unwrap();
+        scenarios(&apps, &mut replicas, leader, follower).await;
+    };
+    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(body)).await;
+    let _ = hooks.delete(&hook_name, &DeleteParams::default()).await;
+    drop(replicas);
+    if outcome.is_err() {
+        plane.dump_on_failure(apps.name()).await;
+    }
+    let _ = apps.cleanup().await;
+    let _ = system.cleanup().await;
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+async fn scenarios(apps: &TestNamespace, replicas: &mut [Replica], leader: usize, follower: usize) {
+    let pods: Api<Pod> = apps.api();
+    let services: Api<Service> = apps.api();
+    let ingresses: Api<Ingress> = apps.api();
+    let deployments: Api<Deployment> = apps.api();
+
+    // A Deployment and its Service, before any Ingress: its Pods have no sidecar.
+    let svc: Service = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &svc).await.unwrap();
+    let dep: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                 "template": {"metadata": {"labels": {"app": "web"}},
+                              "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
+    }))
+    .unwrap();
+    deployments.create(&PostParams::default(), &dep).await.unwrap();
+    let web = ListParams::default().labels("app=web");
+    let first = wait_for(Duration::from_secs(60), || {
+        let pods = pods.clone();
+        let web = web.clone();
+        async move { pods.list(&web).await.ok()?.items.into_iter().next() }
+    })
+    .await
+    .expect("the Deployment's Pod");
+    assert!(!has_sidecar(&first), "no Ingress yet: no sidecar");
+
+    // The Ingress, annotated, after the Pods exist.
+    let ing: Ingress = serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web", "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+        "spec": {
+            "tls": [{"hosts": ["web.rec.example"], "secretName": "web-tls"}],
+            "rules": [{"host": "web.rec.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"name": "http"}}}}
+            ]}}]
+        }
+    }))
+    .unwrap();
+    ingresses.create(&PostParams::default(), &ing).await.unwrap();
+
+    // Rolled: a new Pod carries the sidecar; the template records the restart.
+    wait_for(Duration::from_secs(90), || {
+        let pods = pods.clone();
+        let web = web.clone();
+        async move {
+            let list = pods.list(&web).await.ok()?.items;
+            list.iter().any(has_sidecar).then_some(())
+        }
+    })
+    .await
+    .expect("the Deployment is rolled and its new Pod has the sidecar");
+    let template_annotations = |d: Deployment| {
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap_or_default()
+    };
+    let ann = template_annotations(deployments.get("web").await.unwrap());
+    assert!(ann.contains_key("kubectl.kubernetes.io/restartedAt"), "{ann:?}");
+    let restarted_for = ann["sidecert.io/restarted-for"].clone();
+    assert_eq!(restarted_for.split(',').count(), 1, "{restarted_for}");
+
+    let events: Api<Event> = apps.api();
+    let event = wait_for(Duration::from_secs(20), || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("RolloutRestart")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web")
+                })
+        }
+    })
+    .await
+    .expect("an Event on the Ingress says why");
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("Deployment web") && note.contains("sidecar"),
+        "{note}"
+    );
+
+    // Once per Ingress generation: no second restart.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ann = template_annotations(deployments.get("web").await.unwrap());
+    assert_eq!(ann["sidecert.io/restarted-for"], restarted_for);
+
+    // Only the leader reconciles.
+    assert!(replicas[leader].metric("sidecert_webhook_reconciles_total").await > 0.0);
+    assert_eq!(
+        replicas[follower]
+            .metric("sidecert_webhook_reconciles_total")
+            .await,
+        0.0
+    );
+
+    // The solver Service, deleted: back within seconds, owned by the Ingress.
+    let solver = "web-sidecert-solver";
+    services.delete(solver, &DeleteParams::default()).await.unwrap();
+    let back = wait_for(Duration::from_secs(15), || {
+        let services = services.clone();
+        async move {
+            services
+                .get_opt(solver)
+                .await
+                .ok()?
+                .filter(|s| s.metadata.deletion_timestamp.is_none())
+        }
+    })
+    .await
+    .expect("the solver Service comes back");
+    let owners = back.metadata.owner_references.unwrap_or_default();
+    assert!(
+        owners.iter().any(|o| o.kind == "Ingress" && o.name == "web"),
+        "{owners:?}"
+    );
+
+    // Its selector, changed: put back.
+    let drift = json!({"spec": {"selector": {"app": "other"}}});
+    services
+        .patch(solver, &PatchParams::default(), &Patch::Merge(&drift))
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(15), || {
+        let services = services.clone();
+        async move {
+            let s = services.get(solver).await.ok()?;
+            (s.spec?.selector? == BTreeMap::from([("app".to_owned(), "web".to_owned())])).then_some(())
+        }
+    })
+    .await
+    .expect("the solver's selector is repaired");
+
+    // The annotation, removed: the path and the solver go, the Secret stays.
+    let off = json!({"metadata": {"annotations": {"sidecert.io/issue-temporary-certificate": null}}});
+    ingresses
+        .patch("web", &PatchParams::default(), &Patch::Merge(&off))
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let ingresses = ingresses.clone();
+        let services = services.clone();
+        async move {
+            let ing = ingresses.get("web").await.ok()?;
+            let gone = services.get_opt(solver).await.ok()?.is_none();
+            (!has_challenge_path(&ing) && gone).then_some(())
+        }
+    })
+    .await
+    .expect("HTTP-01 path and solver Service removed");
+    assert!(
+        apps.api::<Secret>().get_opt("web-tls").await.unwrap().is_some(),
+        "the Secret is kept"
+    );
+
+    // Annotated again (admitted by the follower), then the leader is killed: the follower
+    // takes over once the Lease expires, and heals a deleted solver.
+    let on = json!({"metadata": {"annotations": {"sidecert.io/issue-temporary-certificate": "true"}}});
+    let ing = ingresses
+        .patch("web", &PatchParams::default(), &Patch::Merge(&on))
+        .await
+        .unwrap();
+    assert!(has_challenge_path(&ing), "the follower serves admission");
+    wait_for(Duration::from_secs(15), || {
+        let services = services.clone();
+        async move { services.get_opt(solver).await.ok()?.map(|_| ()) }
+    })
+    .await
+    .expect("solver Service recreated");
+    replicas[leader].kill();
+    wait_for(Duration::from_secs(30), || {
+        let r = &replicas[follower];
+        async move { (r.metric("sidecert_webhook_leader").await == 1.0).then_some(()) }
+    })
+    .await
+    .expect("the other replica takes the lead");
+    services.delete(solver, &DeleteParams::default()).await.unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let services = services.clone();
+        async move {
+            services
+                .get_opt(solver)
+                .await
+                .ok()?
+                .filter(|s| s.metadata.deletion_timestamp.is_none())
+                .map(|s| s.name_any())
+        }
+    })
+    .await
+    .expect("the new leader reconciles");
+    assert!(
+        replicas[follower]
+            .metric("sidecert_webhook_reconciles_total")
+            .await
+            > 0.0
+    );
+}
