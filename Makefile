@@ -7,7 +7,7 @@ E2E := e2e/scripts
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: tools
 tools: ## build the pinned etcd, kube-apiserver, kube-controller-manager, Pebble and helm into e2e/.cache
@@ -38,6 +38,10 @@ cluster-down: ## stop every process of the local plane
 test: lint chart-test manifests-check tools build ## every test: unit, integration and end to end, on a local plane it starts and stops
 	$(E2E)/with-plane.sh $(CARGO) test --workspace --no-fail-fast
 
+.PHONY: e2e
+e2e: tools build ## only the end-to-end scenarios (chart installed with helm), on a local plane it starts and stops
+	$(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
+
 .PHONY: unit
 unit: ## only the tests that need no plane
 	$(CARGO) test --workspace --lib --bins
@@ -45,7 +49,7 @@ unit: ## only the tests that need no plane
 .PHONY: bench
 bench: tools build ## benchmarks (not tests): webhook vs nginx over TLS, sidecar vs lego against Pebble
 	$(CARGO) bench -p sidecert-webhook
-	e2e/bench/webhook.sh
+	$(E2E)/with-plane.sh e2e/bench/webhook.sh
 	$(E2E)/with-plane.sh e2e/bench/sidecar.sh
 
 .PHONY: demo

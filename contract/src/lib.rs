@@ -269,6 +269,12 @@ pub struct CertificateSpec {
     pub secret_name: String,
     /// Sorted, deduplicated, lower-case.
     pub domains: Vec<String>,
+    /// For a certificate selected through an Ingress: the solver Service
+    /// (`<backend>-sidecert-solver`) whose endpoints the Ingress host routes challenges to.
+    /// The leader waits for this Pod set to be routable before telling the CA to validate.
+    /// `None` for direct-annotation Pods (no wait).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver_service: Option<String>,
 }
 
 impl CertificateSpec {
@@ -287,7 +293,17 @@ impl CertificateSpec {
         Ok(Self {
             secret_name,
             domains: parse_domains(&joined)?,
+            solver_service: None,
         })
+    }
+
+    /// Sets the solver Service whose endpoints the Ingress routes challenges to
+    /// (validated as a DNS-1123 label, like every Service name).
+    pub fn with_solver_service(mut self, name: impl Into<String>) -> Result<Self, ContractError> {
+        let name = name.into();
+        validate_service_name(&name)?;
+        self.solver_service = Some(name);
+        Ok(self)
     }
 
     /// The Lease that elects the one sidecar ordering this certificate.
@@ -317,8 +333,34 @@ pub fn decode_certificates(value: &str) -> Result<Vec<CertificateSpec>, Contract
         return Err(ContractError::Missing("certificates"));
     }
     raw.into_iter()
-        .map(|c| CertificateSpec::new(c.secret_name, c.domains))
+        .map(|c| {
+            let spec = CertificateSpec::new(c.secret_name, c.domains)?;
+            match c.solver_service {
+                Some(svc) => spec.with_solver_service(svc),
+                None => Ok(spec),
+            }
+        })
         .collect()
+}
+
+/// Checks a Service name (DNS-1035 label: at most 63 characters, lower-case letters,
+/// digits and '-', starting with a letter, not ending with '-').
+pub fn validate_service_name(name: &str) -> Result<(), ContractError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ContractError::Invalid {
+            name: "solverService",
+            reason: format!("{name:?} is not a valid Service name (DNS-1035 label)"),
+        })
+    }
 }
 
 /// Name of the Secret holding the ACME account for (server, email) in a namespace.
@@ -585,6 +627,57 @@ mod tests {
         let back = SidecarConfig::from_env(|k| env.get(k).cloned()).unwrap();
         assert_eq!(back, cfg);
         assert_eq!(back.certificates[0].domains, ["example", "www.example"]);
+    }
+
+    #[test]
+    fn env_round_trips_with_and_without_solver_service() {
+        let with = CertificateSpec::new("web-tls", ["www.example"])
+            .unwrap()
+            .with_solver_service("web-sidecert-solver")
+            .unwrap();
+        let without = CertificateSpec::new("api-tls", ["api.example"]).unwrap();
+        assert_eq!(without.solver_service, None);
+        let cfg = SidecarConfig {
+            certificates: vec![with.clone(), without.clone()],
+            acme_server: "https://pebble:14000/dir".into(),
+            acme_email: None,
+            acme_profile: None,
+            acme_ca_bundle: None,
+            eab_secret: None,
+            key_algorithm: KeyAlgorithm::default(),
+            reload_url: None,
+            http01_port: 8089,
+            metrics_port: 9089,
+        };
+        let env: HashMap<String, String> = cfg
+            .to_env()
+            .into_iter()
+            .filter_map(|e| e.value.map(|v| (e.name, v)))
+            .collect();
+        let encoded = &env[env::CERTIFICATES];
+        assert!(
+            encoded.contains("\"solverService\":\"web-sidecert-solver\""),
+            "{encoded}"
+        );
+        // Absent, not null, when there is none: older sidecars decode it unchanged.
+        assert_eq!(encoded.matches("solverService").count(), 1, "{encoded}");
+        let back = SidecarConfig::from_env(|k| env.get(k).cloned()).unwrap();
+        assert_eq!(back, cfg);
+        assert_eq!(
+            back.certificates[0].solver_service.as_deref(),
+            Some("web-sidecert-solver")
+        );
+        assert_eq!(back.certificates[1].solver_service, None);
+
+        // Encodings written before the field existed still decode.
+        let old = decode_certificates("[{\"secretName\":\"x\",\"domains\":[\"a.example\"]}]").unwrap();
+        assert_eq!(old, [CertificateSpec::new("x", ["a.example"]).unwrap()]);
+        // A bad solver Service name is named in the error.
+        let err = decode_certificates(
+            "[{\"secretName\":\"x\",\"domains\":[\"a.example\"],\"solverService\":\"Bad_Name\"}]",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("Bad_Name"), "{err}");
     }
 
     #[test]

@@ -1,92 +1,98 @@
 #!/usr/bin/env bash
-# `make demo`: the local plane, the sidecert webhook registered with the API server, and
-# examples/ applied in a labelled namespace; waits (showing progress) until the Secret holds
-# the certificate Pebble issued, then prints it. `make demo-down` (or Ctrl-C) stops it all.
+# `make demo`: the local plane (API server, controller-manager, kubelet stand-in, Pebble),
+# sidecert installed with helm from charts/sidecert (the webhook runs as the chart's
+# Deployment, reached by the API server through its Service), and examples/ applied in the
+# labelled namespace `demo`. Waits, showing progress, until the Secret holds the certificate
+# Pebble issued, then prints it. `make demo-down` (or Ctrl-C while it waits) stops it all.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 NS=demo
-WEBHOOK_PORT=18443
+SECRET=web-tls
+RELEASE=sidecert
+RELEASE_NS=sidecert-system
+HELM="$BIN/helm"
+TIMEOUT=${DEMO_TIMEOUT:-180}
 
-interrupted() { say "interrupted: stopping the demo"; "$E2E/scripts/cluster-down.sh"; exit 130; }
+interrupted() {
+  printf '\n' >&2
+  say "interrupted: stopping the demo and the local plane"
+  "$E2E/scripts/cluster-down.sh"
+  exit 130
+}
 trap interrupted INT TERM
+
+# `make demo` has built these already; when run on its own, build what is missing.
+[[ -x "$HELM" ]] || "$E2E/tools/build.sh"
+for binary in sidecert-webhook sidecert-sidecar sidecert-e2e; do
+  if [[ ! -x "$REPO/target/debug/$binary" ]]; then
+    say "building the binaries (cargo build --workspace --bins)"
+    (cd "$REPO" && cargo build --workspace --bins)
+    break
+  fi
+done
 
 "$E2E/scripts/cluster-up.sh"
 source "$STATE/env"
 
-# The webhook runs beside the plane as a host process, registered by URL; its serving
-# certificate comes from the plane's CA.
-if ! alive webhook; then
-  (cd "$PKI" && [[ -f webhook.crt ]] || {
-    openssl ecparam -name prime256v1 -genkey -noout -out webhook.key
-    openssl req -new -key webhook.key -subj /CN=sidecert-webhook -out webhook.csr
-    printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\n' "$GATEWAY" >webhook.ext
-    openssl x509 -req -in webhook.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 365 \
-      -extfile webhook.ext -out webhook.crt 2>/dev/null
-    rm -f webhook.csr webhook.ext
-  })
-  say "starting sidecert-webhook on $GATEWAY:$WEBHOOK_PORT"
-  setsid "$REPO/target/debug/sidecert-webhook" serve \
-    --listen "$GATEWAY:$WEBHOOK_PORT" --metrics-listen 127.0.0.1:19443 \
-    --tls-cert-file "$PKI/webhook.crt" --tls-key-file "$PKI/webhook.key" \
-    --acme-server "$PEBBLE_DIRECTORY" --acme-ca-bundle-file "$PEBBLE_CA_FILE" \
-    --acme-email demo@sidecert.test >>"$LOGS/webhook.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/webhook.pid"
-  for _ in $(seq 100); do curl -sf --cacert "$PKI/ca.crt" "https://$GATEWAY:$WEBHOOK_PORT/readyz" >/dev/null && break; sleep 0.2; done
-fi
-ca_bundle=$(base64 -w0 "$PKI/ca.crt")
-kubectl apply -f - >/dev/null <<YAML
-apiVersion: admissionregistration.k8s.io/v1
-kind: MutatingWebhookConfiguration
-metadata:
-  name: sidecert-demo
-webhooks:
-$(for kind in pods ingresses; do
-  ops='["CREATE"]'; group='""'; version=v1; policy=Fail
-  [[ $kind == ingresses ]] && { ops='["CREATE","UPDATE"]'; group='"networking.k8s.io"'; policy=Ignore; }
-  cat <<HOOK
-  - name: $kind.sidecert.io
-    admissionReviewVersions: [v1]
-    sideEffects: NoneOnDryRun
-    failurePolicy: $policy
-    matchPolicy: Equivalent
-    timeoutSeconds: 10
-    reinvocationPolicy: Never
-    clientConfig:
-      url: https://$GATEWAY:$WEBHOOK_PORT/mutate
-      caBundle: $ca_bundle
-    namespaceSelector:
-      matchLabels: {sidecert.io/injection: enabled}
-    rules:
-      - {apiGroups: [$group], apiVersions: [$version], operations: $ops, resources: [$kind], scope: Namespaced}
-HOOK
-done)
-YAML
+# An earlier version of this demo registered a host-process webhook by URL; a plane that
+# still runs from then must not keep calling it.
+kubectl delete mutatingwebhookconfiguration sidecert-demo --ignore-not-found >/dev/null
+
+# The stand-in mounts no volumes, so the webhook reads Pebble's CA from the host's file
+# (acme.caBundleFile); on a real cluster, pass the PEM itself (--set-file acme.caBundle=...).
+# Pebble picks a random profile for orders that name none: ask for its 90-day `default`.
+say "installing sidecert with helm: release $RELEASE in namespace $RELEASE_NS, ACME server $PEBBLE_DIRECTORY"
+"$HELM" upgrade --install "$RELEASE" "$REPO/charts/sidecert" -n "$RELEASE_NS" --create-namespace \
+  --wait --timeout 120s \
+  --set acme.server="$PEBBLE_DIRECTORY" \
+  --set acme.caBundleFile="$PEBBLE_CA_FILE" \
+  --set acme.profile=default \
+  --set acme.email=demo@sidecert.test >/dev/null
+kubectl -n "$RELEASE_NS" get pods -o wide >&2
 
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl label namespace "$NS" sidecert.io/injection=enabled --overwrite >/dev/null
-say "applying examples/ in namespace $NS"
+say "applying examples/ in namespace $NS (labelled sidecert.io/injection=enabled)"
 kubectl -n "$NS" apply -f "$REPO/examples/"
 
-say "waiting for the certificate (Ctrl-C stops the demo)"
-for i in $(seq 180); do
-  temporary=$(kubectl -n "$NS" get secret web-tls -o jsonpath='{.metadata.annotations.sidecert\.io/temporary}' 2>/dev/null || echo missing)
-  not_after=$(kubectl -n "$NS" get secret web-tls -o jsonpath='{.metadata.annotations.sidecert\.io/not-after}' 2>/dev/null || true)
+say "waiting for the certificate (up to ${TIMEOUT}s; Ctrl-C stops the demo)"
+started=$SECONDS
+while ((SECONDS - started < TIMEOUT)); do
+  temporary=$(kubectl -n "$NS" get secret "$SECRET" -o jsonpath='{.metadata.annotations.sidecert\.io/temporary}' 2>/dev/null || echo missing)
+  not_after=$(kubectl -n "$NS" get secret "$SECRET" -o jsonpath='{.metadata.annotations.sidecert\.io/not-after}' 2>/dev/null || true)
   pods=$(kubectl -n "$NS" get pods -l app=web --no-headers 2>/dev/null | awk '{print $2"/"$3}' | paste -sd' ' -)
-  printf '\r  %3ds  pods: %-40s secret web-tls: %s' "$i" "${pods:-none}" \
-    "$([[ -n $not_after && $temporary != true ]] && echo "issued" || echo "temporary=$temporary")" >&2
-  if [[ -n "$not_after" && "$temporary" != true ]]; then
+  # The sidecars' latest Event (Issued, Renewed, Failed with the CA's reason and the retry).
+  event=$(kubectl -n "$NS" get events --field-selector involvedObject.kind=Pod --sort-by=.lastTimestamp \
+    -o jsonpath='{range .items[*]}{.reason}{"\n"}{end}' 2>/dev/null | grep -vE '^(Scheduled|Pulled|Created|Started)$' | tail -n1 || true)
+  issued=0
+  [[ -n "$not_after" && "$temporary" != true && "$temporary" != missing ]] && issued=1
+  printf '\r  %3ds  pods (ready/status): %-42s secret %s: %-22s last event: %-10s' "$((SECONDS - started))" \
+    "${pods:-none}" "$SECRET" "$( ((issued)) && echo issued || echo "temporary=$temporary")" "${event:-none}" >&2
+  if ((issued)); then
     printf '\n' >&2
-    say "the certificate Pebble issued, as stored in Secret $NS/web-tls:"
-    kubectl -n "$NS" get secret web-tls -o jsonpath='{.data.tls\.crt}' | base64 -d |
-      openssl x509 -noout -subject -ext subjectAltName -issuer -dates
+    work=$(mktemp -d)
+    kubectl -n "$NS" get secret "$SECRET" -o jsonpath='{.data.tls\.crt}' | base64 -d >"$work/chain.pem"
+    awk -v dir="$work" '/BEGIN CERTIFICATE/{n++} {print > (dir "/" (n == 1 ? "leaf" : "intermediates") ".pem")}' "$work/chain.pem"
+    curl -sf --cacert "$PEBBLE_CA_FILE" "$PEBBLE_MANAGEMENT/roots/0" >"$work/root.pem"
+    say "the certificate Pebble issued, as stored in Secret $NS/$SECRET:"
+    openssl x509 -in "$work/leaf.pem" -noout -subject -ext subjectAltName -issuer -dates
+    if openssl verify -CAfile "$work/root.pem" -untrusted "$work/intermediates.pem" "$work/leaf.pem" >/dev/null 2>&1; then
+      echo "chain: verifies against Pebble's root (GET $PEBBLE_MANAGEMENT/roots/0)"
+    else
+      echo "chain: does NOT verify against Pebble's root" >&2
+    fi
+    rm -rf "$work"
     cat <<LOOK
 
 Look around (source $STATE/env first):
   kubectl -n $NS get pods,svc,ingress,secrets,leases
-  kubectl -n $NS get pod -l app=web -o jsonpath='{.items[0].spec.initContainers[*].name}'
-  kubectl -n $NS get ingress web -o yaml        # the HTTP-01 route sidecert added
+  kubectl -n $NS get pod -l app=web -o jsonpath='{.items[0].spec.initContainers[*].name}'   # the injected sidecar
+  kubectl -n $NS get ingress web -o yaml                     # the HTTP-01 route sidecert added
+  kubectl -n $NS get secret $SECRET -o yaml                  # certificate, key and sidecert.io/ annotations
   kubectl -n $NS get events --sort-by=.lastTimestamp
-  ls $LOGS/pods/                                # every container's log
+  kubectl -n $RELEASE_NS get pods,svc,endpointslices         # the webhook, as the chart runs it
+  $HELM -n $RELEASE_NS status $RELEASE
+  ls $LOGS/pods/                                # every container's log (webhook and sidecars)
 Stop everything: make demo-down
 LOOK
     exit 0
@@ -94,5 +100,6 @@ LOOK
   sleep 1
 done
 printf '\n' >&2
-kubectl -n "$NS" get pods,events >&2 || true
-die "no certificate after 180 s; see $LOGS"
+kubectl -n "$NS" get pods,secrets,events >&2 || true
+kubectl -n "$RELEASE_NS" get pods >&2 || true
+die "no certificate after ${TIMEOUT}s; see $LOGS/pods/ (make demo-down stops the plane)"

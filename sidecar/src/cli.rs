@@ -107,6 +107,14 @@ pub struct RunArgs {
     /// Lease duration, seconds.
     #[arg(long, env = "SIDECERT_LEASE_SECONDS", default_value_t = 15)]
     pub lease_seconds: u64,
+    /// Ingress certificates: longest wait, seconds, for the solver Service to have a ready
+    /// endpoint before the CA is told to validate (then it is told anyway, with a warning).
+    #[arg(long, env = "SIDECERT_ROUTE_WAIT_SECONDS", default_value_t = 60)]
+    pub route_wait_seconds: u64,
+    /// Ingress certificates: delay, seconds, after the endpoint appears, for the ingress
+    /// controller to route to it.
+    #[arg(long, env = "SIDECERT_ROUTE_SETTLE_SECONDS", default_value_t = 1)]
+    pub route_settle_seconds: u64,
 }
 
 /// Runs the command; maps errors to a message and a non-zero exit code.
@@ -203,6 +211,8 @@ pub fn run_options(args: &RunArgs, getenv: impl Fn(&str) -> Option<String>) -> R
         retry_base: Duration::from_secs(args.retry_base_seconds.max(1)),
         retry_cap: Duration::from_secs(args.retry_cap_seconds.max(args.retry_base_seconds).max(1)),
         lease_duration: Duration::from_secs(args.lease_seconds),
+        route_wait: Duration::from_secs(args.route_wait_seconds),
+        route_settle: Duration::from_secs(args.route_settle_seconds),
         config,
         pod,
     })
@@ -280,6 +290,8 @@ mod tests {
         assert_eq!(opts.http01_listen, "10.213.0.12:8089".parse().unwrap());
         assert_eq!(opts.namespace, "shop");
         assert!(!opts.ari);
+        assert_eq!(opts.route_wait, Duration::from_secs(60));
+        assert_eq!(opts.route_settle, Duration::from_secs(1));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reload;
 pub mod responder;
+pub mod route;
 pub mod run;
 pub mod schedule;
 pub mod store;

@@ -21,6 +21,7 @@ use crate::{
     metrics::Metrics,
     reload::call_reload_url,
     responder::{Responder, bind, serve_metrics, serve_responder},
+    route::{RouteGate, Routed},
     schedule::{Lifetime, ValidationLimiter, Window, backoff, delay_until, plan},
     store::{Held, WriteMeta, load_or_create_account, read_eab, valid_held, write_dir, write_secret},
 };
@@ -38,6 +39,10 @@ pub struct RunOptions {
     pub retry_base: Duration,
     pub retry_cap: Duration,
     pub lease_duration: Duration,
+    /// Upper bound of the wait for the solver Service's endpoints (Ingress certificates).
+    pub route_wait: Duration,
+    /// Delay after they appear, for the ingress controller to pick them up.
+    pub route_settle: Duration,
 }
 
 struct Shared {
@@ -494,11 +499,26 @@ async fn order_once(shared: &Arc<Shared>, st: &CertState) -> Result<crate::acme:
         replaces,
         key_algorithm: cfg.key_algorithm,
     };
-    let publisher = LeasePublisher {
+    let inner = LeasePublisher {
         api: shared.leases.clone(),
         lease: st.spec.lease_name(),
         store: shared.responder.store.clone(),
         self_url: shared.self_url.clone(),
+    };
+    // An Ingress certificate: after the self-check, wait until the Ingress routes to this
+    // Pod set (the solver Service's endpoints) before telling the CA.
+    let gate = st.spec.solver_service.clone().map(|service| RouteGate {
+        client: shared.client.clone(),
+        namespace: shared.opts.namespace.clone(),
+        service,
+        wait: shared.opts.route_wait,
+        settle: shared.opts.route_settle,
+        events: shared.events.clone(),
+    });
+    let publisher = Routed {
+        inner,
+        gate,
+        domains: st.spec.domains.clone(),
     };
     crate::acme::order(&account, &req, &publisher).await
 }

@@ -62,6 +62,8 @@ fn options(
         retry_base: Duration::from_secs(2),
         retry_cap: Duration::from_secs(30),
         lease_duration: Duration::from_secs(6),
+        route_wait: Duration::from_secs(60),
+        route_settle: Duration::from_secs(1),
     }
 }
 

@@ -111,7 +111,10 @@ pub fn temporary_secret(namespace: &str, name: &str, domains: &[String]) -> Resu
     })
 }
 
-/// The solver Service: the backend's selector, port `http` (80) → `sidecert-http`.
+/// The solver Service: the backend's selector, port `http` (80) → `sidecert-http`, and
+/// `publishNotReadyAddresses`: challenges must not wait for the application container to be
+/// ready (the sidecar answers them regardless), and the leader waits for these endpoints
+/// before telling the CA to validate.
 pub fn solver_service(
     namespace: &str,
     name: &str,
@@ -136,6 +139,7 @@ pub fn solver_service(
                 ..Default::default()
             }]),
             type_: Some("ClusterIP".to_owned()),
+            publish_not_ready_addresses: Some(true),
             ..Default::default()
         }),
         ..Default::default()
@@ -150,8 +154,9 @@ pub fn is_managed(meta: &ObjectMeta) -> bool {
         .is_some_and(|v| v == MANAGED_BY)
 }
 
-/// The merge patch that brings a solver Service back in line: the backend's selector, and
-/// `owner` among its owners. `None` when nothing is off, or when sidecert did not make it.
+/// The merge patch that brings a solver Service back in line: the backend's selector,
+/// `publishNotReadyAddresses: true` (solvers made before it was set), and `owner` among its
+/// owners. `None` when nothing is off, or when sidecert did not make it.
 /// Guarded by the Service's resourceVersion (a concurrent change answers 409; retried).
 pub fn solver_repair(
     existing: &Service,
@@ -162,6 +167,7 @@ pub fn solver_repair(
         return None;
     }
     let mut patch = serde_json::Map::new();
+    let mut spec = serde_json::Map::new();
     let current = existing.spec.as_ref().and_then(|s| s.selector.as_ref());
     if current != Some(selector) {
         // A merge patch merges maps: keys to drop are set to null.
@@ -172,7 +178,13 @@ pub fn solver_repair(
             .map(|(k, _)| (k.clone(), serde_json::Value::Null))
             .collect();
         sel.extend(selector.iter().map(|(k, v)| (k.clone(), v.clone().into())));
-        patch.insert("spec".into(), serde_json::json!({ "selector": sel }));
+        spec.insert("selector".into(), sel.into());
+    }
+    if existing.spec.as_ref().and_then(|s| s.publish_not_ready_addresses) != Some(true) {
+        spec.insert("publishNotReadyAddresses".into(), true.into());
+    }
+    if !spec.is_empty() {
+        patch.insert("spec".into(), spec.into());
     }
     let mut meta = serde_json::Map::new();
     if let Some(owner) = owner {
@@ -244,6 +256,15 @@ pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: 
             rule(&["coordination.k8s.io"], &["leases"], &["create"], None),
             // Events about its work (kube's recorder patches a repeated Event's series).
             rule(&["", "events.k8s.io"], &["events"], &["create", "patch"], None),
+            // The leader waits until its solver Service has endpoints (the Ingress routes
+            // challenges only then). EndpointSlices are selected by label
+            // (`kubernetes.io/service-name`), so resourceNames cannot narrow this.
+            rule(
+                &["discovery.k8s.io"],
+                &["endpointslices"],
+                &["list", "watch"],
+                None,
+            ),
         ]),
     }
 }
@@ -467,7 +488,7 @@ impl Executor {
         };
         api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
-        tracing::info!(%namespace, %name, "repaired solver Service (selector or owner)");
+        tracing::info!(%namespace, %name, "repaired solver Service (selector, publishNotReadyAddresses or owner)");
         Ok(Some("solver_repaired"))
     }
 

@@ -1035,7 +1035,7 @@ mod tests {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "web-sidecert-solver", "namespace": "shop", "uid": "s-1",
                          "resourceVersion": "9", "labels": labels, "ownerReferences": owners},
-            "spec": {"selector": {"app": "web"}}
+            "spec": {"selector": {"app": "web"}, "publishNotReadyAddresses": true}
         }))
         .unwrap()
     }
@@ -1366,6 +1366,14 @@ mod tests {
         let patch = crate::effects::solver_repair(&extra, &same, None).unwrap();
         assert_eq!(patch["spec"]["selector"], json!({"app": "web", "x": null}));
         assert!(crate::effects::solver_repair(&solver(json!([]), false), &sel, Some(&o)).is_none());
+        assert!(patch["spec"].get("publishNotReadyAddresses").is_none());
+
+        // A solver made before publishNotReadyAddresses was set gets it, and nothing else.
+        let mut old = solver(json!([]), true);
+        old.spec.as_mut().unwrap().publish_not_ready_addresses = None;
+        let patch = crate::effects::solver_repair(&old, &same, None).unwrap();
+        assert_eq!(patch["spec"], json!({"publishNotReadyAddresses": true}));
+        assert_eq!(patch["metadata"]["resourceVersion"], "9");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use kube::{
 use sidecert_contract::{CertificateSpec, annotations};
 
 use crate::{
-    ingress::{is_annotated, plan},
+    ingress::{is_annotated, plan, solver_service_name},
     sidecar::Overrides,
 };
 
@@ -181,7 +181,14 @@ pub fn select(
             let Some(tls) = plan.secret(&route.secret_name) else {
                 continue;
             };
-            match CertificateSpec::new(tls.secret_name.clone(), &tls.domains) {
+            // The leader waits for this solver Service's endpoints before telling the CA to
+            // validate. If the certificate's hosts go to several backends that select this
+            // Pod, the first route (in rule order) wins: its solver is the one this Pod is
+            // surely an endpoint of, and the other solvers select Pods through their own
+            // backends' selectors.
+            let spec = CertificateSpec::new(tls.secret_name.clone(), &tls.domains)
+                .and_then(|spec| spec.with_solver_service(solver_service_name(&route.backend)));
+            match spec {
                 Ok(spec) => {
                     selected = true;
                     certs.entry(spec.secret_name.clone()).or_insert(spec);

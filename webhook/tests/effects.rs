@@ -126,6 +126,12 @@ async fn rbac_is_created_then_merged() {
         json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
                "resourceNames":["web-tls","sidecert-acme-account-0123456789ab"]})
     );
+    // The leader watches its solver Service's EndpointSlices, selected by label: no names.
+    assert_eq!(
+        role_body["rules"][5],
+        json!({"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]})
+    );
+    assert_eq!(role_body["rules"].as_array().unwrap().len(), 6);
     reply(StatusCode::CREATED, role_body);
     let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
     expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
@@ -147,12 +153,29 @@ fn merging_adds_only_missing_names() {
     let want = role("shop", "web", &["b-tls".into()], &["sidecert-b-tls".into()]);
     let merged = merge_role(&have, &want).unwrap();
     let rules = merged.rules.unwrap();
-    assert_eq!(rules.len(), 5);
+    assert_eq!(rules.len(), 6);
     assert_eq!(rules[0].resource_names.as_deref().unwrap(), ["a-tls", "b-tls"]);
     assert_eq!(
         rules[2].resource_names.as_deref().unwrap(),
         ["sidecert-a-tls", "sidecert-b-tls"]
     );
+}
+
+#[test]
+fn merging_adds_the_endpointslice_rule_to_an_older_role() {
+    let mut old = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    old.rules
+        .as_mut()
+        .unwrap()
+        .retain(|r| r.resources.as_deref() != Some(&["endpointslices".to_owned()][..]));
+    assert_eq!(old.rules.as_ref().unwrap().len(), 5);
+    let want = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    let merged = merge_role(&old, &want).expect("the missing rule is added");
+    let rules = merged.rules.unwrap();
+    assert_eq!(rules.len(), 6);
+    assert_eq!(rules[5].api_groups.as_deref().unwrap(), ["discovery.k8s.io"]);
+    assert_eq!(rules[5].verbs, ["list", "watch"]);
+    assert!(rules[5].resource_names.is_none());
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -180,6 +203,7 @@ async fn solver_service_copies_the_backend_selector() {
         body["spec"]["ports"][0],
         json!({"name":"http","port":80,"targetPort":"sidecert-http","protocol":"TCP"})
     );
+    assert_eq!(body["spec"]["publishNotReadyAddresses"], true);
     assert!(body["metadata"].get("ownerReferences").is_none());
     reply(StatusCode::CREATED, body);
     task.await.unwrap().unwrap();

@@ -186,7 +186,13 @@ fn ingress_selected(resp: &Value, pod: &Value) {
     assert!(warnings(resp).is_empty(), "{resp}");
     assert_eq!(
         certificates(pod),
-        json!([{"secretName": "web-tls", "domains": ["shop.example", "www.shop.example"]}])
+        json!([{"secretName": "web-tls", "domains": ["shop.example", "www.shop.example"],
+                "solverService": "web-sidecert-solver"}])
+    );
+    // The env carries the same list: the leader waits for the solver's endpoints.
+    assert_eq!(
+        serde_json::from_str::<Value>(&env(sidecar(pod), "SIDECERT_CERTIFICATES").unwrap()).unwrap(),
+        certificates(pod)
     );
     assert_eq!(pod["metadata"]["annotations"]["sidecert.io/status"], "injected");
     assert_eq!(sidecar(pod)["restartPolicy"], "Always");

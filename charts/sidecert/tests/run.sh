@@ -135,6 +135,8 @@ check defaults '{(g, r): v for x in one("ClusterRole")["rules"] for g in x["apiG
 	"ClusterRole: the reconciler reads Pods and namespaces, restarts workloads"
 check defaults 'all("delete" not in x["verbs"] or x["resources"] == ["services"] for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
 	"ClusterRole: deletes only Services, patches Ingresses"
+check defaults '[x["verbs"] for x in one("ClusterRole")["rules"] if x["resources"] == ["endpointslices"] and x["apiGroups"] == ["discovery.k8s.io"] and "resourceNames" not in x] == [["list", "watch"]]' \
+	"ClusterRole: holds list/watch on EndpointSlices, which it delegates to the sidecar's Role"
 
 render overrides --set webhook.failurePolicy.pods=Ignore --set webhook.failurePolicy.ingresses=Fail --set webhook.timeoutSeconds=5 \
 	--set acme.email=ops@example.com --set acme.server=https://acme.example/dir --set acme.profile=shortlived \

@@ -1,0 +1,1503 @@
+//! The end-to-end scenarios of issue 5, on the local plane with the chart installed by
+//! `helm upgrade --install`: the webhook runs as the Deployment's Pods (through the kubelet
+//! stand-in), the API server calls it through its Service, the injected sidecars order from
+//! Pebble.
+//!
+//! One test installs one release and runs the scenarios against it, in order; scenario 2
+//! (renewal of a 120-second certificate, the slow one) runs beside the others. Each scenario
+//! works in namespaces of its own and deletes them; a failing one prints its objects, Events
+//! and container logs and the webhook's logs, and the others still run. The release is
+//! uninstalled at the end, also when the test panics.
+//!
+//! `SIDECERT_E2E_SCENARIOS=1,3` runs a subset (by number).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Container, Pod, Secret, Service},
+    networking::v1::Ingress,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde_json::{Value, json};
+use sidecert_contract::{ACME_CHALLENGE_PATH, SIDECAR_CONTAINER_NAME, SOLVER_SERVICE_SUFFIX, annotations};
+use sidecert_e2e::{Plane, TestNamespace, wait_for};
+use tokio::io::AsyncWriteExt;
+
+/// Release name: its cluster-scoped objects (MutatingWebhookConfiguration `sidecert-e2e`,
+/// ClusterRole `sidecert-e2e-webhook`) never collide with `make demo`'s release `sidecert`.
+const RELEASE: &str = "sidecert-e2e";
+const CHART: &str = "charts/sidecert";
+const HELM: &str = "e2e/.cache/bin/helm";
+const APP_IMAGE: &str = "example/app:1.0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scenarios() {
+    let plane = Plane::get().await.expect("local plane");
+    let selected = selected_scenarios();
+    let ctx = Ctx::install(plane).await.expect("helm install of the chart");
+    let guard = UninstallGuard(Some(ctx.clone()));
+
+    let renewal = async {
+        if selected.contains(&2) {
+            vec![run(2, "renewal of a short-lived certificate", s2_renewal(ctx.clone())).await]
+        } else {
+            Vec::new()
+        }
+    };
+    let sequence = async {
+        let mut outcomes = Vec::new();
+        if selected.contains(&1) {
+            outcomes.push(
+                run(
+                    1,
+                    "Deployment + Service + annotated Ingress",
+                    s1_ingress(ctx.clone()),
+                )
+                .await,
+            );
+        }
+        if selected.contains(&3) {
+            outcomes.push(run(3, "Pod with direct annotations", s3_direct_pod(ctx.clone())).await);
+        }
+        if selected.contains(&4) {
+            outcomes.push(run(4, "unlabelled namespace, inject=false", s4_untouched(ctx.clone())).await);
+        }
+        if selected.contains(&5) {
+            outcomes.push(run(5, "server-side dry run", s5_dry_run(ctx.clone())).await);
+        }
+        if selected.contains(&8) {
+            outcomes.push(run(8, "bad Ingresses get warnings", s8_warnings(ctx.clone())).await);
+        }
+        if selected.contains(&6) {
+            outcomes.push(run(6, "helm upgrade while Pods are created", s6_upgrade(ctx.clone())).await);
+        }
+        if selected.contains(&7) {
+            outcomes.push(
+                run(
+                    7,
+                    "webhook down: refused, then admitted",
+                    s7_webhook_down(ctx.clone()),
+                )
+                .await,
+            );
+        }
+        outcomes
+    };
+    let (mut outcomes, sequence) = tokio::join!(renewal, sequence);
+    outcomes.extend(sequence);
+    outcomes.sort_by_key(|(n, _)| *n);
+
+    let mut guard = guard;
+    if let Some(ctx) = guard.0.take() {
+        ctx.uninstall().await.expect("helm uninstall");
+    }
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("scenario {n}: {e:#}")))
+        .collect();
+    eprintln!(
+        "scenarios: {} passed, {} failed",
+        outcomes.len() - failed.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failed scenarios:\n{}", failed.join("\n"));
+}
+
+fn selected_scenarios() -> BTreeSet<u8> {
+    match std::env::var("SIDECERT_E2E_SCENARIOS") {
+        Ok(list) if !list.trim().is_empty() => {
+            list.split(',').filter_map(|s| s.trim().parse().ok()).collect()
+        }
+        _ => (1..=8).collect(),
+    }
+}
+
+/// Runs one scenario, timing it and reporting its outcome.
+async fn run(n: u8, title: &str, scenario: impl Future<Output = Result<()>>) -> (u8, Result<()>) {
+    eprintln!("=== scenario {n}: {title}");
+    let started = Instant::now();
+    let result = scenario.await;
+    let took = started.elapsed().as_secs_f32();
+    match &result {
+        Ok(()) => eprintln!("--- scenario {n} passed in {took:.1}s"),
+        Err(e) => eprintln!("--- scenario {n} FAILED after {took:.1}s: {e:#}"),
+    }
+    (n, result)
+}
+
+// ---- the release and the tools -------------------------------------------------------------
+
+/// The installed release and what the scenarios share.
+#[derive(Clone)]
+struct Ctx {
+    plane: &'static Plane,
+    /// The release's namespace, fresh for this run.
+    release_ns: String,
+    client: Client,
+}
+
+impl Ctx {
+    async fn install(plane: &'static Plane) -> Result<Ctx> {
+        let client = plane.client().await?;
+        let ctx = Ctx {
+            plane,
+            release_ns: format!("{RELEASE}-{}", random_suffix()),
+            client,
+        };
+        ctx.remove_stale_releases().await?;
+        ctx.refuse_other_installs().await?;
+        let ca_file = plane.pebble_ca_file().display().to_string();
+        let started = Instant::now();
+        ctx.helm_ok(&[
+            "upgrade",
+            "--install",
+            RELEASE,
+            CHART,
+            "-n",
+            &ctx.release_ns,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "120s",
+            "--set",
+            &format!("acme.server={}", plane.pebble_directory()),
+            // The stand-in mounts no volumes: the webhook reads Pebble's CA from the host.
+            "--set",
+            &format!("acme.caBundleFile={ca_file}"),
+            // Pebble picks a random profile for orders that name none; scenario 2 asks for
+            // `shortlived` on its Ingress.
+            "--set",
+            "acme.profile=default",
+            "--set",
+            "acme.email=e2e@sidecert.test",
+            "--set",
+            "webhook.timeoutSeconds=8",
+            "--set",
+            "webhook.terminationGracePeriodSeconds=35",
+        ])
+        .await?;
+        eprintln!(
+            "installed release {RELEASE} in namespace {} in {:.1}s",
+            ctx.release_ns,
+            started.elapsed().as_secs_f32()
+        );
+        Ok(ctx)
+    }
+
+    /// A release of an earlier run that died before uninstalling would keep a webhook
+    /// configuration with `failurePolicy: Fail` and no webhook behind it.
+    async fn remove_stale_releases(&self) -> Result<()> {
+        let list = self
+            .helm_ok(&["list", "-A", "-o", "json", "--filter", &format!("^{RELEASE}$")])
+            .await?;
+        let releases: Vec<Value> = serde_json::from_str(&list).context("helm list output")?;
+        for r in releases {
+            let Some(ns) = r["namespace"].as_str() else {
+                continue;
+            };
+            eprintln!("removing the stale release {RELEASE} in namespace {ns}");
+            self.helm_ok(&["uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "60s"])
+                .await?;
+            self.kubectl(&["delete", "namespace", ns, "--wait=false"], None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Another sidecert (e.g. `make demo`'s release) would review the same labelled
+    /// namespaces: the first webhook injects, ours then sees `sidecert.io/status` and leaves
+    /// the Pod alone, so what the scenarios check would be the other install's doing.
+    async fn refuse_other_installs(&self) -> Result<()> {
+        let configs = Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let others: Vec<String> = configs
+            .items
+            .into_iter()
+            .filter(|c| {
+                c.webhooks
+                    .iter()
+                    .flatten()
+                    .any(|w| w.name.ends_with(".sidecert.io"))
+            })
+            .filter_map(|c| c.metadata.name)
+            .collect();
+        ensure!(
+            others.is_empty(),
+            "another sidecert install acts on labelled namespaces (MutatingWebhookConfiguration {others:?}); \
+             the scenarios need the cluster to themselves: `make demo-down`, or `helm uninstall` it"
+        );
+        Ok(())
+    }
+
+    async fn uninstall(&self) -> Result<()> {
+        self.helm_ok(&[
+            "uninstall",
+            RELEASE,
+            "-n",
+            &self.release_ns,
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
+        .await?;
+        self.kubectl(&["delete", "namespace", &self.release_ns, "--wait=false"], None)
+            .await?;
+        Ok(())
+    }
+
+    fn webhook_deployment(&self) -> String {
+        format!("{RELEASE}-webhook")
+    }
+
+    async fn helm_ok(&self, args: &[&str]) -> Result<String> {
+        let helm = self.plane.repo_root().join(HELM);
+        let out = command(self.plane, helm.to_str().context("helm path")?, args, None).await?;
+        out.ok()
+    }
+
+    async fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        command(self.plane, "kubectl", args, stdin).await
+    }
+
+    async fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+        let out = self.kubectl(args, stdin).await?;
+        ensure!(out.success, "{}", out.describe());
+        Ok(out)
+    }
+
+    /// Runs `body` in fresh namespaces (`(prefix, labelled)`); on failure prints their
+    /// state and the webhook's logs; always deletes them.
+    async fn in_namespaces<F, Fut>(&self, specs: &[(&str, bool)], body: F) -> Result<()>
+    where
+        F: FnOnce(Vec<Arc<TestNamespace>>) -> Fut,
+        Fut: Future<Output = Result<()>>,
+    {
+        let mut namespaces = Vec::new();
+        for (prefix, labelled) in specs {
+            namespaces.push(Arc::new(self.plane.namespace(prefix, *labelled).await?));
+        }
+        let result = body(namespaces.clone()).await;
+        if result.is_err() {
+            for ns in &namespaces {
+                self.dump(ns.name()).await;
+            }
+            self.dump_webhook().await;
+        }
+        for ns in namespaces {
+            if let Ok(ns) = Arc::try_unwrap(ns) {
+                let _ = ns.cleanup().await;
+            }
+        }
+        result
+    }
+
+    /// The namespace's objects, then its Pods, Events and container logs.
+    async fn dump(&self, ns: &str) {
+        for args in [
+            vec![
+                "-n",
+                ns,
+                "get",
+                "all,ingresses,secrets,roles,rolebindings,leases",
+                "-o",
+                "wide",
+            ],
+            vec!["-n", ns, "get", "ingresses", "-o", "yaml"],
+            vec![
+                "-n",
+                ns,
+                "get",
+                "secrets",
+                "-o",
+                "custom-columns=NAME:.metadata.name,TEMPORARY:.metadata.annotations.sidecert\\.io/temporary,\
+                 NOT-AFTER:.metadata.annotations.sidecert\\.io/not-after,DOMAINS:.metadata.annotations.sidecert\\.io/domains",
+            ],
+        ] {
+            match self.kubectl(&args, None).await {
+                Ok(out) => eprintln!("$ kubectl {}\n{}{}", args.join(" "), out.stdout, out.stderr),
+                Err(e) => eprintln!("$ kubectl {}: {e:#}", args.join(" ")),
+            }
+        }
+        self.plane.dump_on_failure(ns).await;
+    }
+
+    /// The webhook's Pods, Events and the last lines of each webhook container's log.
+    async fn dump_webhook(&self) {
+        let ns = &self.release_ns;
+        for args in [
+            vec![
+                "-n",
+                ns.as_str(),
+                "get",
+                "deployments,pods,endpointslices",
+                "-o",
+                "wide",
+            ],
+            vec!["-n", ns.as_str(), "get", "events", "--sort-by=.lastTimestamp"],
+        ] {
+            if let Ok(out) = self.kubectl(&args, None).await {
+                eprintln!("$ kubectl {}\n{}{}", args.join(" "), out.stdout, out.stderr);
+            }
+        }
+        let dir = self.plane.repo_root().join("e2e/.state/logs/pods");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if !file.starts_with(&format!("{ns}_")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "----- {file} (last {} lines) -----\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Uninstalls the release if the test panics before it does.
+struct UninstallGuard(Option<Ctx>);
+
+impl Drop for UninstallGuard {
+    fn drop(&mut self) {
+        let Some(ctx) = self.0.take() else {
+            return;
+        };
+        let kubeconfig = ctx.plane.kubeconfig();
+        let _ = std::process::Command::new(ctx.plane.repo_root().join(HELM))
+            .args([
+                "uninstall",
+                RELEASE,
+                "-n",
+                &ctx.release_ns,
+                "--wait",
+                "--timeout",
+                "60s",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .status();
+        let _ = std::process::Command::new("kubectl")
+            .args(["delete", "namespace", &ctx.release_ns, "--wait=false"])
+            .env("KUBECONFIG", kubeconfig)
+            .status();
+    }
+}
+
+struct Output {
+    command: String,
+    success: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn ok(self) -> Result<String> {
+        ensure!(self.success, "{}", self.describe());
+        Ok(self.stdout)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "`{}` exited with {:?}\nstdout: {}\nstderr: {}",
+            self.command,
+            self.code,
+            self.stdout.trim(),
+            self.stderr.trim()
+        )
+    }
+}
+
+/// Runs a program with the plane's KUBECONFIG, in the repository root.
+async fn command(plane: &Plane, program: &str, args: &[&str], stdin: Option<&str>) -> Result<Output> {
+    let name = PathBuf::from(program)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let line = format!("{name} {}", args.join(" "));
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("KUBECONFIG", plane.kubeconfig())
+        .current_dir(plane.repo_root())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting `{line}`"))?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().context("stdin")?;
+        pipe.write_all(input.as_bytes()).await?;
+        drop(pipe);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .with_context(|| format!("`{line}` did not finish in 180 s"))??;
+    Ok(Output {
+        command: line,
+        success: out.status.success(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(6)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .collect()
+}
+
+// ---- objects -----------------------------------------------------------------------------------
+
+/// examples/web.yaml's shape: Service, Ingress (annotated, TLS for `hosts`), Deployment, as
+/// one List in that order (the webhook selects Pods through the Ingress, so it comes first).
+fn web_app(
+    app: &str,
+    hosts: &[String],
+    secret: &str,
+    replicas: u32,
+    ingress_annotations: Value,
+    pod_annotations: Value,
+) -> Value {
+    let rules: Vec<Value> = hosts
+        .iter()
+        .map(|h| {
+            json!({"host": h, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": app, "port": {"name": "http"}}}}]}})
+        })
+        .collect();
+    let mut ingress_ann = json!({annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"});
+    if let (Some(base), Some(extra)) = (ingress_ann.as_object_mut(), ingress_annotations.as_object()) {
+        base.extend(extra.clone());
+    }
+    json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": app},
+         "spec": {"selector": {"app": app}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+         "metadata": {"name": app, "annotations": ingress_ann},
+         "spec": {"tls": [{"hosts": hosts, "secretName": secret}], "rules": rules}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": app, "labels": {"app": app}},
+         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": app}},
+                  "template": {"metadata": {"labels": {"app": app}, "annotations": pod_annotations},
+                               "spec": {"containers": [{"name": "app", "image": APP_IMAGE,
+                                        "ports": [{"name": "http", "containerPort": 8080}]}]}}}}
+    ]})
+}
+
+/// A bare Pod running `example/app`.
+fn app_pod(name: &str, labels: Value, pod_annotations: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": labels, "annotations": pod_annotations},
+           "spec": {"containers": [{"name": "app", "image": APP_IMAGE,
+                    "ports": [{"name": "http", "containerPort": 8080}]}]}})
+}
+
+/// The annotations that ask for a certificate without an Ingress.
+fn direct_annotations(domains: &str, secret: &str) -> Value {
+    json!({annotations::INJECT: "true", annotations::DOMAINS: domains, annotations::SECRET_NAME: secret})
+}
+
+fn host(label: &str, ns: &TestNamespace) -> String {
+    format!("{label}.{}.sidecert.test", ns.name())
+}
+
+/// The injected container (native sidecar or regular container).
+fn sidecar(pod: &Pod) -> Option<&Container> {
+    let spec = pod.spec.as_ref()?;
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .find(|c| c.name == SIDECAR_CONTAINER_NAME)
+}
+
+fn pod_name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or("?")
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .map(|s| {
+            s.init_container_statuses
+                .iter()
+                .flatten()
+                .chain(s.container_statuses.iter().flatten())
+                .map(|c| c.restart_count)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn is_running(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// Waits until `count` Pods with `selector` are Running, and returns them.
+async fn running_pods(pods: &Api<Pod>, selector: &str, count: usize, timeout: Duration) -> Result<Vec<Pod>> {
+    wait_for(timeout, || {
+        let pods = pods.clone();
+        let lp = ListParams::default().labels(selector);
+        async move {
+            let list = pods.list(&lp).await.ok()?.items;
+            (list.len() == count && list.iter().all(is_running)).then_some(list)
+        }
+    })
+    .await
+    .with_context(|| format!("{count} Running Pods with {selector}"))
+}
+
+fn annotation<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
+    secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(key))
+        .map(String::as_str)
+}
+
+fn tls_crt(secret: &Secret) -> Option<String> {
+    let data = secret.data.as_ref()?.get("tls.crt")?;
+    String::from_utf8(data.0.clone()).ok()
+}
+
+/// A Secret that holds an issued (not temporary) certificate.
+fn is_issued(secret: &Secret) -> bool {
+    annotation(secret, annotations::TEMPORARY) != Some("true")
+        && annotation(secret, annotations::NOT_AFTER).is_some()
+        && tls_crt(secret).is_some()
+}
+
+async fn wait_issued(secrets: &Api<Secret>, name: &str, timeout: Duration) -> Result<Secret> {
+    wait_for(timeout, || {
+        let secrets = secrets.clone();
+        let name = name.to_owned();
+        async move { secrets.get_opt(&name).await.ok().flatten().filter(is_issued) }
+    })
+    .await
+    .with_context(|| format!("Secret {name} holding an issued certificate"))
+}
+
+/// What the scenarios check of a certificate chain.
+#[derive(Debug)]
+struct CertInfo {
+    serial: String,
+    sans: BTreeSet<String>,
+    not_before: i64,
+    not_after: i64,
+}
+
+/// Parses `chain_pem` (leaf first) and, if `root_pem` is given, checks that every
+/// certificate is signed by the next and the last by that root.
+fn check_chain(chain_pem: &str, root_pem: Option<&str>) -> Result<CertInfo> {
+    let pems: Vec<_> =
+        x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
+    let certs = pems
+        .iter()
+        .map(|p| p.parse_x509())
+        .collect::<Result<Vec<_>, _>>()?;
+    let leaf = certs.first().context("empty tls.crt")?;
+    let sans = leaf
+        .subject_alternative_name()?
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|g| match g {
+                    x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(root_pem) = root_pem {
+        ensure!(
+            certs.len() >= 2,
+            "tls.crt holds {} certificate(s), want leaf + chain",
+            certs.len()
+        );
+        for pair in certs.windows(2) {
+            pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .with_context(|| format!("{} is not signed by {}", pair[0].subject(), pair[1].subject()))?;
+        }
+        let (_, root) = x509_parser::pem::parse_x509_pem(root_pem.as_bytes())?;
+        let root = root.parse_x509()?;
+        let top = certs.last().context("empty chain")?;
+        top.verify_signature(Some(root.public_key()))
+            .context("the chain does not end at Pebble's root (GET /roots/0)")?;
+        ensure!(
+            top.issuer() == root.subject(),
+            "issuer of the chain's top is not Pebble's root"
+        );
+    }
+    Ok(CertInfo {
+        serial: leaf.raw_serial_as_string(),
+        sans,
+        not_before: leaf.validity().not_before.timestamp(),
+        not_after: leaf.validity().not_after.timestamp(),
+    })
+}
+
+/// Checks that `secret` holds a certificate chaining to Pebble's root for exactly `domains`.
+async fn check_issued(plane: &Plane, secret: &Secret, domains: &[String]) -> Result<CertInfo> {
+    let root = plane.pebble_root_pem().await?;
+    let name = secret.metadata.name.as_deref().unwrap_or("?");
+    let info = check_chain(&tls_crt(secret).context("no tls.crt")?, Some(&root))
+        .with_context(|| format!("certificate in Secret {name}"))?;
+    let want: BTreeSet<String> = domains.iter().cloned().collect();
+    ensure!(
+        info.sans == want,
+        "Secret {name}: certificate for {:?}, want exactly {want:?}",
+        info.sans
+    );
+    ensure!(
+        secret.type_.as_deref() == Some("kubernetes.io/tls"),
+        "Secret {name} has type {:?}",
+        secret.type_
+    );
+    Ok(info)
+}
+
+/// Sum of `metric` over the sidecars of `pods` (their metrics port on the Pod IP), for the
+/// series whose labels contain `label` (e.g. `result="issued"`; empty: all).
+async fn sidecar_metric_sum(pods: &[Pod], metric: &str, label: &str) -> Result<f64> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut sum = 0.0;
+    for pod in pods {
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .with_context(|| format!("Pod {} has no IP", pod_name(pod)))?;
+        let url = format!("http://{ip}:{}/metrics", sidecert_contract::DEFAULT_METRICS_PORT);
+        let text = http
+            .get(&url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .with_context(|| format!("GET {url} (Pod {})", pod_name(pod)))?
+            .text()
+            .await?;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let name = series.split('{').next().unwrap_or(series);
+            if name == metric && series.contains(label) {
+                sum += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(sum)
+}
+
+/// The distinct HTTP-01 tokens Pebble tried to validate for `domain` (from its log): one per
+/// authorization it validated, so one per order that reached validation.
+fn pebble_tokens(plane: &Plane, domain: &str) -> BTreeSet<String> {
+    let log =
+        std::fs::read_to_string(plane.repo_root().join("e2e/.state/logs/pebble.log")).unwrap_or_default();
+    let prefix = format!("http://{domain}:");
+    log.lines()
+        .filter_map(|l| l.split_once(&prefix).map(|(_, rest)| rest))
+        .filter_map(|rest| {
+            rest.split_once(ACME_CHALLENGE_PATH)
+                .map(|(_, token)| token.trim().to_owned())
+        })
+        .collect()
+}
+
+/// Events in `ns` with `reason`.
+async fn events_with_reason(client: &Client, ns: &str, reason: &str) -> Result<Vec<String>> {
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| e.message.unwrap_or_default())
+        .collect())
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+// ---- the scenarios -------------------------------------------------------------------------------
+
+/// Scenario 1: Labelled namespace; Service + annotated Ingress + Deployment (3 replicas) in one
+/// `kubectl apply -f`: the temporary Secret at once, the HTTP-01 route, the solver Service,
+/// the sidecar in every Pod, one order at Pebble, then the issued certificate for exactly the
+/// Ingress's TLS hosts, chaining to Pebble's root.
+async fn s1_ingress(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(&[("e2e-s1", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            let hosts = vec![host("web", ns), host("www", ns)];
+            let manifest = web_app("web", &hosts, "web-tls", 3, json!({}), json!({}));
+            ctx.kubectl_ok(
+                &["-n", ns.name(), "apply", "-f", "-"],
+                Some(&manifest.to_string()),
+            )
+            .await?;
+
+            // At once: created by the Ingress's admission, before any Pod runs.
+            let secrets: Api<Secret> = ns.api();
+            let temporary = secrets
+                .get_opt("web-tls")
+                .await?
+                .context("no Secret web-tls right after `kubectl apply` returned")?;
+            ensure!(
+                annotation(&temporary, annotations::TEMPORARY) == Some("true"),
+                "web-tls right after apply is not the temporary certificate: {:?}",
+                temporary.metadata.annotations
+            );
+            let temp_info = check_chain(
+                &tls_crt(&temporary).context("temporary Secret without tls.crt")?,
+                None,
+            )?;
+            ensure!(
+                temp_info.sans == hosts.iter().cloned().collect(),
+                "temporary certificate for {:?}",
+                temp_info.sans
+            );
+
+            let solver = format!("web{SOLVER_SERVICE_SUFFIX}");
+            let ingress = ns.api::<Ingress>().get("web").await?;
+            for rule in ingress
+                .spec
+                .as_ref()
+                .and_then(|s| s.rules.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                let routed = rule.http.iter().flat_map(|h| &h.paths).any(|p| {
+                    p.path.as_deref() == Some(ACME_CHALLENGE_PATH)
+                        && p.backend.service.as_ref().map(|s| s.name.as_str()) == Some(solver.as_str())
+                });
+                ensure!(routed, "rule {:?} has no HTTP-01 path to {solver}", rule.host);
+            }
+            let solver_svc = ns
+                .api::<Service>()
+                .get_opt(&solver)
+                .await?
+                .with_context(|| format!("no solver Service {solver}"))?;
+            let selector = solver_svc.spec.and_then(|s| s.selector).unwrap_or_default();
+            ensure!(
+                selector == BTreeMap::from([("app".to_owned(), "web".to_owned())]),
+                "solver Service selects {selector:?}, want the backend's app=web"
+            );
+
+            let pods_api: Api<Pod> = ns.api();
+            let pods = running_pods(&pods_api, "app=web", 3, Duration::from_secs(60)).await?;
+            for pod in &pods {
+                ensure!(sidecar(pod).is_some(), "Pod {} has no sidecar", pod_name(pod));
+            }
+
+            let issued = wait_issued(&secrets, "web-tls", Duration::from_secs(90)).await?;
+            let info = check_issued(ctx.plane, &issued, &hosts).await?;
+            eprintln!("scenario 1: issued serial {} for {:?}", info.serial, info.sans);
+            ensure!(
+                info.not_after - info.not_before > 86_400,
+                "certificate lives {}s: the chart's acme.profile=default did not reach the order",
+                info.not_after - info.not_before
+            );
+
+            // One order: the sidecars' own count (every replica, none restarted, so none
+            // lost its counters) and Pebble's log (one validated challenge per host).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pods = pods_api
+                .list(&ListParams::default().labels("app=web"))
+                .await?
+                .items;
+            for pod in &pods {
+                ensure!(restarts(pod) == 0, "Pod {} restarted", pod_name(pod));
+            }
+            let orders = sidecar_metric_sum(&pods, "sidecert_orders_total", "").await?;
+            let issued_orders =
+                sidecar_metric_sum(&pods, "sidecert_orders_total", "result=\"issued\"").await?;
+            ensure!(
+                orders == 1.0 && issued_orders == 1.0,
+                "the sidecars made {orders} orders ({issued_orders} issued), want exactly 1"
+            );
+            let tokens = pebble_tokens(ctx.plane, &hosts[0]);
+            ensure!(
+                tokens.len() == 1,
+                "Pebble validated {} challenges for {}: {tokens:?}",
+                tokens.len(),
+                hosts[0]
+            );
+            let issued_events = events_with_reason(&ctx.client, ns.name(), "Issued").await?;
+            ensure!(issued_events.len() == 1, "Issued Events: {issued_events:?}");
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 2: Renewal with Pebble's `shortlived` profile (120 s): the Secret's certificate changes
+/// before the first one expires, with exactly one more order (so no second order ran beside
+/// it) and no restart.
+async fn s2_renewal(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(&[("e2e-s2", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            let hosts = vec![host("short", ns)];
+            let manifest = web_app(
+                "short",
+                &hosts,
+                "short-tls",
+                2,
+                json!({annotations::ACME_PROFILE: "shortlived"}),
+                json!({}),
+            );
+            ctx.kubectl_ok(
+                &["-n", ns.name(), "apply", "-f", "-"],
+                Some(&manifest.to_string()),
+            )
+            .await?;
+            let pods_api: Api<Pod> = ns.api();
+            let pods = running_pods(&pods_api, "app=short", 2, Duration::from_secs(60)).await?;
+            let uids: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+            for pod in &pods {
+                ensure!(sidecar(pod).is_some(), "Pod {} has no sidecar", pod_name(pod));
+            }
+
+            let secrets: Api<Secret> = ns.api();
+            let first = wait_issued(&secrets, "short-tls", Duration::from_secs(90)).await?;
+            let first = check_issued(ctx.plane, &first, &hosts).await?;
+            let lifetime = first.not_after - first.not_before;
+            ensure!(
+                lifetime <= 130,
+                "certificate lives {lifetime}s: the shortlived profile was not used"
+            );
+            eprintln!(
+                "scenario 2: first certificate {} valid {lifetime}s, until {}",
+                first.serial, first.not_after
+            );
+
+            let left = (first.not_after - now_unix()).max(1) as u64;
+            let renewed = wait_for(Duration::from_secs(left + 10), || {
+                let secrets = secrets.clone();
+                let serial = first.serial.clone();
+                async move {
+                    let s = secrets.get_opt("short-tls").await.ok().flatten()?;
+                    let info = check_chain(&tls_crt(&s)?, None).ok()?;
+                    (info.serial != serial).then(|| (s, now_unix()))
+                }
+            })
+            .await
+            .context("the certificate was not renewed")?;
+            let (renewed, seen_at) = renewed;
+            ensure!(
+                seen_at < first.not_after,
+                "renewed certificate seen at {seen_at}, after the first expired at {}",
+                first.not_after
+            );
+            let second = check_issued(ctx.plane, &renewed, &hosts).await?;
+            ensure!(
+                second.not_after > first.not_after,
+                "renewed certificate does not outlive the first"
+            );
+            eprintln!(
+                "scenario 2: renewed to {} {}s before the first expired",
+                second.serial,
+                first.not_after - seen_at
+            );
+
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pods = pods_api
+                .list(&ListParams::default().labels("app=short"))
+                .await?
+                .items;
+            let now_uids: BTreeSet<String> = pods.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+            ensure!(now_uids == uids, "the Pods were replaced");
+            for pod in &pods {
+                ensure!(restarts(pod) == 0, "Pod {} restarted", pod_name(pod));
+            }
+            let orders = sidecar_metric_sum(&pods, "sidecert_orders_total", "").await?;
+            let issued = sidecar_metric_sum(&pods, "sidecert_orders_total", "result=\"issued\"").await?;
+            ensure!(
+                orders == 2.0 && issued == 2.0,
+                "the sidecars made {orders} orders ({issued} issued), want exactly 2 (first + renewal)"
+            );
+            let leaders = sidecar_metric_sum(&pods, "sidecert_leader", "").await?;
+            ensure!(leaders == 1.0, "{leaders} replicas hold the Lease, want 1");
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 3: A Pod with the direct annotations and no Ingress gets its own certificate.
+async fn s3_direct_pod(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(&[("e2e-s3", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            let domain = host("direct", ns);
+            let pod = app_pod(
+                "direct",
+                json!({"app": "direct"}),
+                direct_annotations(&domain, "direct-tls"),
+            );
+            ctx.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&pod.to_string()))
+                .await?;
+            let pods_api: Api<Pod> = ns.api();
+            let pods = running_pods(&pods_api, "app=direct", 1, Duration::from_secs(60)).await?;
+            ensure!(sidecar(&pods[0]).is_some(), "Pod direct has no sidecar");
+            let secrets: Api<Secret> = ns.api();
+            let issued = wait_issued(&secrets, "direct-tls", Duration::from_secs(90)).await?;
+            let info = check_issued(ctx.plane, &issued, std::slice::from_ref(&domain)).await?;
+            eprintln!("scenario 3: issued serial {} for {:?}", info.serial, info.sans);
+            let pod = pods_api.get("direct").await?;
+            ensure!(restarts(&pod) == 0, "Pod direct restarted");
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 4: A namespace without the label (annotated Ingress, Pods asking for injection) and a
+/// Pod with `sidecert.io/inject: "false"` in a labelled one: untouched.
+async fn s4_untouched(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(
+            &[("e2e-s4-off", false), ("e2e-s4-optout", true)],
+            |namespaces| async move {
+                let (off, optout) = (&namespaces[0], &namespaces[1]);
+
+                // Unlabelled namespace: the webhook is never called.
+                let hosts = vec![host("web", off)];
+                let manifest = web_app("web", &hosts, "web-tls", 1, json!({}), json!({}));
+                ctx.kubectl_ok(
+                    &["-n", off.name(), "apply", "-f", "-"],
+                    Some(&manifest.to_string()),
+                )
+                .await?;
+                let pod = app_pod(
+                    "direct",
+                    json!({"app": "direct"}),
+                    direct_annotations(&host("direct", off), "direct-tls"),
+                );
+                ctx.kubectl_ok(&["-n", off.name(), "apply", "-f", "-"], Some(&pod.to_string()))
+                    .await?;
+                let pods_api: Api<Pod> = off.api();
+                running_pods(&pods_api, "app=web", 1, Duration::from_secs(60)).await?;
+                running_pods(&pods_api, "app=direct", 1, Duration::from_secs(60)).await?;
+                for pod in pods_api.list(&ListParams::default()).await?.items {
+                    ensure!(
+                        sidecar(&pod).is_none(),
+                        "Pod {} in an unlabelled namespace got the sidecar",
+                        pod_name(&pod)
+                    );
+                    let status = pod
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(annotations::STATUS));
+                    ensure!(status.is_none(), "Pod {} carries {status:?}", pod_name(&pod));
+                }
+                let ingress = off.api::<Ingress>().get("web").await?;
+                let paths: Vec<_> = ingress
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.rules.iter().flatten())
+                    .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
+                    .filter_map(|p| p.path.clone())
+                    .collect();
+                ensure!(
+                    paths == ["/"],
+                    "the Ingress in an unlabelled namespace was changed: paths {paths:?}"
+                );
+                let secrets: Vec<String> = off
+                    .api::<Secret>()
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter_map(|s| s.metadata.name)
+                    .collect();
+                ensure!(
+                    secrets.is_empty(),
+                    "Secrets appeared in an unlabelled namespace: {secrets:?}"
+                );
+                ensure!(
+                    off.api::<Service>()
+                        .get_opt(&format!("web{SOLVER_SERVICE_SUFFIX}"))
+                        .await?
+                        .is_none(),
+                    "a solver Service appeared in an unlabelled namespace"
+                );
+
+                // Labelled namespace, Pods behind an annotated Ingress but opting out.
+                let hosts = vec![host("optout", optout)];
+                let manifest = web_app(
+                    "optout",
+                    &hosts,
+                    "optout-tls",
+                    2,
+                    json!({}),
+                    json!({annotations::INJECT: "false"}),
+                );
+                ctx.kubectl_ok(
+                    &["-n", optout.name(), "apply", "-f", "-"],
+                    Some(&manifest.to_string()),
+                )
+                .await?;
+                let mut annotations = direct_annotations(&host("bare", optout), "bare-tls");
+                annotations[annotations::INJECT] = json!("false");
+                let pod = app_pod("bare", json!({"app": "bare"}), annotations);
+                ctx.kubectl_ok(&["-n", optout.name(), "apply", "-f", "-"], Some(&pod.to_string()))
+                    .await?;
+                let pods_api: Api<Pod> = optout.api();
+                running_pods(&pods_api, "app=optout", 2, Duration::from_secs(60)).await?;
+                running_pods(&pods_api, "app=bare", 1, Duration::from_secs(60)).await?;
+                for pod in pods_api.list(&ListParams::default()).await?.items {
+                    ensure!(
+                        sidecar(&pod).is_none(),
+                        "Pod {} with inject=false got the sidecar",
+                        pod_name(&pod)
+                    );
+                    ensure!(
+                        pod.spec.as_ref().map(|s| s.containers.len()) == Some(1)
+                            && pod
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.init_containers.as_ref())
+                                .is_none_or(Vec::is_empty),
+                        "Pod {} was changed",
+                        pod_name(&pod)
+                    );
+                }
+                ensure!(
+                    optout.api::<Secret>().get_opt("bare-tls").await?.is_none(),
+                    "a Secret was made for the opted-out Pod"
+                );
+                Ok(())
+            },
+        )
+        .await
+}
+
+/// Scenario 5: `kubectl apply --dry-run=server`: the webhook reviews (the returned objects are
+/// mutated), nothing is created.
+async fn s5_dry_run(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(&[("e2e-s5", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            let hosts = vec![host("web", ns)];
+            let mut manifest = web_app("web", &hosts, "web-tls", 2, json!({}), json!({}));
+            let pod = app_pod(
+                "direct",
+                json!({"app": "direct"}),
+                direct_annotations(&host("direct", ns), "direct-tls"),
+            );
+            manifest["items"].as_array_mut().context("items")?.push(pod);
+            let out = ctx
+                .kubectl_ok(
+                    &[
+                        "-n",
+                        ns.name(),
+                        "apply",
+                        "--dry-run=server",
+                        "-o",
+                        "json",
+                        "-f",
+                        "-",
+                    ],
+                    Some(&manifest.to_string()),
+                )
+                .await?;
+            let returned: Value = serde_json::from_str(&out.stdout).context("kubectl -o json output")?;
+            let items = returned["items"].as_array().context("returned items")?;
+            let find = |kind: &str| {
+                items
+                    .iter()
+                    .find(|i| i["kind"] == kind)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let ingress: Ingress = serde_json::from_value(find("Ingress"))?;
+            let routed = ingress
+                .spec
+                .iter()
+                .flat_map(|s| s.rules.iter().flatten())
+                .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
+                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            ensure!(
+                routed,
+                "the dry-run Ingress was not mutated (was the webhook called?)"
+            );
+            let pod: Pod = serde_json::from_value(find("Pod"))?;
+            ensure!(
+                sidecar(&pod).is_some(),
+                "the dry-run Pod has no sidecar (was the webhook called?)"
+            );
+
+            // Side effects would be synchronous with the review; give stragglers a moment.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let left = ctx
+                .kubectl_ok(
+                    &[
+                        "-n",
+                        ns.name(),
+                        "get",
+                        "pods,services,deployments,ingresses,secrets,roles,rolebindings,leases",
+                        "-o",
+                        "name",
+                    ],
+                    None,
+                )
+                .await?;
+            ensure!(
+                left.stdout.trim().is_empty(),
+                "the dry run created:\n{}",
+                left.stdout
+            );
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName): admitted,
+/// with warnings that `kubectl` prints.
+async fn s8_warnings(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(&[("e2e-s8", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            let wildcard = format!("*.wild.{}.sidecert.test", ns.name());
+            let plain = host("nosecret", ns);
+            let ingress = |name: &str, tls: Value, host: &str| {
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                       "metadata": {"name": name, "annotations": {annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"}},
+                       "spec": {"tls": [tls], "rules": [{"host": host, "http": {"paths": [{"path": "/",
+                                "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}})
+            };
+            let list = json!({"apiVersion": "v1", "kind": "List", "items": [
+                ingress("wildcard", json!({"hosts": [wildcard], "secretName": "wild-tls"}), &wildcard),
+                ingress("nosecret", json!({"hosts": [plain]}), &plain),
+            ]});
+            let out = ctx
+                .kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&list.to_string()))
+                .await?;
+            eprintln!("scenario 8: kubectl printed:\n{}", out.stderr.trim());
+            let warnings: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("Warning: ")).collect();
+            ensure!(
+                warnings.iter().any(|w| w.contains("wildcard") && w.contains(&wildcard)),
+                "no warning about the wildcard host in kubectl's output: {warnings:?}"
+            );
+            ensure!(
+                warnings.iter().any(|w| w.contains("secretName")),
+                "no warning about the missing secretName in kubectl's output: {warnings:?}"
+            );
+            let ingresses = ns.api::<Ingress>();
+            ensure!(ingresses.get_opt("wildcard").await?.is_some(), "Ingress wildcard not admitted");
+            ensure!(ingresses.get_opt("nosecret").await?.is_some(), "Ingress nosecret not admitted");
+            ensure!(
+                ns.api::<Secret>().get_opt("wild-tls").await?.is_none(),
+                "a Secret was made for a wildcard host"
+            );
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 6: `helm upgrade` to a new sidecar memory limit while a loop creates Pods (behind an
+/// annotated Ingress, so each is injected): no admission fails, and Pods created once the
+/// rollout is over carry the new limit.
+async fn s6_upgrade(ctx: Ctx) -> Result<()> {
+    const OLD_LIMIT: &str = "64Mi";
+    const NEW_LIMIT: &str = "96Mi";
+    ctx.clone()
+        .in_namespaces(&[("e2e-s6", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            // Service + Ingress select the loop's Pods; a Deployment of 0 keeps the shape.
+            let hosts = vec![host("loop", ns)];
+            let manifest = web_app("loop", &hosts, "loop-tls", 0, json!({}), json!({}));
+            ctx.kubectl_ok(
+                &["-n", ns.name(), "apply", "-f", "-"],
+                Some(&manifest.to_string()),
+            )
+            .await?;
+            let pods_api: Api<Pod> = ns.api();
+            let before: Pod = serde_json::from_value(app_pod("before", json!({"app": "loop"}), json!({})))?;
+            let before = pods_api.create(&PostParams::default(), &before).await?;
+            let limit = |pod: &Pod| {
+                sidecar(pod)
+                    .and_then(|c| c.resources.as_ref())
+                    .and_then(|r| r.limits.as_ref())
+                    .and_then(|l| l.get("memory"))
+                    .map(|q| q.0.clone())
+            };
+            ensure!(
+                limit(&before).as_deref() == Some(OLD_LIMIT),
+                "before the upgrade: sidecar memory limit {:?}, want {OLD_LIMIT}",
+                limit(&before)
+            );
+
+            // The loop: one Pod every 200 ms, each deleted again at once.
+            let stop = Arc::new(AtomicBool::new(false));
+            let creator = {
+                let pods_api = pods_api.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut results: Vec<(String, Result<bool, String>)> = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        i += 1;
+                        let name = format!("loop-{i}");
+                        let pod: Pod =
+                            serde_json::from_value(app_pod(&name, json!({"app": "loop"}), json!({})))
+                                .expect("Pod");
+                        let outcome = match pods_api.create(&PostParams::default(), &pod).await {
+                            Ok(created) => {
+                                let _ = pods_api
+                                    .delete(&name, &DeleteParams::default().grace_period(0))
+                                    .await;
+                                Ok(sidecar(&created).is_some())
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        results.push((name, outcome));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    results
+                })
+            };
+
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let upgrade = ctx
+                .helm_ok(&[
+                    "upgrade",
+                    RELEASE,
+                    CHART,
+                    "-n",
+                    &ctx.release_ns,
+                    "--reuse-values",
+                    "--set",
+                    &format!("sidecar.resources.limits.memory={NEW_LIMIT}"),
+                    "--wait",
+                    "--timeout",
+                    "120s",
+                ])
+                .await;
+            // Over when only new webhook Pods are left (the old ones have terminated).
+            let flag = format!("--sidecar-memory-limit={NEW_LIMIT}");
+            let rolled = match &upgrade {
+                Ok(_) => {
+                    let webhook_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.release_ns);
+                    wait_for(Duration::from_secs(90), || {
+                        let webhook_pods = webhook_pods.clone();
+                        let flag = flag.clone();
+                        async move {
+                            let pods = webhook_pods
+                                .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
+                                .await
+                                .ok()?
+                                .items;
+                            let new = |p: &Pod| {
+                                p.spec.as_ref().is_some_and(|s| {
+                                    s.containers
+                                        .iter()
+                                        .any(|c| c.args.iter().flatten().any(|a| *a == flag))
+                                })
+                            };
+                            (pods.len() == 2 && pods.iter().all(|p| new(p) && is_running(p))).then_some(())
+                        }
+                    })
+                    .await
+                    .context("the old webhook Pods did not go away")
+                }
+                Err(_) => Ok(()),
+            };
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            stop.store(true, Ordering::Relaxed);
+            let results = creator.await?;
+            upgrade.context("helm upgrade")?;
+            rolled?;
+
+            let failed: Vec<_> = results.iter().filter(|(_, r)| r.is_err()).collect();
+            let uninjected: Vec<_> = results.iter().filter(|(_, r)| matches!(r, Ok(false))).collect();
+            eprintln!(
+                "scenario 6: {} Pods created during the upgrade, {} refused, {} without sidecar",
+                results.len(),
+                failed.len(),
+                uninjected.len()
+            );
+            ensure!(
+                results.len() >= 10,
+                "only {} Pods were created during the upgrade",
+                results.len()
+            );
+            ensure!(
+                failed.is_empty(),
+                "admissions failed during the upgrade: {failed:?}"
+            );
+            ensure!(
+                uninjected.is_empty(),
+                "Pods admitted without the sidecar: {uninjected:?}"
+            );
+
+            for i in 0..3 {
+                let name = format!("after-{i}");
+                let pod: Pod = serde_json::from_value(app_pod(&name, json!({"app": "loop"}), json!({})))?;
+                let created = pods_api.create(&PostParams::default(), &pod).await?;
+                ensure!(
+                    limit(&created).as_deref() == Some(NEW_LIMIT),
+                    "Pod {name} created after the upgrade: sidecar memory limit {:?}, want {NEW_LIMIT}",
+                    limit(&created)
+                );
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Scenario 7: With no webhook Pod left, Pods in labelled namespaces are refused with a message that
+/// names the webhook (failurePolicy Fail); other namespaces are unaffected; once the
+/// webhook is back, Pods are admitted again.
+async fn s7_webhook_down(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(
+            &[("e2e-s7", true), ("e2e-s7-off", false)],
+            |namespaces| async move {
+                let (on, off) = (&namespaces[0], &namespaces[1]);
+                let deployment = format!("deployment/{}", ctx.webhook_deployment());
+                let webhook_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.release_ns);
+                let selector = "app.kubernetes.io/component=webhook";
+
+                ctx.kubectl_ok(
+                    &["-n", &ctx.release_ns, "scale", &deployment, "--replicas=0"],
+                    None,
+                )
+                .await?;
+                let result = async {
+                    wait_for(Duration::from_secs(60), || {
+                        let webhook_pods = webhook_pods.clone();
+                        async move {
+                            let pods = webhook_pods
+                                .list(&ListParams::default().labels(selector))
+                                .await
+                                .ok()?;
+                            pods.items.is_empty().then_some(())
+                        }
+                    })
+                    .await
+                    .context("webhook Pods still there 60 s after scaling to 0")?;
+
+                    let pod = app_pod("refused", json!({"app": "probe"}), json!({})).to_string();
+                    let out = ctx
+                        .kubectl(&["-n", on.name(), "create", "-f", "-"], Some(&pod))
+                        .await?;
+                    ensure!(
+                        !out.success,
+                        "a Pod was admitted in a labelled namespace with no webhook running"
+                    );
+                    eprintln!("scenario 7: kubectl printed: {}", out.stderr.trim());
+                    ensure!(
+                        out.stderr.contains("failed calling webhook \"pods.sidecert.io\""),
+                        "refusal does not name the webhook: {}",
+                        out.stderr.trim()
+                    );
+                    ensure!(
+                        on.api::<Pod>().get_opt("refused").await?.is_none(),
+                        "the refused Pod exists"
+                    );
+                    let pod = app_pod("unaffected", json!({"app": "probe"}), json!({})).to_string();
+                    ctx.kubectl_ok(&["-n", off.name(), "create", "-f", "-"], Some(&pod))
+                        .await
+                        .context("a Pod in an unlabelled namespace was refused while the webhook is down")?;
+                    Ok(())
+                }
+                .await;
+
+                // Back, whatever happened above.
+                ctx.kubectl_ok(
+                    &["-n", &ctx.release_ns, "scale", &deployment, "--replicas=2"],
+                    None,
+                )
+                .await?;
+                result?;
+                ctx.kubectl_ok(
+                    &[
+                        "-n",
+                        &ctx.release_ns,
+                        "rollout",
+                        "status",
+                        &deployment,
+                        "--timeout=90s",
+                    ],
+                    None,
+                )
+                .await?;
+                // The API server learns the new endpoints through its informer: allow a moment.
+                let pod = app_pod(
+                    "admitted",
+                    json!({"app": "admitted"}),
+                    direct_annotations(&host("admitted", on), "admitted-tls"),
+                )
+                .to_string();
+                let started = Instant::now();
+                let admitted = wait_for(Duration::from_secs(30), || {
+                    let ctx = ctx.clone();
+                    let pod = pod.clone();
+                    let ns = on.name().to_owned();
+                    async move {
+                        ctx.kubectl(&["-n", &ns, "create", "-f", "-"], Some(&pod))
+                            .await
+                            .ok()
+                            .filter(|o| o.success)
+                    }
+                })
+                .await
+                .context("Pods still refused 30 s after the webhook rollout finished")?;
+                eprintln!(
+                    "scenario 7: admitted again {:.1}s after the rollout: {}",
+                    started.elapsed().as_secs_f32(),
+                    admitted.stdout.trim()
+                );
+                let pod = on.api::<Pod>().get("admitted").await?;
+                ensure!(
+                    sidecar(&pod).is_some(),
+                    "the Pod admitted after the outage has no sidecar"
+                );
+                Ok(())
+            },
+        )
+        .await
+}
