@@ -128,7 +128,15 @@ impl<'a> RawRequest<'a> {
         &self,
         types: &TypeMeta,
     ) -> std::result::Result<AdmissionRequest<T>, serde_json::Error> {
-        let decode = |raw: Option<&'a RawValue>| raw.map(|r| serde_json::from_str::<T>(r.get())).transpose();
+        self.typed_with(types, |json: &str| serde_json::from_str::<T>(json))
+    }
+
+    fn typed_with<T: Resource>(
+        &self,
+        types: &TypeMeta,
+        from_str: impl Fn(&str) -> serde_json::Result<T>,
+    ) -> std::result::Result<AdmissionRequest<T>, serde_json::Error> {
+        let decode = |raw: Option<&'a RawValue>| raw.map(|r| from_str(r.get())).transpose();
         Ok(AdmissionRequest {
             types: types.clone(),
             uid: self.uid.clone(),
@@ -174,6 +182,67 @@ impl<'a> RawRequest<'a> {
     }
 }
 
+/// Decodes a Pod without what the webhook never reads: `metadata.managedFields` (a
+/// free-form JSON tree per field manager, the costliest part of a review to decode) and
+/// `status` (empty at CREATE). Both are skipped by serde without building anything. The
+/// patch is computed against this view; it touches neither.
+fn decode_pod(json: &str) -> serde_json::Result<Pod> {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::core::v1::PodSpec,
+        apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time},
+    };
+
+    #[derive(Deserialize)]
+    struct PodView {
+        #[serde(default)]
+        metadata: MetaView,
+        #[serde(default)]
+        spec: Option<PodSpec>,
+    }
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "camelCase", default)]
+    struct MetaView {
+        annotations: Option<BTreeMap<String, String>>,
+        creation_timestamp: Option<Time>,
+        deletion_grace_period_seconds: Option<i64>,
+        deletion_timestamp: Option<Time>,
+        finalizers: Option<Vec<String>>,
+        generate_name: Option<String>,
+        generation: Option<i64>,
+        labels: Option<BTreeMap<String, String>>,
+        name: Option<String>,
+        namespace: Option<String>,
+        owner_references: Option<Vec<OwnerReference>>,
+        resource_version: Option<String>,
+        self_link: Option<String>,
+        uid: Option<String>,
+    }
+    let PodView { metadata: m, spec } = serde_json::from_str(json)?;
+    Ok(Pod {
+        metadata: ObjectMeta {
+            annotations: m.annotations,
+            creation_timestamp: m.creation_timestamp,
+            deletion_grace_period_seconds: m.deletion_grace_period_seconds,
+            deletion_timestamp: m.deletion_timestamp,
+            finalizers: m.finalizers,
+            generate_name: m.generate_name,
+            generation: m.generation,
+            labels: m.labels,
+            managed_fields: None,
+            name: m.name,
+            namespace: m.namespace,
+            owner_references: m.owner_references,
+            resource_version: m.resource_version,
+            self_link: m.self_link,
+            uid: m.uid,
+        },
+        spec,
+        status: None,
+    })
+}
+
 /// Parses a request body. `Err` is an HTTP 400 (or 413) answer; an unknown kind or an
 /// undecodable object is an `Ok(Request::Other)` that is admitted with a warning.
 pub fn parse(body: &[u8]) -> Result<Request> {
@@ -207,7 +276,7 @@ pub fn parse(body: &[u8]) -> Result<Request> {
     }
     let k = &raw.kind;
     Ok(match (k.group.as_str(), k.version.as_str(), k.kind.as_str()) {
-        ("", "v1", "Pod") => match raw.typed::<Pod>(&types) {
+        ("", "v1", "Pod") => match raw.typed_with(&types, decode_pod) {
             Ok(r) => Request::Pod(Box::new(r)),
             Err(e) => raw.other(
                 &types,
@@ -486,5 +555,35 @@ pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig
             .route("/mutate", web::post().to(mutate))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz));
+    }
+}
+
+#[cfg(test)]
+mod decode_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn pod_view_keeps_all_but_managed_fields_and_status() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web", "namespace": "shop", "generateName": "web-", "uid": "u1",
+                "labels": {"app": "web"}, "annotations": {"sidecert.io/inject": "true"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "u2"}],
+                "managedFields": [{"manager": "kubectl", "operation": "Update", "fieldsType": "FieldsV1",
+                                   "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:app": {}}}}}]
+            },
+            "spec": {"containers": [{"name": "app", "image": "example/app"}]},
+            "status": {"phase": "Pending"}
+        })
+        .to_string();
+        let full: Pod = serde_json::from_str(&json).unwrap();
+        let view = decode_pod(&json).unwrap();
+        let mut expected = full.clone();
+        expected.metadata.managed_fields = None;
+        expected.status = None;
+        assert_eq!(view, expected);
+        assert!(decode_pod(r#"{"spec": {"containers": 7}}"#).is_err());
     }
 }
