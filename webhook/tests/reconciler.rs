@@ -1,10 +1,10 @@
 //! The Ingress reconciler against the local control plane. Two webhook replicas run in-process
 //! (`serve --reconcile`, one Lease); a url MutatingWebhookConfiguration, restricted to this
 //! run's namespace label, points the API server at the follower. Scenarios: a Deployment
-//! created before its Ingress is annotated gets rolled (new Pods carry the sidecar, an Event
-//! says why); a deleted or drifted solver Service comes back; taking the annotation off removes
-//! the HTTP-01 path and the solver Service but keeps the Secret; only the leader reconciles, and
-//! when it is killed the other replica takes over.
+//! created before its Ingress is annotated gets rolled (new Pods carry the sidecar and get the
+//! certificate, an Event says why); a deleted or drifted solver Service comes back; taking the
+//! annotation off removes the HTTP-01 path and the solver Service but keeps the Secret; only
+//! the leader reconciles, and when it is killed the other replica takes over.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
@@ -391,6 +391,21 @@ async fn scenarios(apps: &TestNamespace, replicas: &mut [Replica], leader: usize
         note.contains("Deployment web") && note.contains("sidecar"),
         "{note}"
     );
+
+    // The rolled Pod's sidecar gets the certificate: the temporary one in web-tls is replaced
+    // by one Pebble issued.
+    let secrets: Api<Secret> = apps.api();
+    wait_for(Duration::from_secs(90), || {
+        let secrets = secrets.clone();
+        async move {
+            let ann = secrets.get_opt("web-tls").await.ok()??.metadata.annotations?;
+            let issued = ann.contains_key("sidecert.io/not-after")
+                && ann.get("sidecert.io/temporary").map(String::as_str) != Some("true");
+            issued.then_some(())
+        }
+    })
+    .await
+    .expect("the rolled Pod's sidecar replaces the temporary certificate");
 
     // Once per Ingress generation: no second restart.
     tokio::time::sleep(Duration::from_secs(3)).await;
