@@ -137,7 +137,25 @@ impl<'a> RawRequest<'a> {
         from_str: impl Fn(&str) -> serde_json::Result<T>,
     ) -> std::result::Result<AdmissionRequest<T>, serde_json::Error> {
         let decode = |raw: Option<&'a RawValue>| raw.map(|r| from_str(r.get())).transpose();
-        Ok(AdmissionRequest {
+        Ok(self.with_objects(types, decode(self.object)?, decode(self.old_object)?))
+    }
+
+    /// A request of another kind, or one whose object could not be decoded: everything
+    /// but the objects, which the webhook does not need to answer it.
+    fn other(&self, types: &TypeMeta, warning: String) -> Request {
+        Request::Other {
+            request: Box::new(self.with_objects(types, None, None)),
+            warning,
+        }
+    }
+
+    fn with_objects<T: Resource>(
+        &self,
+        types: &TypeMeta,
+        object: Option<T>,
+        old_object: Option<T>,
+    ) -> AdmissionRequest<T> {
+        AdmissionRequest {
             types: types.clone(),
             uid: self.uid.clone(),
             kind: self.kind.clone(),
@@ -150,34 +168,10 @@ impl<'a> RawRequest<'a> {
             namespace: self.namespace.clone(),
             operation: self.operation.clone(),
             user_info: self.user_info.clone(),
-            object: decode(self.object)?,
-            old_object: decode(self.old_object)?,
+            object,
+            old_object,
             dry_run: self.dry_run,
             options: None,
-        })
-    }
-
-    fn other(&self, types: &TypeMeta, warning: String) -> Request {
-        Request::Other {
-            request: Box::new(AdmissionRequest {
-                types: types.clone(),
-                uid: self.uid.clone(),
-                kind: self.kind.clone(),
-                resource: self.resource.clone(),
-                sub_resource: self.sub_resource.clone(),
-                request_kind: self.request_kind.clone(),
-                request_resource: self.request_resource.clone(),
-                request_sub_resource: self.request_sub_resource.clone(),
-                name: self.name.clone(),
-                namespace: self.namespace.clone(),
-                operation: self.operation.clone(),
-                user_info: self.user_info.clone(),
-                object: None,
-                old_object: None,
-                dry_run: self.dry_run,
-                options: None,
-            }),
-            warning,
         }
     }
 }
