@@ -4,113 +4,28 @@
 //! come back mutated.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use k8s_openapi::{
-    ByteString,
-    api::{
-        admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
-        },
-        core::v1::{Namespace, Pod, Secret, Service},
-        networking::v1::Ingress,
-        rbac::v1::Role,
-    },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Namespace, Pod, Secret, Service},
+    networking::v1::Ingress,
+    rbac::v1::Role,
 };
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::json;
 use sidecert_e2e::{Plane, wait_for};
+
+mod common;
+use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
 use sidecert_webhook::{
     config::{NativeSidecars, ServeArgs},
     server::serve,
     sidecar::default_mutation_args,
 };
-
-const TEST_LABEL: &str = "sidecert-webhook-test";
-
-/// A CA and a serving certificate for the gateway IP; returns (ca pem, dir with tls files).
-fn pki(ip: std::net::Ipv4Addr) -> (String, std::path::PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(vec![ip.to_string()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let dir = std::env::temp_dir().join(format!("sidecert-webhook-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    (ca_cert.pem(), dir)
-}
-
-fn free_port(ip: std::net::Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn webhook_config(name: &str, url: &str, ca: &str, run: &str) -> MutatingWebhookConfiguration {
-    let selector = LabelSelector {
-        match_labels: Some(BTreeMap::from([
-            ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
-            (TEST_LABEL.to_owned(), run.to_owned()),
-        ])),
-        ..Default::default()
-    };
-    let hook = |hook_name: &str, rule: RuleWithOperations| MutatingWebhook {
-        name: format!("{hook_name}.{run}.sidecert.io"),
-        admission_review_versions: vec!["v1".into()],
-        client_config: WebhookClientConfig {
-            url: Some(url.to_owned()),
-            ca_bundle: Some(ByteString(ca.as_bytes().to_vec())),
-            service: None,
-        },
-        namespace_selector: Some(selector.clone()),
-        rules: Some(vec![rule]),
-        side_effects: "NoneOnDryRun".into(),
-        failure_policy: Some("Ignore".into()),
-        reinvocation_policy: Some("Never".into()),
-        timeout_seconds: Some(10),
-        ..Default::default()
-    };
-    MutatingWebhookConfiguration {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![
-            hook(
-                "pods",
-                RuleWithOperations {
-                    api_groups: Some(vec!["".into()]),
-                    api_versions: Some(vec!["v1".into()]),
-                    operations: Some(vec!["CREATE".into()]),
-                    resources: Some(vec!["pods".into()]),
-                    scope: Some("Namespaced".into()),
-                },
-            ),
-            hook(
-                "ingresses",
-                RuleWithOperations {
-                    api_groups: Some(vec!["networking.k8s.io".into()]),
-                    api_versions: Some(vec!["v1".into()]),
-                    operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                    resources: Some(vec!["ingresses".into()]),
-                    scope: Some("Namespaced".into()),
-                },
-            ),
-        ]),
-    }
-}
 
 fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
@@ -121,22 +36,13 @@ fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) ->
     .unwrap()
 }
 
-fn has_sidecar(p: &Pod) -> bool {
-    let spec = p.spec.as_ref().unwrap();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .any(|c| c.name == "sidecert")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_against_the_plane() {
     let plane = Plane::get().await.expect("local plane");
     sidecert_webhook::install_crypto_provider();
     let client = plane.client().await.unwrap();
     let ip = plane.gateway();
-    let (ca, dir) = pki(ip);
+    let (ca, dir) = pki(ip, "plane");
     let port = free_port(ip);
     let run = format!("r{}", std::process::id());
 
@@ -181,7 +87,14 @@ async fn webhook_against_the_plane() {
     hooks
         .create(
             &PostParams::default(),
-            &webhook_config(&hook_name, &format!("https://{ip}:{port}/mutate"), &ca, &run),
+            &webhook_config(
+                &hook_name,
+                &format!("https://{ip}:{port}/mutate"),
+                Some(&ca),
+                &run,
+                "Ignore",
+                &[PODS, INGRESSES],
+            ),
         )
         .await
         .unwrap();

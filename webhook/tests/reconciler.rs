@@ -10,24 +10,17 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use clap::Parser;
-use k8s_openapi::{
-    ByteString,
-    api::{
-        admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
-        },
-        apps::v1::Deployment,
-        core::v1::{Namespace, Pod, Secret, Service},
-        events::v1::Event,
-        networking::v1::Ingress,
-    },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    apps::v1::Deployment,
+    core::v1::{Namespace, Pod, Secret, Service},
+    events::v1::Event,
+    networking::v1::Ingress,
 };
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use serde_json::json;
 use sidecert_e2e::{Plane, TestNamespace, wait_for};
 use sidecert_webhook::{
@@ -36,34 +29,8 @@ use sidecert_webhook::{
 };
 use tokio::sync::oneshot;
 
-const TEST_LABEL: &str = "sidecert-webhook-test";
-
-/// A CA and a serving certificate for the gateway IP; returns (ca pem, dir with tls files).
-fn pki(ip: Ipv4Addr, run: &str) -> (String, std::path::PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![ip.to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("sidecert-reconciler-test-{run}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    (ca_cert.pem(), dir)
-}
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
 
 /// A replica running in its own thread and runtime. `kill` drops the runtime at once (no
 /// graceful shutdown, no Lease release: like a killed Pod).
@@ -138,62 +105,6 @@ impl Drop for Replica {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn webhook_config(name: &str, url: &str, ca: &str, run: &str) -> MutatingWebhookConfiguration {
-    let selector = LabelSelector {
-        match_labels: Some(BTreeMap::from([
-            ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
-            (TEST_LABEL.to_owned(), run.to_owned()),
-        ])),
-        ..Default::default()
-    };
-    let hook = |hook_name: &str, resource: &str, group: &str, ops: &[&str]| MutatingWebhook {
-        name: format!("{hook_name}.{run}.sidecert.io"),
-        admission_review_versions: vec!["v1".into()],
-        client_config: WebhookClientConfig {
-            url: Some(url.to_owned()),
-            ca_bundle: Some(ByteString(ca.as_bytes().to_vec())),
-            service: None,
-        },
-        namespace_selector: Some(selector.clone()),
-        rules: Some(vec![RuleWithOperations {
-            api_groups: Some(vec![group.into()]),
-            api_versions: Some(vec!["v1".into()]),
-            operations: Some(ops.iter().map(|s| (*s).to_owned()).collect()),
-            resources: Some(vec![resource.into()]),
-            scope: Some("Namespaced".into()),
-        }]),
-        side_effects: "NoneOnDryRun".into(),
-        failure_policy: Some("Ignore".into()),
-        reinvocation_policy: Some("Never".into()),
-        timeout_seconds: Some(10),
-        ..Default::default()
-    };
-    MutatingWebhookConfiguration {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![
-            hook("pods", "pods", "", &["CREATE"]),
-            hook(
-                "ingresses",
-                "ingresses",
-                "networking.k8s.io",
-                &["CREATE", "UPDATE"],
-            ),
-        ]),
-    }
-}
-
-fn has_sidecar(p: &Pod) -> bool {
-    let spec = p.spec.as_ref().unwrap();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .any(|c| c.name == "sidecert")
 }
 
 fn has_challenge_path(ing: &Ingress) -> bool {
@@ -279,7 +190,7 @@ async fn reconciler_heals_rolls_and_hands_over() {
         hooks
             .create(
                 &PostParams::default(),
-                &webhook_config(&hook_name, &url, &ca, &run),
+                &webhook_config(&hook_name, &url, Some(&ca), &run, "Ignore", &[PODS, INGRESSES]),
             )
             .await
             .unwrap();

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
@@ -13,14 +13,9 @@ use std::{
 };
 
 use clap::Parser;
-use k8s_openapi::{
-    api::{
-        admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
-        },
-        core::v1::{Namespace, Pod, Secret},
-    },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration,
+    core::v1::{Namespace, Pod, Secret},
 };
 use kube::{
     Api,
@@ -34,15 +29,8 @@ use sidecert_webhook::{
     server::serve,
 };
 
-const TEST_LABEL: &str = "sidecert-webhook-test";
-
-fn free_port(ip: Ipv4Addr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{PODS, TEST_LABEL, free_port, has_sidecar, webhook_config};
 
 /// Starts `sidecert-webhook serve <args>` in its own thread and runtime (it ends with the
 /// test process), from a real command line so the flags are exercised too.
@@ -102,44 +90,6 @@ fn common_args(plane: &Plane, ns: &str, config: &str, port: u16, metrics_port: u
     .into_iter()
     .map(str::to_owned)
     .collect()
-}
-
-fn webhook_config(name: &str, url: &str, run: &str, failure_policy: &str) -> MutatingWebhookConfiguration {
-    MutatingWebhookConfiguration {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_owned()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![MutatingWebhook {
-            name: format!("pods.{run}.sidecert.io"),
-            admission_review_versions: vec!["v1".into()],
-            // No caBundle: the webhook fills it in.
-            client_config: WebhookClientConfig {
-                url: Some(url.to_owned()),
-                ca_bundle: None,
-                service: None,
-            },
-            namespace_selector: Some(LabelSelector {
-                match_labels: Some(BTreeMap::from([
-                    ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
-                    (TEST_LABEL.to_owned(), run.to_owned()),
-                ])),
-                ..Default::default()
-            }),
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(vec!["".into()]),
-                api_versions: Some(vec!["v1".into()]),
-                operations: Some(vec!["CREATE".into()]),
-                resources: Some(vec!["pods".into()]),
-                scope: Some("Namespaced".into()),
-            }]),
-            side_effects: "NoneOnDryRun".into(),
-            failure_policy: Some(failure_policy.into()),
-            reinvocation_policy: Some("Never".into()),
-            timeout_seconds: Some(10),
-            ..Default::default()
-        }]),
-    }
 }
 
 /// What a TLS client that trusts `bundle` sees at `addr`: the served leaf, and the status
@@ -226,15 +176,6 @@ fn pod(name: &str) -> Pod {
         "spec": {"containers": [{"name": "app", "image": "example.invalid/app:0"}]}
     }))
     .unwrap()
-}
-
-fn has_sidecar(p: &Pod) -> bool {
-    let spec = p.spec.as_ref().unwrap();
-    spec.init_containers
-        .iter()
-        .flatten()
-        .chain(&spec.containers)
-        .any(|c| c.name == "sidecert")
 }
 
 fn run_id(tag: &str) -> String {
@@ -325,7 +266,15 @@ async fn bootstraps_and_rotates_without_failed_admissions() {
         hooks
             .create(
                 &PostParams::default(),
-                &webhook_config(&config, &format!("https://{ip}:{port}/mutate"), &run, "Fail"),
+                &webhook_config(
+                    &config,
+                    &format!("https://{ip}:{port}/mutate"),
+                    // No caBundle: the webhook fills it in.
+                    None,
+                    &run,
+                    "Fail",
+                    &[PODS],
+                ),
             )
             .await
             .unwrap();
@@ -425,8 +374,10 @@ async fn two_replicas_starting_together_share_one_ca() {
             &webhook_config(
                 &config,
                 &format!("https://{ip}:{}/mutate", ports[0]),
+                None,
                 &run,
                 "Ignore",
+                &[PODS],
             ),
         )
         .await

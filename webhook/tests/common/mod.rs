@@ -1,0 +1,127 @@
+//! What the integration tests against the local plane share: a test PKI, free ports, and
+//! the url MutatingWebhookConfiguration that points the API server at an in-process webhook.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+        },
+        core::v1::Pod,
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+/// The namespace label that confines a configuration to one test run's namespaces.
+pub const TEST_LABEL: &str = "sidecert-webhook-test";
+
+/// A CA and a serving certificate for `ip`; returns (CA PEM, a directory holding `tls.crt`
+/// and `tls.key`).
+pub fn pki(ip: Ipv4Addr, tag: &str) -> (String, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![ip.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("sidecert-webhook-test-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    (ca_cert.pem(), dir)
+}
+
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn has_sidecar(p: &Pod) -> bool {
+    let spec = p.spec.as_ref().unwrap();
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .any(|c| c.name == "sidecert")
+}
+
+/// What one webhook of a configuration admits.
+pub struct Rule {
+    pub name: &'static str,
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub operations: &'static [&'static str],
+}
+
+pub const PODS: Rule = Rule {
+    name: "pods",
+    group: "",
+    resource: "pods",
+    operations: &["CREATE"],
+};
+
+pub const INGRESSES: Rule = Rule {
+    name: "ingresses",
+    group: "networking.k8s.io",
+    resource: "ingresses",
+    operations: &["CREATE", "UPDATE"],
+};
+
+/// A configuration named `name` sending `rules` to `url`, for namespaces labelled for
+/// injection and for this `run`. `ca_bundle: None` leaves the bundle for the webhook to fill.
+pub fn webhook_config(
+    name: &str,
+    url: &str,
+    ca_bundle: Option<&str>,
+    run: &str,
+    failure_policy: &str,
+    rules: &[Rule],
+) -> MutatingWebhookConfiguration {
+    let selector = LabelSelector {
+        match_labels: Some(BTreeMap::from([
+            ("sidecert.io/injection".to_owned(), "enabled".to_owned()),
+            (TEST_LABEL.to_owned(), run.to_owned()),
+        ])),
+        ..Default::default()
+    };
+    let hook = |rule: &Rule| MutatingWebhook {
+        name: format!("{}.{run}.sidecert.io", rule.name),
+        admission_review_versions: vec!["v1".into()],
+        client_config: WebhookClientConfig {
+            url: Some(url.to_owned()),
+            ca_bundle: ca_bundle.map(|ca| ByteString(ca.as_bytes().to_vec())),
+            service: None,
+        },
+        namespace_selector: Some(selector.clone()),
+        rules: Some(vec![RuleWithOperations {
+            api_groups: Some(vec![rule.group.into()]),
+            api_versions: Some(vec!["v1".into()]),
+            operations: Some(rule.operations.iter().map(|s| (*s).to_owned()).collect()),
+            resources: Some(vec![rule.resource.into()]),
+            scope: Some("Namespaced".into()),
+        }]),
+        side_effects: "NoneOnDryRun".into(),
+        failure_policy: Some(failure_policy.into()),
+        reinvocation_policy: Some("Never".into()),
+        timeout_seconds: Some(10),
+        ..Default::default()
+    };
+    MutatingWebhookConfiguration {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        webhooks: Some(rules.iter().map(hook).collect()),
+    }
+}
