@@ -31,6 +31,7 @@ use crate::{
 
 /// Type of the problem the CA returns for a stale nonce.
 const BAD_NONCE: &str = "urn:ietf:params:acme:error:badNonce";
+const EXTERNAL_ACCOUNT_REQUIRED: &str = "urn:ietf:params:acme:error:externalAccountRequired";
 /// How often one request is re-sent after `badNonce` (instant-acme already retries thrice).
 const NONCE_ATTEMPTS: u32 = 12;
 
@@ -190,7 +191,16 @@ pub async fn create_account(
             .create(&new, directory.to_owned(), eab.as_ref())
             .await
     );
-    Ok(r?)
+    match r {
+        Err(instant_acme::Error::Api(p)) if p.r#type.as_deref() == Some(EXTERNAL_ACCOUNT_REQUIRED) => {
+            Err(Error::Config(format!(
+                "the ACME server requires External Account Binding; give its key id and HMAC key \
+                 (`issue --eab-key-id --eab-hmac-key`, or for `run` a Secret with keyId and \
+                 hmacKey named by SIDECERT_EAB_SECRET, the chart's acme.eabSecret): {p}"
+            )))
+        }
+        r => Ok(r?),
+    }
 }
 
 /// Restores an account from stored credentials (fetches the directory).

@@ -48,8 +48,8 @@ pub struct IssueArgs {
     pub http01_listen: SocketAddr,
     #[arg(long, default_value = "ecdsa-p256")]
     pub key_algorithm: KeyAlgorithm,
-    /// ACME profile (e.g. shortlived).
-    #[arg(long)]
+    /// ACME profile (e.g. shortlived); named as for `run`.
+    #[arg(long = "acme-profile", visible_alias = "profile")]
     pub profile: Option<String>,
     #[arg(long)]
     pub email: Option<String>,

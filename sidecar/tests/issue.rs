@@ -3,11 +3,14 @@
 
 mod common;
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Output},
+};
 
 use common::*;
 
-/// Runs the binary's `issue` and checks the files.
+/// Runs the binary's `issue` and checks that it succeeded.
 fn run_issue(
     directory: &str,
     ca_file: &std::path::Path,
@@ -15,6 +18,24 @@ fn run_issue(
     ip: Ipv4Addr,
     extra: &[&str],
 ) -> std::path::PathBuf {
+    let (out, dir) = issue_output(directory, ca_file, domains, ip, extra);
+    assert!(
+        out.status.success(),
+        "issue failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// Runs the binary's `issue` into a fresh directory; returns what it printed and the directory.
+fn issue_output(
+    directory: &str,
+    ca_file: &std::path::Path,
+    domains: &[String],
+    ip: Ipv4Addr,
+    extra: &[&str],
+) -> (Output, std::path::PathBuf) {
     let dir = temp_dir("issue");
     let out = Command::new(bin())
         .args([
@@ -33,13 +54,7 @@ fn run_issue(
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "issue failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    dir
+    (out, dir)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -123,7 +138,7 @@ async fn issue_against_the_plane_pebble_with_an_rsa_key() {
             &ca,
             &ds,
             ip,
-            &["--key-algorithm", "rsa-2048", "--profile", "default"],
+            &["--key-algorithm", "rsa-2048", "--acme-profile", "default"],
         )
     })
     .await
@@ -140,4 +155,61 @@ async fn issue_against_the_plane_pebble_with_an_rsa_key() {
             .file_type()
             .is_symlink()
     );
+}
+
+/// The HMAC key Pebble's own example configuration uses (base64url).
+const EAB_HMAC: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn issue_binds_the_account_when_the_ca_requires_eab() {
+    init();
+    let pebble = OwnPebble::start_requiring_eab(14130, &[("kid-sidecert", EAB_HMAC)]);
+    pebble.wait_ready().await;
+    let ip = Ipv4Addr::new(127, 0, 0, 45);
+    let d = domain("eab");
+    add_a(&pebble.challtestsrv, &d, ip).await;
+    let (directory, ca) = (pebble.directory.clone(), pebble.ca_file.clone());
+    let domains = vec![d];
+    let outcome = tokio::task::spawn_blocking(move || {
+        let without = issue_output(&directory, &ca, &domains, ip, &[]);
+        let wrong_key = issue_output(
+            &directory,
+            &ca,
+            &domains,
+            ip,
+            &[
+                "--eab-key-id",
+                "kid-sidecert",
+                "--eab-hmac-key",
+                "bm90LXRoZS1rZXk",
+            ],
+        );
+        let with = issue_output(
+            &directory,
+            &ca,
+            &domains,
+            ip,
+            &["--eab-key-id", "kid-sidecert", "--eab-hmac-key", EAB_HMAC],
+        );
+        (without, wrong_key, with, domains)
+    })
+    .await
+    .unwrap();
+    let ((without, without_dir), (wrong, wrong_dir), (with, dir), domains) = outcome;
+
+    // No binding: the CA's problem reaches the user with what to do, and nothing is written.
+    assert!(!without.status.success());
+    let err = String::from_utf8_lossy(&without.stderr);
+    assert!(err.contains("externalAccountRequired"), "{err}");
+    assert!(err.contains("--eab-key-id"), "{err}");
+    assert!(!without_dir.join("tls.crt").exists());
+    // A binding signed with the wrong key is refused just as clearly.
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("unauthorized"), "{err}");
+    assert!(!wrong_dir.join("tls.crt").exists());
+    // The right key: issued.
+    assert!(with.status.success(), "{}", String::from_utf8_lossy(&with.stderr));
+    let chain = std::fs::read_to_string(dir.join("tls.crt")).unwrap();
+    assert_chains_to(&chain, &pebble.root_pem().await, &domains);
 }

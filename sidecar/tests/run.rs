@@ -393,6 +393,42 @@ async fn ca_down_at_start_then_up_issues_with_bounded_attempts() {
     ns.cleanup().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn eab_credentials_come_from_a_secret() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-eab", false).await.unwrap();
+    let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let pebble = OwnPebble::start_requiring_eab(14140, &[("kid-run", hmac)]);
+    pebble.wait_ready().await;
+    let ip = Ipv4Addr::new(127, 0, 0, 61);
+    let d = domain("eab-run");
+    add_a(&pebble.challtestsrv, &d, ip).await;
+    let secrets: Api<Secret> = ns.api();
+    let eab = Secret {
+        metadata: ObjectMeta {
+            name: Some("acme-eab".into()),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([
+            ("keyId".into(), "kid-run".into()),
+            ("hmacKey".into(), hmac.into()),
+        ])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &eab).await.unwrap();
+    let spec = CertificateSpec::new("eab-tls", [&d]).unwrap();
+    let mut opts = options(plane, ns.name(), &spec, ip, Some("default"), true);
+    opts.config.acme_server = pebble.directory.clone();
+    opts.config.acme_ca_bundle = Some(pebble.ca_pem());
+    opts.config.eab_secret = Some("acme-eab".into());
+    let r = start(opts, ns.client()).await;
+    let s = wait_issued(&secrets, "eab-tls", None, Duration::from_secs(60)).await;
+    assert_chains_to(&crt(&s), &pebble.root_pem().await, &spec.domains);
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
 struct Replica {
     _proc: Proc,
     metrics: String,

@@ -174,6 +174,21 @@ pub struct OwnPebble {
 impl OwnPebble {
     /// Starts challtestsrv and Pebble; `port_base` + 0..4 are used on 127.0.0.1.
     pub fn start(port_base: u16, extra_env: &[(&str, &str)], start_pebble: bool) -> Self {
+        Self::launch(port_base, extra_env, start_pebble, &[])
+    }
+
+    /// A Pebble that requires external account binding, with these (key id, base64url HMAC
+    /// key) pairs.
+    pub fn start_requiring_eab(port_base: u16, mac_keys: &[(&str, &str)]) -> Self {
+        Self::launch(port_base, &[], true, mac_keys)
+    }
+
+    fn launch(
+        port_base: u16,
+        extra_env: &[(&str, &str)],
+        start_pebble: bool,
+        mac_keys: &[(&str, &str)],
+    ) -> Self {
         let root = repo_root();
         let dir = temp_dir("pebble");
         let pki = root.join("e2e/.state/pki");
@@ -185,7 +200,8 @@ impl OwnPebble {
             "certificate": pki.join("pebble.crt"),
             "privateKey": pki.join("pebble.key"),
             "httpPort": 8089, "tlsPort": 5001, "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
+            "externalAccountBindingRequired": !mac_keys.is_empty(),
+            "externalAccountMACKeys": mac_keys.iter().copied().collect::<std::collections::BTreeMap<_, _>>(),
             "retryAfter": {"authz": 1, "order": 1},
             "profiles": {
                 "default": {"description": "90 days", "validityPeriod": 7776000},
