@@ -17,7 +17,9 @@ impl PrivateKey {
     /// Generates a key of the given algorithm.
     ///
     /// RSA keys are generated with the `rsa` crate (ring cannot generate them, only sign
-    /// with them) and can take seconds: call this from a blocking task.
+    /// with them) and can take seconds: call this from a blocking task. Only generation and
+    /// PKCS#8 encoding are used from it; RUSTSEC-2023-0071 (Marvin, a timing side channel
+    /// in its RSA decryption) does not reach this code. The CSR is signed by ring.
     pub fn generate(alg: KeyAlgorithm) -> Result<Self> {
         let bits = match alg {
             KeyAlgorithm::EcdsaP256 => {
