@@ -136,7 +136,7 @@ impl HttpClient for AcmeHttp {
             if let Ok(r) = &rsp {
                 let s = r.parts.status.as_u16();
                 if (s == 429 || s == 503)
-                    && let Some(at) = parse_retry_after(&r.parts.headers)
+                    && let Some(at) = parse_retry_after(&r.parts.headers, SystemTime::now())
                     && let Ok(mut g) = retry_after.lock()
                 {
                     *g = Some(at);
@@ -147,10 +147,17 @@ impl HttpClient for AcmeHttp {
     }
 }
 
-fn parse_retry_after(headers: &http::HeaderMap) -> Option<SystemTime> {
+/// `Retry-After` as delay-seconds or as an HTTP-date (RFC 9110, 10.2.3), at most a day ahead.
+fn parse_retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<SystemTime> {
     let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: u64 = v.parse().ok()?;
-    Some(SystemTime::now() + Duration::from_secs(secs.min(24 * 3600)))
+    let delay = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(now + delay.min(Duration::from_secs(24 * 3600)))
 }
 
 /// External account binding credentials.
@@ -437,5 +444,32 @@ async fn validation_error(order: &mut instant_acme::Order, top: Option<Problem>)
     Error::Validation {
         domains: failed.join(","),
         detail: details.join("; "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(v: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_capped_at_a_day() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let at = |v: &str| parse_retry_after(&headers(v), now);
+        assert_eq!(at("120"), Some(now + Duration::from_secs(120)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(90));
+        assert_eq!(at(&date), Some(now + Duration::from_secs(90)));
+        // A date in the past means now; more than a day ahead means a day.
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(90));
+        assert_eq!(at(&past), Some(now));
+        assert_eq!(at("999999"), Some(now + Duration::from_secs(24 * 3600)));
+        assert_eq!(at("soon"), None);
+        assert_eq!(parse_retry_after(&http::HeaderMap::new(), now), None);
     }
 }
