@@ -12,13 +12,15 @@ use std::{
 };
 
 use clap::Parser;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use sidecert_e2e::{Plane, wait_for};
 use sidecert_webhook::{
     config::{Cli, Command},
     server::serve_until,
 };
+
+mod common;
+use common::{free_port, pki};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -83,30 +85,8 @@ async fn shutdown_drains_then_closes_idle_connections() {
         sidecert_webhook::config::init_tracing(&sidecert_webhook::config::LogFormat::Text);
     }
     let ip = plane.gateway();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-    let issuer = rcgen::Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![ip.to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("sidecert-shutdown-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    let port = std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (ca_pem, dir) = pki(ip, "shutdown");
+    let (port, metrics_port) = (free_port(ip), free_port(Ipv4Addr::LOCALHOST));
     let cli = Cli::try_parse_from([
         "sidecert-webhook".to_owned(),
         "serve".to_owned(),
