@@ -31,6 +31,8 @@ use crate::{
 
 /// Type of the problem the CA returns for a stale nonce.
 const BAD_NONCE: &str = "urn:ietf:params:acme:error:badNonce";
+/// How long one ACME request (connection, TLS, answer and body) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const EXTERNAL_ACCOUNT_REQUIRED: &str = "urn:ietf:params:acme:error:externalAccountRequired";
 /// How often one request is re-sent after `badNonce` (instant-acme already retries thrice).
 const NONCE_ATTEMPTS: u32 = 12;
@@ -120,7 +122,24 @@ impl HttpClient for AcmeHttp {
         let fut = HttpClient::request(&self.inner, req);
         Box::pin(async move {
             let start = Instant::now();
-            let rsp = fut.await;
+            // The whole exchange, body included, is bounded: a CA that accepts the
+            // connection and never answers must not hold an order (or shutdown) for ever.
+            let exchange = async {
+                let mut r = fut.await?;
+                let body = r.body.into_bytes().await.map_err(instant_acme::Error::Other)?;
+                Ok(BytesResponse {
+                    parts: r.parts,
+                    body: Box::new(body),
+                })
+            };
+            let rsp = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(instant_acme::Error::Other(Box::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer from the ACME server within {REQUEST_TIMEOUT:?}"),
+                    ))))
+                });
             if let Some(m) = &metrics {
                 let status = match &rsp {
                     Ok(r) => r.parts.status.as_u16().to_string(),

@@ -106,30 +106,39 @@ impl Metrics {
     }
 }
 
-/// Maps an ACME URL path to a bounded endpoint label.
+/// Maps an ACME URL path to a bounded endpoint label: the first path segment that names a
+/// resource decides (`/acme/order/{account}/{id}`, Pebble's `/my-order/{id}`), so the random
+/// IDs after it, which may contain any letters, are never read.
 pub fn acme_endpoint(method: &http::Method, path: &str) -> &'static str {
-    let p = path.to_ascii_lowercase();
-    if method == http::Method::HEAD || p.contains("nonce") {
-        "new-nonce"
-    } else if p.contains("renewal") || p.contains("ari") {
-        "renewal-info"
-    } else if p.ends_with("/dir") || p.contains("directory") {
-        "directory"
-    } else if p.contains("acct") || p.contains("account") || p.contains("sign-me-up") {
-        "account"
-    } else if p.contains("finalize") {
-        "finalize"
-    } else if p.contains("authz") {
-        "authorization"
-    } else if p.contains("chal") {
-        "challenge"
-    } else if p.contains("cert") {
-        "certificate"
-    } else if p.contains("order") {
-        "order"
-    } else {
-        "other"
+    if method == http::Method::HEAD {
+        return "new-nonce";
     }
+    // Within a segment, the more specific words first: "finalize-order", "new-order".
+    const WORDS: [(&str, &str); 13] = [
+        ("nonce", "new-nonce"),
+        ("renewal", "renewal-info"),
+        ("ari", "renewal-info"),
+        ("directory", "directory"),
+        ("finalize", "finalize"),
+        ("authz", "authorization"),
+        ("chal", "challenge"),
+        ("cert", "certificate"),
+        ("order", "order"),
+        ("acct", "account"),
+        ("account", "account"),
+        ("sign-me-up", "account"),
+        ("revoke", "other"),
+    ];
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        let segment = segment.to_ascii_lowercase();
+        if segment == "dir" {
+            return "directory";
+        }
+        if let Some((_, label)) = WORDS.iter().find(|(word, _)| segment.contains(word)) {
+            return label;
+        }
+    }
+    "other"
 }
 
 #[cfg(test)]
@@ -165,5 +174,29 @@ mod tests {
             acme_endpoint(&Method::GET, "/draft-ietf-acme-ari-03/renewalInfo/x"),
             "renewal-info"
         );
+        // Let's Encrypt's paths.
+        assert_eq!(acme_endpoint(&Method::GET, "/directory"), "directory");
+        assert_eq!(acme_endpoint(&Method::POST, "/acme/new-acct"), "account");
+        assert_eq!(acme_endpoint(&Method::POST, "/acme/new-order"), "order");
+        assert_eq!(acme_endpoint(&Method::POST, "/acme/order/123/456"), "order");
+        assert_eq!(
+            acme_endpoint(&Method::POST, "/acme/authz/123/789"),
+            "authorization"
+        );
+        assert_eq!(
+            acme_endpoint(&Method::POST, "/acme/chall/123/789/AbC"),
+            "challenge"
+        );
+        assert_eq!(acme_endpoint(&Method::POST, "/acme/finalize/123/456"), "finalize");
+        assert_eq!(acme_endpoint(&Method::POST, "/acme/cert/fa12"), "certificate");
+        assert_eq!(
+            acme_endpoint(&Method::GET, "/acme/renewal-info/aa.bb"),
+            "renewal-info"
+        );
+        // Random IDs that spell other words do not change the label.
+        assert_eq!(acme_endpoint(&Method::POST, "/my-order/xARIacctNonce"), "order");
+        assert_eq!(acme_endpoint(&Method::POST, "/certZ/renewalDIR"), "certificate");
+        assert_eq!(acme_endpoint(&Method::POST, "/chalZ/orderCERTari"), "challenge");
+        assert_eq!(acme_endpoint(&Method::POST, "/unknown/x"), "other");
     }
 }
