@@ -138,6 +138,22 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// True when `key_pem` is the private key of the first certificate of `chain_pem`. A pair
+/// that does not match (a hand-edited Secret) serves no TLS at all, so it is not kept.
+pub fn key_matches(chain_pem: &str, key_pem: &str) -> bool {
+    let Ok(key) = KeyPair::from_pem(key_pem) else {
+        return false;
+    };
+    let Some(leaf) = pem_certificates(chain_pem)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+    else {
+        return false;
+    };
+    x509_parser::parse_x509_certificate(leaf.as_ref())
+        .is_ok_and(|(_, cert)| *cert.public_key().subject_public_key.data == *key.public_key_raw())
+}
+
 /// Formats a moment as RFC 3339 (for annotations).
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
@@ -160,9 +176,20 @@ mod tests {
         let info = CertInfo::from_pem_chain(&cert.pem()).unwrap();
         assert!(info.covers(&domains, OffsetDateTime::now_utc()));
         assert!(!info.covers(&domains[..1], OffsetDateTime::now_utc()));
+        assert!(key_matches(&cert.pem(), &key.pkcs8_pem()));
         let rsa = PrivateKey::generate(KeyAlgorithm::Rsa2048).unwrap();
         assert!(rsa.pkcs8_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
         assert!(!rsa.csr_der(&domains).unwrap().is_empty());
+        let rsa_cert = CertificateParams::new(domains.clone())
+            .unwrap()
+            .self_signed(&rsa.0)
+            .unwrap();
+        assert!(key_matches(&rsa_cert.pem(), &rsa.pkcs8_pem()));
+        // Another key, or garbage: no match.
+        assert!(!key_matches(&cert.pem(), &rsa.pkcs8_pem()));
+        assert!(!key_matches(&rsa_cert.pem(), &key.pkcs8_pem()));
+        assert!(!key_matches(&cert.pem(), "nope"));
+        assert!(!key_matches("nope", &key.pkcs8_pem()));
     }
 
     #[test]

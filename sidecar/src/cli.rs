@@ -115,6 +115,11 @@ pub struct RunArgs {
     /// controller to route to it.
     #[arg(long, env = "SIDECERT_ROUTE_SETTLE_SECONDS", default_value_t = 1)]
     pub route_settle_seconds: u64,
+    /// Delay, seconds, before the reload URL is called. Default: 0 with --cert-dir (the
+    /// files are in place), else 90: an app reading the Secret through a volume sees the
+    /// new files only after the kubelet's next sync (up to about a minute).
+    #[arg(long, env = "SIDECERT_RELOAD_DELAY_SECONDS")]
+    pub reload_delay_seconds: Option<u64>,
 }
 
 /// Runs the command; maps errors to a message and a non-zero exit code.
@@ -213,6 +218,11 @@ pub fn run_options(args: &RunArgs, getenv: impl Fn(&str) -> Option<String>) -> R
         lease_duration: Duration::from_secs(args.lease_seconds),
         route_wait: Duration::from_secs(args.route_wait_seconds),
         route_settle: Duration::from_secs(args.route_settle_seconds),
+        reload_delay: Duration::from_secs(args.reload_delay_seconds.unwrap_or(if args.cert_dir.is_some() {
+            0
+        } else {
+            90
+        })),
         config,
         pod,
     })
@@ -292,6 +302,11 @@ mod tests {
         assert!(!opts.ari);
         assert_eq!(opts.route_wait, Duration::from_secs(60));
         assert_eq!(opts.route_settle, Duration::from_secs(1));
+        assert_eq!(
+            opts.reload_delay,
+            Duration::from_secs(90),
+            "no --cert-dir: after the kubelet's sync"
+        );
     }
 
     #[test]

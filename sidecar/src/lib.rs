@@ -58,6 +58,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// The CA answered that it does not know the account (RFC 8555 `accountDoesNotExist`).
+    pub fn is_account_unknown(&self) -> bool {
+        matches!(self, Self::Acme(instant_acme::Error::Api(p))
+            if p.r#type.as_deref() == Some("urn:ietf:params:acme:error:accountDoesNotExist"))
+    }
+
     /// A short, bounded name for metrics labels.
     pub fn metric_label(&self) -> &'static str {
         match self {

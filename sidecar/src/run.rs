@@ -5,16 +5,17 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use instant_acme::Account;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
+use kube::ResourceExt;
 use kube::{Api, Client};
 use rand::Rng;
-use sidecert_contract::{CertificateSpec, PodIdentity, SidecarConfig, account_secret_name};
+use sidecert_contract::{CertificateSpec, PodIdentity, SidecarConfig, account_secret_name, annotations};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Error, Result,
-    acme::{AcmeHttp, OrderRequest},
+    acme::{AcmeHttp, OrderRequest, Publisher},
     events::PodEvents,
     issue::self_url,
     leader::{Election, LeasePublisher, watch_challenges, watch_secret},
@@ -23,7 +24,10 @@ use crate::{
     responder::{Responder, bind, serve_metrics, serve_responder},
     route::{RouteGate, Routed},
     schedule::{Lifetime, ValidationLimiter, Window, backoff, delay_until, plan},
-    store::{Held, WriteMeta, load_or_create_account, read_eab, valid_held, write_dir, write_secret},
+    store::{
+        Held, WriteMeta, forget_account, load_or_create_account, read_eab, valid_held, write_dir,
+        write_secret,
+    },
 };
 
 /// Everything `run` needs beyond the contract's configuration.
@@ -43,6 +47,8 @@ pub struct RunOptions {
     pub route_wait: Duration,
     /// Delay after they appear, for the ingress controller to pick them up.
     pub route_settle: Duration,
+    /// Wait before calling the reload URL (the files must be where the app reads them).
+    pub reload_delay: Duration,
 }
 
 struct Shared {
@@ -54,14 +60,15 @@ struct Shared {
     metrics: Metrics,
     responder: Responder,
     events: PodEvents,
-    account: Mutex<Option<Account>>,
+    /// The namespace's account, and the resourceVersion of the Secret it was read from.
+    account: Mutex<Option<(Account, Option<String>)>>,
     self_url: String,
 }
 
 impl Shared {
     async fn account(&self) -> Result<Account> {
         let mut g = self.account.lock().await;
-        if let Some(a) = g.as_ref() {
+        if let Some((a, _)) = g.as_ref() {
             return Ok(a.clone());
         }
         let cfg = &self.opts.config;
@@ -79,8 +86,26 @@ impl Shared {
             eab.as_ref(),
         )
         .await?;
-        *g = Some(a.clone());
-        Ok(a)
+        *g = Some((a.0.clone(), a.1));
+        Ok(a.0)
+    }
+
+    /// The CA no longer knows the account: delete its Secret (only the version this
+    /// replica read, so an account another sidecar has just made is kept), and let the
+    /// next order create a new one.
+    async fn forget_account(&self) {
+        let Some((_, version)) = self.account.lock().await.take() else {
+            return;
+        };
+        let cfg = &self.opts.config;
+        let name = account_secret_name(&cfg.acme_server, cfg.acme_email.as_deref());
+        tracing::warn!(
+            secret = name,
+            "the ACME server does not know the account; a new one will be created"
+        );
+        if let Err(e) = forget_account(&self.secrets, &name, version).await {
+            tracing::warn!(secret = name, error = %e, "deleting the stale account Secret");
+        }
     }
 }
 
@@ -139,6 +164,9 @@ struct CertState {
     held: Option<Held>,
     /// Issued but not yet in the Secret: kept in memory, never lost.
     unwritten: Option<Held>,
+    /// The held certificate came from another ACME server than the configured one (the
+    /// Secret's issuer-url says so): replace it now rather than at its renewal time.
+    foreign: bool,
     failures: u32,
     write_failures: u32,
     not_before: OffsetDateTime,
@@ -150,15 +178,37 @@ struct CertState {
 }
 
 async fn certificate_task(shared: Arc<Shared>, spec: CertificateSpec, shutdown: CancellationToken) {
-    let secret_name = spec.secret_name.clone();
+    // The state outlives a failed loop: an issued certificate not yet written, the failure
+    // count, the backoff and the validation limit all carry over to the restart.
+    let mut st = CertState {
+        spec: spec.clone(),
+        held: None,
+        unwritten: None,
+        foreign: false,
+        failures: 0,
+        write_failures: 0,
+        not_before: OffsetDateTime::now_utc(),
+        limiter: ValidationLimiter::default(),
+        ari: None,
+        jitter: rand::rng().random::<f64>(),
+        last_write: None,
+    };
+    let mut restarts = 0;
     loop {
-        match certificate_loop(&shared, &spec, &shutdown).await {
+        match certificate_loop(&shared, &mut st, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::error!(secret = secret_name, error = %e, "certificate loop failed, restarting");
+                restarts += 1;
+                let wait = backoff(
+                    restarts,
+                    Duration::from_secs(5),
+                    Duration::from_secs(300),
+                    st.jitter,
+                );
+                tracing::error!(secret = spec.secret_name, error = %e, retry_in = ?wait, "certificate loop failed, restarting");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }
@@ -167,9 +217,10 @@ async fn certificate_task(shared: Arc<Shared>, spec: CertificateSpec, shutdown: 
 
 async fn certificate_loop(
     shared: &Arc<Shared>,
-    spec: &CertificateSpec,
+    st: &mut CertState,
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    let spec = st.spec.clone();
     let name = spec.secret_name.clone();
     let lease = spec.lease_name();
     let m = &shared.metrics;
@@ -200,27 +251,14 @@ async fn certificate_loop(
     .await?;
     let mut leader_rx = election.leader.clone();
 
-    let mut st = CertState {
-        spec: spec.clone(),
-        held: None,
-        unwritten: None,
-        failures: 0,
-        write_failures: 0,
-        not_before: OffsetDateTime::now_utc(),
-        limiter: ValidationLimiter::default(),
-        ari: None,
-        jitter: rand::rng().random::<f64>(),
-        last_write: None,
-    };
-
-    loop {
+    let result = loop {
         let now = OffsetDateTime::now_utc();
         // What the Secret holds.
-        let from_secret = secret_rx
-            .borrow_and_update()
-            .as_ref()
-            .and_then(|s| valid_held(s, &spec.domains, now));
-        if let Some(h) = from_secret
+        let from_secret = secret_rx.borrow_and_update().as_ref().and_then(|s| {
+            let issuer = s.annotations().get(annotations::ISSUER_URL).cloned();
+            valid_held(s, &spec.domains, now).map(|h| (h, issuer))
+        });
+        if let Some((h, issuer)) = from_secret
             && st.held.as_ref().is_none_or(|c| c.chain_pem != h.chain_pem)
         {
             tracing::info!(secret = name, not_after = %h.info.lifetime.not_after, "certificate from the Secret");
@@ -230,6 +268,13 @@ async fn certificate_loop(
                 .is_none_or(|c| c.info.lifetime.not_after <= h.info.lifetime.not_after);
             if newer {
                 let first = st.held.is_none();
+                st.foreign = issuer.is_some_and(|i| i != shared.opts.config.acme_server);
+                if st.foreign {
+                    tracing::info!(
+                        secret = name,
+                        "the certificate in the Secret is from another ACME server; replacing it"
+                    );
+                }
                 st.held = Some(h.clone());
                 st.ari = None;
                 landed(shared, &h, !first).await;
@@ -262,8 +307,11 @@ async fn certificate_loop(
             continue;
         }
         m.leader.with_label_values(&[&name]).set(i64::from(is_leader));
-        let valid = st.held.as_ref().is_some_and(|h| now < h.info.lifetime.not_after);
-        m.ready.with_label_values(&[&name]).set(i64::from(valid));
+        let ready = st
+            .held
+            .as_ref()
+            .is_some_and(|h| now < h.info.lifetime.not_after && secret_has(&secret_rx, &h.chain_pem));
+        m.ready.with_label_values(&[&name]).set(i64::from(ready));
         if let Some(h) = &st.held {
             m.not_after
                 .with_label_values(&[&name])
@@ -272,7 +320,7 @@ async fn certificate_loop(
 
         // 1. A certificate we issued must reach the Secret, leader or not.
         if let Some(u) = st.unwritten.clone() {
-            let renew_at = renew_moment(&st, &u.info.lifetime, now);
+            let renew_at = renew_moment(st, &u.info.lifetime, now);
             let meta = WriteMeta {
                 issuer_url: &shared.opts.config.acme_server,
                 renew_at,
@@ -295,7 +343,7 @@ async fn certificate_loop(
                     );
                     tracing::warn!(secret = name, error = %e, retry_in = ?wait, "writing the Secret failed; keeping the certificate in memory");
                     tokio::select! {
-                        _ = shutdown.cancelled() => break,
+                        _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(wait) => continue,
                     }
                 }
@@ -306,9 +354,13 @@ async fn certificate_loop(
         let mut due = now;
         if let Some(h) = st.held.clone() {
             if is_leader {
-                refresh_ari(shared, &mut st, &h).await;
+                refresh_ari(shared, st, &h).await;
             }
-            let renew_at = renew_moment(&st, &h.info.lifetime, now);
+            let renew_at = if st.foreign {
+                now
+            } else {
+                renew_moment(st, &h.info.lifetime, now)
+            };
             m.renew_at
                 .with_label_values(&[&name])
                 .set(renew_at.unix_timestamp() as f64);
@@ -319,18 +371,21 @@ async fn certificate_loop(
             .max(st.limiter.allowed_at(&spec.domains, now));
 
         if is_leader && due <= now {
-            // 3. Order, aborting cleanly if the Lease is lost or we are told to stop.
+            // 3. Order, aborting cleanly if the Lease is lost or we are told to stop. A
+            // Retry-After left from an earlier, unrelated request does not count.
+            let _ = shared.http.take_retry_after();
             let outcome = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Error::Shutdown),
                 _ = lost(&mut leader_rx) => Err(Error::LostLease),
-                r = order_once(shared, &st) => r,
+                r = order_once(shared, st) => r,
             };
             match outcome {
                 Ok(issued) => {
                     m.orders.with_label_values(&["issued"]).inc();
                     let renewal = st.held.is_some();
                     st.failures = 0;
+                    st.foreign = false;
                     st.ari = None;
                     st.not_before = OffsetDateTime::now_utc()
                         + crate::schedule::min_reorder_interval(issued.info.lifetime);
@@ -352,7 +407,12 @@ async fn certificate_loop(
                     st.held = Some(held.clone());
                     landed(shared, &held, true).await;
                 }
-                Err(Error::Shutdown) => break,
+                Err(Error::Shutdown) => {
+                    // Still the holder until the release below: take the challenges back.
+                    let publisher = publisher(shared, &spec);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), publisher.withdraw()).await;
+                    break Ok(());
+                }
                 Err(Error::LostLease) => {
                     tracing::warn!(secret = name, "lost the Lease during the order; aborted");
                     m.orders.with_label_values(&["aborted"]).inc();
@@ -397,8 +457,11 @@ async fn certificate_loop(
                             ),
                         )
                         .await;
-                    if matches!(e, Error::Acme(_) | Error::Kube(_)) {
-                        // The account may be stale (e.g. the CA was reset): re-read next time.
+                    if e.is_account_unknown() {
+                        // The CA has forgotten the account (reset, or deactivated): replace it.
+                        shared.forget_account().await;
+                    } else if matches!(e, Error::Acme(_) | Error::Kube(_)) {
+                        // The account may be stale: re-read its Secret next time.
                         *shared.account.lock().await = None;
                     }
                 }
@@ -423,18 +486,44 @@ async fn certificate_loop(
             .map(|(_, at)| *at)
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(24 * 3600));
         tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = secret_rx.changed() => if r.is_err() { return Err(Error::Order("Secret watch ended".into())) },
-            r = leader_rx.changed() => if r.is_err() { return Err(Error::Order("Lease task ended".into())) },
+            _ = shutdown.cancelled() => break Ok(()),
+            r = secret_rx.changed() => if r.is_err() { break Err(Error::Order("Secret watch ended".into())) },
+            r = leader_rx.changed() => if r.is_err() { break Err(Error::Order("Lease task ended".into())) },
             _ = tokio::time::sleep(sleep) => {},
             _ = tokio::time::sleep_until(ari_refresh), if is_leader => { st.ari = None; },
+        }
+    };
+    if shutdown.is_cancelled()
+        && let Some(u) = st.unwritten.take()
+    {
+        // Stopping with an issued certificate the Secret does not hold yet: one last try.
+        let meta = WriteMeta {
+            issuer_url: &shared.opts.config.acme_server,
+            renew_at: renew_moment(st, &u.info.lifetime, OffsetDateTime::now_utc()),
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(3),
+            write_secret(&shared.secrets, &name, &u, &meta),
+        )
+        .await
+        {
+            Ok(Ok(())) => tracing::info!(secret = name, "certificate written to the Secret on the way out"),
+            Ok(Err(e)) => {
+                tracing::error!(secret = name, error = %e, "stopping with an issued certificate the Secret could not take; the next holder of the Lease orders again");
+            }
+            Err(_) => {
+                tracing::error!(
+                    secret = name,
+                    "stopping with an issued certificate the Secret could not take in time; the next holder of the Lease orders again"
+                );
+            }
         }
     }
     m.leader.with_label_values(&[&name]).set(0);
     // The Lease task releases once every receiver is gone.
     drop(leader_rx);
     election.release().await;
-    Ok(())
+    result
 }
 
 fn secret_has(rx: &watch::Receiver<Option<Secret>>, chain: &str) -> bool {
@@ -488,7 +577,9 @@ async fn refresh_ari(shared: &Arc<Shared>, st: &mut CertState, held: &Held) {
 async fn order_once(shared: &Arc<Shared>, st: &CertState) -> Result<crate::acme::Issued> {
     let account = shared.account().await?;
     let cfg = &shared.opts.config;
-    let replaces = if shared.opts.ari {
+    // `replaces` only where the CA offers ARI (it answered renewalInfo for this certificate)
+    // and for our own certificates.
+    let replaces = if shared.opts.ari && st.ari.is_some() && !st.foreign {
         st.held.as_ref().and_then(|h| h.info.ari_id.clone())
     } else {
         None
@@ -499,12 +590,7 @@ async fn order_once(shared: &Arc<Shared>, st: &CertState) -> Result<crate::acme:
         replaces,
         key_algorithm: cfg.key_algorithm,
     };
-    let inner = LeasePublisher {
-        api: shared.leases.clone(),
-        lease: st.spec.lease_name(),
-        store: shared.responder.store.clone(),
-        self_url: shared.self_url.clone(),
-    };
+    let inner = publisher(shared, &st.spec);
     // An Ingress certificate: after the self-check, wait until the Ingress routes to this
     // Pod set (the solver Service's endpoints) before telling the CA.
     let gate = st.spec.solver_service.clone().map(|service| RouteGate {
@@ -523,6 +609,15 @@ async fn order_once(shared: &Arc<Shared>, st: &CertState) -> Result<crate::acme:
     crate::acme::order(&account, &req, &publisher).await
 }
 
+fn publisher(shared: &Shared, spec: &CertificateSpec) -> LeasePublisher {
+    LeasePublisher {
+        api: shared.leases.clone(),
+        lease: spec.lease_name(),
+        store: shared.responder.store.clone(),
+        self_url: shared.self_url.clone(),
+    }
+}
+
 /// A new certificate is in effect: the directory, the reload URL.
 async fn landed(shared: &Arc<Shared>, held: &Held, reload: bool) {
     if let Some(dir) = &shared.opts.cert_dir
@@ -531,7 +626,11 @@ async fn landed(shared: &Arc<Shared>, held: &Held, reload: bool) {
         tracing::warn!(error = %e, "writing the certificate directory");
     }
     if reload && let Some(url) = shared.opts.config.reload_url.clone() {
-        tokio::spawn(async move { call_reload_url(&url, 6).await });
+        let delay = shared.opts.reload_delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            call_reload_url(&url, 6).await
+        });
     }
 }
 

@@ -10,7 +10,7 @@ use instant_acme::{Account, AccountCredentials};
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api,
-    api::{ObjectMeta, PostParams},
+    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
 };
 use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations};
 use time::OffsetDateTime;
@@ -68,11 +68,12 @@ pub fn read_held(secret: &Secret) -> Option<(Held, bool)> {
     ))
 }
 
-/// A Secret's certificate if it is a real one (not temporary) for exactly `domains` and not
-/// expired at `now`.
+/// A Secret's certificate if it is a real one (not temporary) for exactly `domains`, not
+/// expired at `now`, and with its own key beside it.
 pub fn valid_held(secret: &Secret, domains: &[String], now: OffsetDateTime) -> Option<Held> {
     let (held, temporary) = read_held(secret)?;
-    (!temporary && held.info.covers(domains, now)).then_some(held)
+    (!temporary && held.info.covers(domains, now) && crate::cert::key_matches(&held.chain_pem, &held.key_pem))
+        .then_some(held)
 }
 
 /// What goes into the annotations beside the certificate.
@@ -150,7 +151,8 @@ pub fn fill_secret(secret: &mut Secret, held: &Held, meta: &WriteMeta<'_>) {
 }
 
 /// The namespace's ACME account: read from its Secret, or created at the CA and stored
-/// (create-if-absent; a concurrent creator wins and its account is used).
+/// (create-if-absent; a concurrent creator wins and its account is used). Also returns the
+/// Secret's resourceVersion, for [`forget_account`].
 pub async fn load_or_create_account(
     api: &Api<Secret>,
     secret_name: &str,
@@ -158,7 +160,7 @@ pub async fn load_or_create_account(
     directory: &str,
     email: Option<&str>,
     eab: Option<&Eab>,
-) -> Result<Account> {
+) -> Result<(Account, Option<String>)> {
     if let Some(s) = api.get_opt(secret_name).await? {
         return restore(&s, http, secret_name).await;
     }
@@ -183,9 +185,9 @@ pub async fn load_or_create_account(
         ..Default::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
+        Ok(created) => {
             tracing::info!(secret = secret_name, "created ACME account");
-            Ok(account)
+            Ok((account, created.metadata.resource_version))
         }
         Err(e) if is_conflict(&e) => {
             tracing::info!(
@@ -199,7 +201,24 @@ pub async fn load_or_create_account(
     }
 }
 
-async fn restore(s: &Secret, http: &AcmeHttp, name: &str) -> Result<Account> {
+/// Deletes the account Secret `name` if it is still at `version` (another sidecar may
+/// already have replaced it); gone or changed meanwhile is fine.
+pub async fn forget_account(api: &Api<Secret>, name: &str, version: Option<String>) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: version,
+            uid: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn restore(s: &Secret, http: &AcmeHttp, name: &str) -> Result<(Account, Option<String>)> {
     let raw = s
         .data
         .as_ref()
@@ -207,7 +226,8 @@ async fn restore(s: &Secret, http: &AcmeHttp, name: &str) -> Result<Account> {
         .ok_or_else(|| Error::Config(format!("account Secret {name} has no {ACCOUNT_KEY}")))?;
     let creds: AccountCredentials =
         serde_json::from_slice(&raw.0).map_err(|e| Error::Config(format!("account Secret {name}: {e}")))?;
-    crate::acme::restore_account(http, creds).await
+    let account = crate::acme::restore_account(http, creds).await?;
+    Ok((account, s.metadata.resource_version.clone()))
 }
 
 /// Reads EAB credentials (`keyId`, `hmacKey`) from a Secret.

@@ -64,6 +64,7 @@ fn options(
         lease_duration: Duration::from_secs(6),
         route_wait: Duration::from_secs(60),
         route_settle: Duration::from_secs(1),
+        reload_delay: Duration::ZERO,
     }
 }
 
@@ -425,6 +426,96 @@ async fn eab_credentials_come_from_a_secret() {
     let r = start(opts, ns.client()).await;
     let s = wait_issued(&secrets, "eab-tls", None, Duration::from_secs(60)).await;
     assert_chains_to(&crt(&s), &pebble.root_pem().await, &spec.domains);
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_or_mismatched_certificate_in_the_secret_is_replaced() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-foreign", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 62);
+    let (foreign, mismatched) = (domain("foreign"), domain("mismatch"));
+    for d in [&foreign, &mismatched] {
+        plane.add_a(d, ip).await.unwrap();
+    }
+    let secrets: Api<Secret> = ns.api();
+    // Valid, not temporary: one says another ACME server issued it, the other holds a key
+    // that is not its certificate's.
+    let mut from_elsewhere = temporary_secret("foreign-tls", std::slice::from_ref(&foreign));
+    from_elsewhere.metadata.annotations = Some(BTreeMap::from([(
+        annotations::ISSUER_URL.to_owned(),
+        "https://acme-staging.example/directory".to_owned(),
+    )]));
+    let mut broken = temporary_secret("mismatch-tls", std::slice::from_ref(&mismatched));
+    broken.metadata.annotations = Some(BTreeMap::from([(
+        annotations::ISSUER_URL.to_owned(),
+        plane.pebble_directory().to_owned(),
+    )]));
+    let other_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    broken
+        .data
+        .as_mut()
+        .unwrap()
+        .insert("tls.key".into(), ByteString(other_key.into_bytes()));
+    for s in [&from_elsewhere, &broken] {
+        secrets.create(&PostParams::default(), s).await.unwrap();
+    }
+    let specs = [
+        CertificateSpec::new("foreign-tls", [&foreign]).unwrap(),
+        CertificateSpec::new("mismatch-tls", [&mismatched]).unwrap(),
+    ];
+    let mut opts = options(plane, ns.name(), &specs[0], ip, Some("default"), true);
+    opts.config.certificates = specs.to_vec();
+    let r = start(opts, ns.client()).await;
+    let root = plane.pebble_root_pem().await.unwrap();
+    for spec in &specs {
+        let s = wait_issued(&secrets, &spec.secret_name, None, Duration::from_secs(60)).await;
+        assert_chains_to(&crt(&s), &root, &spec.domains);
+        let a = s.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a[annotations::ISSUER_URL], plane.pebble_directory());
+    }
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_the_ca_forgot_is_replaced() {
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-forgot", false).await.unwrap();
+    let mut pebble = OwnPebble::start(14150, &[], true);
+    pebble.wait_ready().await;
+    let ip = Ipv4Addr::new(127, 0, 0, 63);
+    let (first, second) = (domain("forgot-a"), domain("forgot-b"));
+    for d in [&first, &second] {
+        add_a(&pebble.challtestsrv, d, ip).await;
+    }
+    let run = |spec: &CertificateSpec, pebble: &OwnPebble| {
+        let mut opts = options(plane, ns.name(), spec, ip, Some("default"), true);
+        opts.config.acme_server = pebble.directory.clone();
+        opts.config.acme_ca_bundle = Some(pebble.ca_pem());
+        opts.retry_base = Duration::from_secs(1);
+        opts
+    };
+    let secrets: Api<Secret> = ns.api();
+    let a = CertificateSpec::new("forgot-a-tls", [&first]).unwrap();
+    let r = start(run(&a, &pebble), ns.client()).await;
+    wait_issued(&secrets, "forgot-a-tls", None, Duration::from_secs(60)).await;
+    r.stop().await;
+    let account_name = sidecert_contract::account_secret_name(&pebble.directory, Some("ops@example.com"));
+    let before = secrets.get(&account_name).await.unwrap();
+
+    // A new Pebble knows no account: the stored one is refused, replaced, and used.
+    pebble.restart_pebble(14152);
+    pebble.wait_ready().await;
+    let b = CertificateSpec::new("forgot-b-tls", [&second]).unwrap();
+    let r = start(run(&b, &pebble), ns.client()).await;
+    let s = wait_issued(&secrets, "forgot-b-tls", None, Duration::from_secs(60)).await;
+    assert_chains_to(&crt(&s), &pebble.root_pem().await, &b.domains);
+    let after = secrets.get(&account_name).await.unwrap();
+    assert_ne!(before.metadata.uid, after.metadata.uid, "a new account Secret");
     r.stop().await;
     ns.cleanup().await.unwrap();
 }

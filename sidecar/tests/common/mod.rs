@@ -263,6 +263,13 @@ impl OwnPebble {
         self.procs.push(Proc(cmd.spawn().expect("pebble")));
     }
 
+    /// Kills Pebble and starts a new one on the same ports: it has forgotten every account,
+    /// order and root.
+    pub fn restart_pebble(&mut self, dns_port: u16) {
+        self.procs.pop();
+        self.start_pebble(&[], dns_port);
+    }
+
     pub fn ca_pem(&self) -> String {
         std::fs::read_to_string(&self.ca_file).unwrap()
     }
