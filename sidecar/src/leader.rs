@@ -18,6 +18,10 @@ use crate::{Error, Result, acme::Publisher, issue::self_check, responder::Challe
 /// Lease annotation holding the pending key authorizations (JSON: token → key
 /// authorization) while the leader's order runs. Key authorizations are public by design.
 pub const CHALLENGES_ANNOTATION: &str = sidecert_contract::key!("challenges");
+/// Lease annotation holding the certificate's failed orders ([`FailureRecord`], JSON), so a
+/// new holder of the Lease (another replica, a restarted Pod) keeps the backoff and the
+/// CA's hourly limit on failed validations instead of starting afresh.
+pub const FAILURES_ANNOTATION: &str = sidecert_contract::key!("order-failures");
 /// Field manager of the sidecar's own writes.
 pub const FIELD_MANAGER: &str = "sidecert-sidecar";
 
@@ -59,6 +63,45 @@ impl Election {
             Ok(Err(e)) => tracing::warn!(error = %e, "Lease task"),
             Err(_) => tracing::warn!("releasing the Lease timed out"),
         }
+    }
+}
+
+/// What the holder of a certificate's Lease hands on about its failed orders.
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureRecord {
+    /// Failed orders in a row.
+    pub failures: u32,
+    /// No order before this moment (unix seconds).
+    pub not_before: i64,
+    /// Failed validations per domain (unix seconds), at most the last five.
+    pub validations: std::collections::BTreeMap<String, Vec<i64>>,
+}
+
+/// Reads the failure record on `lease`; none (or unreadable) is an empty record.
+pub async fn read_failures(api: &Api<Lease>, lease: &str) -> FailureRecord {
+    match api.get_opt(lease).await {
+        Ok(l) => l
+            .and_then(|l| l.metadata.annotations?.remove(FAILURES_ANNOTATION))
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(lease, error = %e, "reading the failure record");
+            FailureRecord::default()
+        }
+    }
+}
+
+/// Writes (or with `None` removes) the failure record on `lease`; best effort.
+pub async fn write_failures(api: &Api<Lease>, lease: &str, record: Option<&FailureRecord>) {
+    let value = record.and_then(|r| serde_json::to_string(r).ok());
+    let patch = serde_json::json!({ "metadata": { "annotations": { FAILURES_ANNOTATION: value } } });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    if let Err(e) = api.patch(lease, &params, &Patch::Merge(&patch)).await {
+        tracing::warn!(lease, error = %e, "writing the failure record");
     }
 }
 

@@ -18,7 +18,10 @@ use crate::{
     acme::{AcmeHttp, OrderRequest, Publisher},
     events::PodEvents,
     issue::self_url,
-    leader::{Election, LeasePublisher, watch_challenges, watch_secret},
+    leader::{
+        Election, FailureRecord, LeasePublisher, read_failures, watch_challenges, watch_secret,
+        write_failures,
+    },
     metrics::Metrics,
     reload::call_reload_url,
     responder::{Responder, bind, serve_metrics, serve_responder},
@@ -250,6 +253,7 @@ async fn certificate_loop(
     )
     .await?;
     let mut leader_rx = election.leader.clone();
+    let mut was_leader = false;
 
     let result = loop {
         let now = OffsetDateTime::now_utc();
@@ -289,6 +293,16 @@ async fn certificate_loop(
             st.unwritten = None;
         }
         let is_leader = *leader_rx.borrow_and_update();
+        if is_leader && !was_leader {
+            // A new holder carries on where the last one stopped: backoff and hourly limit.
+            let record = read_failures(&shared.leases, &lease).await;
+            st.failures = st.failures.max(record.failures);
+            if let Ok(t) = OffsetDateTime::from_unix_timestamp(record.not_before) {
+                st.not_before = st.not_before.max(t);
+            }
+            st.limiter.merge(&record.validations);
+        }
+        was_leader = is_leader;
         // The leader restores a certificate the Secret lost (deleted, overwritten by an
         // older or temporary one), at most every 30 s.
         let restore_guard = Duration::from_secs(30);
@@ -384,6 +398,9 @@ async fn certificate_loop(
                 Ok(issued) => {
                     m.orders.with_label_values(&["issued"]).inc();
                     let renewal = st.held.is_some();
+                    if st.failures > 0 {
+                        write_failures(&shared.leases, &lease, None).await;
+                    }
                     st.failures = 0;
                     st.foreign = false;
                     st.ari = None;
@@ -427,7 +444,12 @@ async fn certificate_loop(
                     m.orders.with_label_values(&[label]).inc();
                     m.failures.with_label_values(&[&name, e.metric_label()]).inc();
                     if let Error::Validation { domains, .. } = &e {
-                        for d in domains.split(',').filter(|d| !d.is_empty()) {
+                        let mut failed: Vec<&str> = domains.split(',').filter(|d| !d.is_empty()).collect();
+                        if failed.is_empty() {
+                            // The CA did not say which: count it against every domain.
+                            failed = spec.domains.iter().map(String::as_str).collect();
+                        }
+                        for d in failed {
                             st.limiter.record_failure(d, now);
                         }
                     }
@@ -443,6 +465,12 @@ async fn certificate_loop(
                         wait = wait.max(d);
                     }
                     st.not_before = OffsetDateTime::now_utc() + wait;
+                    let record = FailureRecord {
+                        failures: st.failures,
+                        not_before: st.not_before.unix_timestamp(),
+                        validations: st.limiter.to_record(),
+                    };
+                    write_failures(&shared.leases, &lease, Some(&record)).await;
                     tracing::warn!(secret = name, error = %e, failures = st.failures, retry_in = ?wait, "order failed");
                     shared
                         .events

@@ -2,7 +2,7 @@
 //! parameter, so the arithmetic is tested without waiting.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     time::Duration,
 };
 
@@ -121,6 +121,34 @@ impl ValidationLimiter {
         }
     }
 
+    /// The failures as unix seconds per domain, to share through the certificate's Lease.
+    pub fn to_record(&self) -> BTreeMap<String, Vec<i64>> {
+        self.failures
+            .iter()
+            .map(|(d, q)| (d.clone(), q.iter().map(|t| t.unix_timestamp()).collect()))
+            .collect()
+    }
+
+    /// Adds the failures another replica recorded (the same failure is counted once).
+    pub fn merge(&mut self, record: &BTreeMap<String, Vec<i64>>) {
+        for (domain, seconds) in record {
+            let q = self.failures.entry(domain.clone()).or_default();
+            let mut all: Vec<OffsetDateTime> = q
+                .iter()
+                .copied()
+                .chain(
+                    seconds
+                        .iter()
+                        .filter_map(|s| OffsetDateTime::from_unix_timestamp(*s).ok()),
+                )
+                .collect();
+            all.sort();
+            all.dedup_by_key(|t| t.unix_timestamp());
+            let skip = all.len().saturating_sub(MAX_FAILED_VALIDATIONS_PER_HOUR);
+            *q = all.into_iter().skip(skip).collect();
+        }
+    }
+
     /// The earliest moment an order for `domains` stays within the limit (`now` if it does).
     pub fn allowed_at<'a>(
         &self,
@@ -232,6 +260,26 @@ mod tests {
         assert_eq!(backoff(30, base, cap, 1.0), cap);
         assert_eq!(backoff(u32::MAX, base, cap, 0.0), cap / 2);
         assert!(backoff(1, base, cap, 0.0) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn validation_limit_survives_a_round_trip_through_the_lease() {
+        let mut a = ValidationLimiter::default();
+        let d = "a.example".to_owned();
+        for m in 0..3 {
+            a.record_failure(&d, T0 + TD::minutes(m));
+        }
+        // Another replica saw the same three and two more: five in all, counted once each.
+        let mut b = ValidationLimiter::default();
+        b.merge(&a.to_record());
+        b.record_failure(&d, T0 + TD::minutes(3));
+        b.record_failure(&d, T0 + TD::minutes(4));
+        a.merge(&b.to_record());
+        assert_eq!(a.to_record()[&d].len(), 5);
+        assert_eq!(a.allowed_at([&d], T0 + TD::minutes(5)), T0 + TD::HOUR);
+        // Garbage in the record is skipped, not a panic.
+        a.merge(&BTreeMap::from([(d.clone(), vec![i64::MAX])]));
+        assert_eq!(a.to_record()[&d].len(), 5);
     }
 
     #[test]

@@ -364,6 +364,37 @@ async fn a_failing_challenge_backs_off_with_event_and_metric() {
         evs.items
     );
     r.stop().await;
+
+    // The failures are on the Lease, so a new holder (here: the Pod restarted) neither
+    // orders before the recorded backoff ends nor forgets the failed validations.
+    let leases: Api<Lease> = ns.api();
+    let lease = leases.get(&spec.lease_name()).await.unwrap();
+    let record: serde_json::Value =
+        serde_json::from_str(&lease.metadata.annotations.unwrap()["sidecert.io/order-failures"]).unwrap();
+    assert_eq!(record["failures"].as_f64(), Some(failed), "{record}");
+    assert_eq!(
+        record["validations"][&d].as_array().map(Vec::len),
+        Some(failed as usize),
+        "{record}"
+    );
+    let not_before = record["notBefore"].as_i64().unwrap();
+    let mut opts = options(plane, ns.name(), &spec, ip, None, true);
+    opts.retry_cap = Duration::from_secs(60);
+    let r = start(opts, ns.client()).await;
+    let at = wait_until("the new holder's first attempt", Duration::from_secs(90), || {
+        let metrics = r.metrics.clone();
+        async move {
+            let m = scrape(&metrics).await;
+            (sample(&m, "sidecert_orders_total{result=\"validation_failed\"}") >= 1.0)
+                .then(time::OffsetDateTime::now_utc)
+        }
+    })
+    .await;
+    assert!(
+        at.unix_timestamp() >= not_before,
+        "ordered at {at}, before the recorded {not_before}"
+    );
+    r.stop().await;
     ns.cleanup().await.unwrap();
 }
 
