@@ -271,6 +271,18 @@ async fn renewal(ari: bool, ip: Ipv4Addr) {
         sample(&m, "sidecert_orders_total{result=\"issued\"}") >= 2.0,
         "{m}"
     );
+    assert_eq!(sample(&m, "sidecert_ready{secret=\"short-tls\"}"), 1.0, "{m}");
+    let events: Api<Event> = ns.api();
+    wait_until(
+        "an Issued and a Renewed Event",
+        Duration::from_secs(10),
+        || async {
+            let evs = events.list(&ListParams::default()).await.ok()?;
+            let has = |reason: &str| evs.items.iter().any(|e| e.reason.as_deref() == Some(reason));
+            (has("Issued") && has("Renewed")).then_some(())
+        },
+    )
+    .await;
     if ari {
         assert!(
             sample(
