@@ -138,10 +138,18 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// True when `key_pem` is the private key of the first certificate of `chain_pem`. A pair
-/// that does not match (a hand-edited Secret) serves no TLS at all, so it is not kept.
+/// False when `key_pem` is proven not to be the private key of the first certificate of
+/// `chain_pem` (a hand-edited Secret serves no TLS at all, so it is not kept), or holds no
+/// private key. A PKCS#1 or SEC1 key (another tool's format; the sidecar writes PKCS#8) is
+/// not compared and counts as matching.
 pub fn key_matches(chain_pem: &str, key_pem: &str) -> bool {
-    let Ok(key) = KeyPair::from_pem(key_pem) else {
+    use rustls::pki_types::PrivateKeyDer;
+    let der = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
+        Ok(Some(PrivateKeyDer::Pkcs8(der))) => der,
+        Ok(Some(_)) => return true,
+        _ => return false,
+    };
+    let Ok(key) = KeyPair::try_from(&der) else {
         return false;
     };
     let Some(leaf) = pem_certificates(chain_pem)
@@ -189,6 +197,9 @@ mod tests {
         assert!(!key_matches(&cert.pem(), &rsa.pkcs8_pem()));
         assert!(!key_matches(&rsa_cert.pem(), &key.pkcs8_pem()));
         assert!(!key_matches(&cert.pem(), "nope"));
+        // Another tool's SEC1 key is not compared.
+        let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB6xR7dC/6ckV1aUrHKkN0GkFq0rJ8GcbV3Zx4L0cH3HoAoGCCqGSM49\nAwEHoUQDQgAE\n-----END EC PRIVATE KEY-----\n";
+        assert!(key_matches(&cert.pem(), sec1));
         assert!(!key_matches("nope", &key.pkcs8_pem()));
     }
 

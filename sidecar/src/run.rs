@@ -28,7 +28,7 @@ use crate::{
     route::{RouteGate, Routed},
     schedule::{Lifetime, ValidationLimiter, Window, backoff, delay_until, plan},
     store::{
-        Held, WriteMeta, forget_account, load_or_create_account, read_eab, valid_held, write_dir,
+        Held, WriteMeta, load_or_create_account, read_eab, replace_account, valid_held, write_dir,
         write_secret,
     },
 };
@@ -74,13 +74,9 @@ impl Shared {
         if let Some((a, _)) = g.as_ref() {
             return Ok(a.clone());
         }
+        let (name, eab) = self.account_source().await?;
         let cfg = &self.opts.config;
-        let eab = match &cfg.eab_secret {
-            Some(name) => Some(read_eab(&self.secrets, name).await?),
-            None => None,
-        };
-        let name = account_secret_name(&cfg.acme_server, cfg.acme_email.as_deref());
-        let a = load_or_create_account(
+        let (account, version) = load_or_create_account(
             &self.secrets,
             &name,
             &self.http,
@@ -89,25 +85,57 @@ impl Shared {
             eab.as_ref(),
         )
         .await?;
-        *g = Some((a.0.clone(), a.1));
-        Ok(a.0)
+        *g = Some((account.clone(), version));
+        Ok(account)
     }
 
-    /// The CA no longer knows the account: delete its Secret (only the version this
-    /// replica read, so an account another sidecar has just made is kept), and let the
-    /// next order create a new one.
-    async fn forget_account(&self) {
-        let Some((_, version)) = self.account.lock().await.take() else {
-            return;
-        };
+    /// The account Secret's name and the EAB credentials, if any.
+    async fn account_source(&self) -> Result<(String, Option<crate::acme::Eab>)> {
         let cfg = &self.opts.config;
-        let name = account_secret_name(&cfg.acme_server, cfg.acme_email.as_deref());
-        tracing::warn!(
-            secret = name,
-            "the ACME server does not know the account; a new one will be created"
-        );
-        if let Err(e) = forget_account(&self.secrets, &name, version).await {
-            tracing::warn!(secret = name, error = %e, "deleting the stale account Secret");
+        let eab = match &cfg.eab_secret {
+            Some(name) => Some(read_eab(&self.secrets, name).await?),
+            None => None,
+        };
+        Ok((
+            account_secret_name(&cfg.acme_server, cfg.acme_email.as_deref()),
+            eab,
+        ))
+    }
+
+    /// The CA no longer knows the account `forgotten` (its URL): replace it in the Secret,
+    /// unless this replica already moved on to another one (a second order that failed
+    /// with the same stale account must not replace the new one).
+    async fn replace_forgotten_account(&self, forgotten: &str) {
+        let mut g = self.account.lock().await;
+        let Some((current, version)) = g.as_ref() else {
+            return; // Re-read from the Secret at the next order.
+        };
+        if current.id() != forgotten {
+            return;
+        }
+        let version = version.clone();
+        *g = None;
+        let replaced = async {
+            let (name, eab) = self.account_source().await?;
+            let cfg = &self.opts.config;
+            tracing::warn!(
+                secret = name,
+                "the ACME server does not know the account; replacing it"
+            );
+            replace_account(
+                &self.secrets,
+                &name,
+                version.as_deref(),
+                &self.http,
+                &cfg.acme_server,
+                cfg.acme_email.as_deref(),
+                eab.as_ref(),
+            )
+            .await
+        };
+        match replaced.await {
+            Ok(account) => *g = Some(account),
+            Err(e) => tracing::warn!(error = %e, "replacing the ACME account; retried with the next order"),
         }
     }
 }
@@ -178,6 +206,8 @@ struct CertState {
     jitter: f64,
     /// Last write (or restore) of the Secret by this replica.
     last_write: Option<tokio::time::Instant>,
+    /// A certificate this replica issued: call the reload URL once the Secret holds it.
+    reload_after_write: bool,
 }
 
 async fn certificate_task(shared: Arc<Shared>, spec: CertificateSpec, shutdown: CancellationToken) {
@@ -195,12 +225,18 @@ async fn certificate_task(shared: Arc<Shared>, spec: CertificateSpec, shutdown: 
         ari: None,
         jitter: rand::rng().random::<f64>(),
         last_write: None,
+        reload_after_write: false,
     };
     let mut restarts = 0;
     loop {
+        let started = tokio::time::Instant::now();
         match certificate_loop(&shared, &mut st, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
+                // A loop that ran for a while before failing starts the count afresh.
+                if started.elapsed() > Duration::from_secs(600) {
+                    restarts = 0;
+                }
                 restarts += 1;
                 let wait = backoff(
                     restarts,
@@ -210,10 +246,39 @@ async fn certificate_task(shared: Arc<Shared>, spec: CertificateSpec, shutdown: 
                 );
                 tracing::error!(secret = spec.secret_name, error = %e, retry_in = ?wait, "certificate loop failed, restarting");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => {
+                        last_write(&shared, &mut st).await;
+                        return;
+                    }
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
+        }
+    }
+}
+
+/// On the way out with an issued certificate the Secret does not hold yet: one last,
+/// bounded try, so it is not lost with this process if the API server answers at all.
+async fn last_write(shared: &Shared, st: &mut CertState) {
+    let Some(u) = st.unwritten.take() else {
+        return;
+    };
+    let name = &st.spec.secret_name;
+    let meta = WriteMeta {
+        issuer_url: &shared.opts.config.acme_server,
+        renew_at: renew_moment(st, &u.info.lifetime, OffsetDateTime::now_utc()),
+    };
+    let write = write_secret(&shared.secrets, name, &u, &meta);
+    match tokio::time::timeout(Duration::from_secs(3), write).await {
+        Ok(Ok(())) => tracing::info!(secret = name, "certificate written to the Secret on the way out"),
+        Ok(Err(e)) => {
+            tracing::error!(secret = name, error = %e, "stopping with an issued certificate the Secret could not take; the next holder of the Lease orders again");
+        }
+        Err(_) => {
+            tracing::error!(
+                secret = name,
+                "stopping with an issued certificate the Secret could not take in time; the next holder of the Lease orders again"
+            );
         }
     }
 }
@@ -266,12 +331,16 @@ async fn certificate_loop(
             && st.held.as_ref().is_none_or(|c| c.chain_pem != h.chain_pem)
         {
             tracing::info!(secret = name, not_after = %h.info.lifetime.not_after, "certificate from the Secret");
+            // Newer means issued later, not valid longer: a renewal on a shorter profile (or
+            // from a CA with shorter lifetimes) must not lose to the certificate it replaces.
             let newer = st
                 .held
                 .as_ref()
-                .is_none_or(|c| c.info.lifetime.not_after <= h.info.lifetime.not_after);
+                .is_none_or(|c| c.info.lifetime.not_before <= h.info.lifetime.not_before);
             if newer {
                 let first = st.held.is_none();
+                // Another holder succeeded: its backoff is over.
+                st.failures = 0;
                 st.foreign = issuer.is_some_and(|i| i != shared.opts.config.acme_server);
                 if st.foreign {
                     tracing::info!(
@@ -288,7 +357,7 @@ async fn certificate_loop(
             .unwritten
             .as_ref()
             .zip(st.held.as_ref())
-            .is_some_and(|(u, h)| u.chain_pem == h.chain_pem && secret_has(&secret_rx, &u.chain_pem))
+            .is_some_and(|(u, h)| u.chain_pem == h.chain_pem && secret_has(&secret_rx, u))
         {
             st.unwritten = None;
         }
@@ -311,7 +380,7 @@ async fn certificate_loop(
             && st
                 .held
                 .as_ref()
-                .is_some_and(|h| now < h.info.lifetime.not_after && !secret_has(&secret_rx, &h.chain_pem));
+                .is_some_and(|h| now < h.info.lifetime.not_after && !secret_has(&secret_rx, h));
         if lost_by_secret
             && st.last_write.is_none_or(|t| t.elapsed() > restore_guard)
             && let Some(h) = &st.held
@@ -324,7 +393,7 @@ async fn certificate_loop(
         let ready = st
             .held
             .as_ref()
-            .is_some_and(|h| now < h.info.lifetime.not_after && secret_has(&secret_rx, &h.chain_pem));
+            .is_some_and(|h| now < h.info.lifetime.not_after && secret_has(&secret_rx, h));
         m.ready.with_label_values(&[&name]).set(i64::from(ready));
         if let Some(h) = &st.held {
             m.not_after
@@ -345,6 +414,9 @@ async fn certificate_loop(
                     st.last_write = Some(tokio::time::Instant::now());
                     st.unwritten = None;
                     st.write_failures = 0;
+                    if std::mem::take(&mut st.reload_after_write) {
+                        reload(shared);
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -388,18 +460,25 @@ async fn certificate_loop(
             // 3. Order, aborting cleanly if the Lease is lost or we are told to stop. A
             // Retry-After left from an earlier, unrelated request does not count.
             let _ = shared.http.take_retry_after();
+            let mut account_used = None;
             let outcome = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(Error::Shutdown),
                 _ = lost(&mut leader_rx) => Err(Error::LostLease),
-                r = order_once(shared, st) => r,
+                r = order_once(shared, st, &mut account_used) => r,
             };
             match outcome {
                 Ok(issued) => {
                     m.orders.with_label_values(&["issued"]).inc();
                     let renewal = st.held.is_some();
                     if st.failures > 0 {
-                        write_failures(&shared.leases, &lease, None).await;
+                        // The backoff is over; the failed validations still count for
+                        // the CA's hour.
+                        let record = FailureRecord {
+                            validations: st.limiter.to_record(),
+                            ..Default::default()
+                        };
+                        write_failures(&shared.leases, &lease, Some(&record)).await;
                     }
                     st.failures = 0;
                     st.foreign = false;
@@ -422,7 +501,9 @@ async fn certificate_loop(
                         .await;
                     st.unwritten = Some(held.clone());
                     st.held = Some(held.clone());
-                    landed(shared, &held, true).await;
+                    // The directory now; the reload URL once the Secret holds it too.
+                    st.reload_after_write = true;
+                    landed(shared, &held, false).await;
                 }
                 Err(Error::Shutdown) => {
                     // Still the holder until the release below: take the challenges back.
@@ -485,9 +566,11 @@ async fn certificate_loop(
                             ),
                         )
                         .await;
-                    if e.is_account_unknown() {
+                    if e.is_account_unknown()
+                        && let Some(id) = &account_used
+                    {
                         // The CA has forgotten the account (reset, or deactivated): replace it.
-                        shared.forget_account().await;
+                        shared.replace_forgotten_account(id).await;
                     } else if matches!(e, Error::Acme(_) | Error::Kube(_)) {
                         // The account may be stale: re-read its Secret next time.
                         *shared.account.lock().await = None;
@@ -521,31 +604,8 @@ async fn certificate_loop(
             _ = tokio::time::sleep_until(ari_refresh), if is_leader => { st.ari = None; },
         }
     };
-    if shutdown.is_cancelled()
-        && let Some(u) = st.unwritten.take()
-    {
-        // Stopping with an issued certificate the Secret does not hold yet: one last try.
-        let meta = WriteMeta {
-            issuer_url: &shared.opts.config.acme_server,
-            renew_at: renew_moment(st, &u.info.lifetime, OffsetDateTime::now_utc()),
-        };
-        match tokio::time::timeout(
-            Duration::from_secs(3),
-            write_secret(&shared.secrets, &name, &u, &meta),
-        )
-        .await
-        {
-            Ok(Ok(())) => tracing::info!(secret = name, "certificate written to the Secret on the way out"),
-            Ok(Err(e)) => {
-                tracing::error!(secret = name, error = %e, "stopping with an issued certificate the Secret could not take; the next holder of the Lease orders again");
-            }
-            Err(_) => {
-                tracing::error!(
-                    secret = name,
-                    "stopping with an issued certificate the Secret could not take in time; the next holder of the Lease orders again"
-                );
-            }
-        }
+    if shutdown.is_cancelled() {
+        last_write(shared, st).await;
     }
     m.leader.with_label_values(&[&name]).set(0);
     // The Lease task releases once every receiver is gone.
@@ -554,11 +614,12 @@ async fn certificate_loop(
     result
 }
 
-fn secret_has(rx: &watch::Receiver<Option<Secret>>, chain: &str) -> bool {
+/// True when the Secret holds `held`: its chain and its key.
+fn secret_has(rx: &watch::Receiver<Option<Secret>>, held: &Held) -> bool {
     rx.borrow()
         .as_ref()
         .and_then(crate::store::read_held)
-        .is_some_and(|(h, _)| h.chain_pem == chain)
+        .is_some_and(|(h, _)| h.chain_pem == held.chain_pem && h.key_pem == held.key_pem)
 }
 
 /// Resolves when `rx` says we are no longer the leader.
@@ -602,8 +663,14 @@ async fn refresh_ari(shared: &Arc<Shared>, st: &mut CertState, held: &Held) {
     }
 }
 
-async fn order_once(shared: &Arc<Shared>, st: &CertState) -> Result<crate::acme::Issued> {
+/// One order; `account_used` says with which account (its URL).
+async fn order_once(
+    shared: &Arc<Shared>,
+    st: &CertState,
+    account_used: &mut Option<String>,
+) -> Result<crate::acme::Issued> {
     let account = shared.account().await?;
+    *account_used = Some(account.id().to_owned());
     let cfg = &shared.opts.config;
     // `replaces` only where the CA offers ARI (it answered renewalInfo for this certificate)
     // and for our own certificates.
@@ -653,7 +720,14 @@ async fn landed(shared: &Arc<Shared>, held: &Held, reload: bool) {
     {
         tracing::warn!(error = %e, "writing the certificate directory");
     }
-    if reload && let Some(url) = shared.opts.config.reload_url.clone() {
+    if reload {
+        self::reload(shared);
+    }
+}
+
+/// Calls the reload URL, if any, after the configured delay (in the background).
+fn reload(shared: &Shared) {
+    if let Some(url) = shared.opts.config.reload_url.clone() {
         let delay = shared.opts.reload_delay;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;

@@ -10,7 +10,7 @@ use instant_acme::{Account, AccountCredentials};
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api,
-    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
+    api::{ObjectMeta, PostParams},
 };
 use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations};
 use time::OffsetDateTime;
@@ -201,19 +201,52 @@ pub async fn load_or_create_account(
     }
 }
 
-/// Deletes the account Secret `name` if it is still at `version` (another sidecar may
-/// already have replaced it); gone or changed meanwhile is fine.
-pub async fn forget_account(api: &Api<Secret>, name: &str, version: Option<String>) -> Result<()> {
-    let params = DeleteParams {
-        preconditions: Some(Preconditions {
-            resource_version: version,
-            uid: None,
-        }),
-        ..Default::default()
+/// The CA has forgotten the account stored in the Secret `name` at `stale_version`: creates
+/// a new account and stores it in place of the old one, with `update` (the verb the
+/// sidecar's Role already grants) conditional on that version. When another sidecar has
+/// replaced it meanwhile, its account is used and the one made here is left unused.
+pub async fn replace_account(
+    api: &Api<Secret>,
+    name: &str,
+    stale_version: Option<&str>,
+    http: &AcmeHttp,
+    directory: &str,
+    email: Option<&str>,
+    eab: Option<&Eab>,
+) -> Result<(Account, Option<String>)> {
+    let Some(mut secret) = api.get_opt(name).await? else {
+        return load_or_create_account(api, name, http, directory, email, eab).await;
     };
-    match api.delete(name, &params).await {
-        Ok(_) => Ok(()),
-        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(()),
+    if secret.metadata.resource_version.as_deref() != stale_version {
+        tracing::info!(
+            secret = name,
+            "the account Secret was replaced meanwhile; using it"
+        );
+        return restore(&secret, http, name).await;
+    }
+    let (account, creds) = crate::acme::create_account(http, directory, email, eab).await?;
+    let json = serde_json::to_vec(&creds)
+        .map_err(|e| Error::Order(format!("serialising account credentials: {e}")))?;
+    secret
+        .data
+        .get_or_insert_with(Default::default)
+        .insert(ACCOUNT_KEY.to_owned(), ByteString(json));
+    // `replace` sends the resourceVersion read above: a concurrent change is a conflict.
+    match api.replace(name, &PostParams::default(), &secret).await {
+        Ok(stored) => {
+            tracing::info!(
+                secret = name,
+                "replaced the ACME account the server had forgotten"
+            );
+            Ok((account, stored.metadata.resource_version))
+        }
+        Err(e) if is_conflict(&e) => {
+            tracing::info!(
+                secret = name,
+                "the account Secret was replaced meanwhile; using it"
+            );
+            restore(&api.get(name).await?, http, name).await
+        }
         Err(e) => Err(e.into()),
     }
 }
