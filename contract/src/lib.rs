@@ -62,6 +62,14 @@ pub mod annotations {
     pub const ISSUER_URL: &str = key!("issuer-url");
     /// Secret: comma-separated domains the certificate is for.
     pub const DOMAINS_ON_SECRET: &str = key!("domains");
+    /// Lease (of a certificate, [`crate::CertificateSpec::lease_name`]): the key
+    /// authorizations of the leader's running order, JSON token → key authorization. Every
+    /// replica serves them. Key authorizations are public by design.
+    pub const CHALLENGES: &str = key!("challenges");
+    /// Lease: the holder's failed orders (JSON: `failures`, `notBefore` in unix seconds,
+    /// `validations`: domain → unix seconds), so a new holder keeps the backoff and the
+    /// CA's hourly limit on failed validations.
+    pub const ORDER_FAILURES: &str = key!("order-failures");
 }
 
 /// The value of [`annotations::STATUS`] after injection.

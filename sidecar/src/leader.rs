@@ -15,13 +15,12 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{Error, Result, acme::Publisher, issue::self_check, responder::ChallengeStore};
 
-/// Lease annotation holding the pending key authorizations (JSON: token → key
-/// authorization) while the leader's order runs. Key authorizations are public by design.
-pub const CHALLENGES_ANNOTATION: &str = sidecert_contract::key!("challenges");
-/// Lease annotation holding the certificate's failed orders ([`FailureRecord`], JSON), so a
-/// new holder of the Lease (another replica, a restarted Pod) keeps the backoff and the
-/// CA's hourly limit on failed validations instead of starting afresh.
-pub const FAILURES_ANNOTATION: &str = sidecert_contract::key!("order-failures");
+/// Lease annotation holding the pending key authorizations while the leader's order runs.
+pub const CHALLENGES_ANNOTATION: &str = sidecert_contract::annotations::CHALLENGES;
+/// Lease annotation holding the certificate's failed orders ([`FailureRecord`]), so a new
+/// holder of the Lease (another replica, a restarted Pod) keeps the backoff and the CA's
+/// hourly limit on failed validations instead of starting afresh.
+pub const FAILURES_ANNOTATION: &str = sidecert_contract::annotations::ORDER_FAILURES;
 /// Field manager of the sidecar's own writes.
 pub const FIELD_MANAGER: &str = "sidecert-sidecar";
 
