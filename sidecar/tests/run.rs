@@ -68,6 +68,21 @@ fn options(
     }
 }
 
+/// [`options`] against a private Pebble (default profile), retrying after 1 s.
+fn own_pebble_options(
+    plane: &Plane,
+    ns: &str,
+    spec: &CertificateSpec,
+    ip: Ipv4Addr,
+    pebble: &OwnPebble,
+) -> RunOptions {
+    let mut opts = options(plane, ns, spec, ip, Some("default"), true);
+    opts.config.acme_server = pebble.directory.clone();
+    opts.config.acme_ca_bundle = Some(pebble.ca_pem());
+    opts.retry_base = Duration::from_secs(1);
+    opts
+}
+
 struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<sidecert_sidecar::Result<()>>,
@@ -438,10 +453,7 @@ async fn ca_down_at_start_then_up_issues_with_bounded_attempts() {
     let d = domain("cadown");
     add_a(&pebble.challtestsrv, &d, ip).await;
     let spec = CertificateSpec::new("cadown-tls", [&d]).unwrap();
-    let mut opts = options(plane, ns.name(), &spec, ip, Some("default"), true);
-    opts.config.acme_server = pebble.directory.clone();
-    opts.config.acme_ca_bundle = Some(pebble.ca_pem());
-    opts.retry_base = Duration::from_secs(1);
+    let opts = own_pebble_options(plane, ns.name(), &spec, ip, &pebble);
     let r = start(opts, ns.client()).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     pebble.start_pebble(&[], 14122);
@@ -480,9 +492,7 @@ async fn eab_credentials_come_from_a_secret() {
     };
     secrets.create(&PostParams::default(), &eab).await.unwrap();
     let spec = CertificateSpec::new("eab-tls", [&d]).unwrap();
-    let mut opts = options(plane, ns.name(), &spec, ip, Some("default"), true);
-    opts.config.acme_server = pebble.directory.clone();
-    opts.config.acme_ca_bundle = Some(pebble.ca_pem());
+    let mut opts = own_pebble_options(plane, ns.name(), &spec, ip, &pebble);
     opts.config.eab_secret = Some("acme-eab".into());
     let r = start(opts, ns.client()).await;
     let s = wait_issued(&secrets, "eab-tls", None, Duration::from_secs(60)).await;
@@ -562,13 +572,8 @@ async fn an_account_the_ca_forgot_is_replaced() {
     for d in [&first, &second] {
         add_a(&pebble.challtestsrv, d, ip).await;
     }
-    let run = |spec: &CertificateSpec, pebble: &OwnPebble| {
-        let mut opts = options(plane, ns.name(), spec, ip, Some("default"), true);
-        opts.config.acme_server = pebble.directory.clone();
-        opts.config.acme_ca_bundle = Some(pebble.ca_pem());
-        opts.retry_base = Duration::from_secs(1);
-        opts
-    };
+    let run =
+        |spec: &CertificateSpec, pebble: &OwnPebble| own_pebble_options(plane, ns.name(), spec, ip, pebble);
     let secrets: Api<Secret> = ns.api();
     let a = CertificateSpec::new("forgot-a-tls", [&first]).unwrap();
     let r = start(run(&a, &pebble), ns.client()).await;
