@@ -5,8 +5,10 @@
 //! endpoints as its EndpointSlices list them, so a challenge the CA fetches before this Pod set
 //! is listed gets no route, and the failed validation counts against the CA's limits. The
 //! leader therefore waits (a watch, not polling) until the solver Service has an endpoint that
-//! is not `ready: false`, then a short settle delay for the controller to pick it up. The wait
-//! is bounded: after it the order goes ahead with a warning (log and Event).
+//! is not `ready: false`, then until every replica listed there answers the key
+//! authorizations (a replica that has just started may not have seen the Lease yet; at most
+//! [`PEER_WAIT`]), then a short settle delay for the controller to pick it up. The waits are
+//! bounded: after them the order goes ahead with a warning.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -35,6 +37,22 @@ pub fn is_routable<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> b
         .any(|e| !e.addresses.is_empty() && e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
 }
 
+/// The addresses of the endpoints [`is_routable`] counts.
+pub fn routable_addresses<'a>(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Vec<String> {
+    let mut addresses: Vec<String> = slices
+        .into_iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .flat_map(|e| e.addresses.iter().cloned())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+/// How long the leader waits for the other replicas to serve the key authorizations.
+pub const PEER_WAIT: Duration = Duration::from_secs(10);
+
 /// How [`RouteGate::wait`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteWait {
@@ -56,13 +74,15 @@ pub struct RouteGate {
     /// Extra delay once they are listed, for the ingress controller to follow.
     pub settle: Duration,
     pub events: PodEvents,
+    /// The HTTP-01 port of every replica's responder.
+    pub http01_port: u16,
 }
 
 impl RouteGate {
     /// Waits until the solver Service has a routable endpoint, then the settle delay; after
     /// `wait` without one, warns (log and Event) and returns [`RouteWait::TimedOut`]. Never
     /// fails: the order goes ahead either way.
-    pub async fn wait(&self, domains: &[String]) -> RouteWait {
+    pub async fn wait(&self, domains: &[String], tokens: &HashMap<String, String>) -> RouteWait {
         let start = tokio::time::Instant::now();
         tracing::info!(
             service = self.service,
@@ -72,8 +92,8 @@ impl RouteGate {
         );
         let found = tokio::time::timeout(self.wait, self.watch_until_routable())
             .await
-            .is_ok();
-        if !found {
+            .ok();
+        let Some(addresses) = found else {
             let note = format!(
                 "solver Service {} has no ready endpoint after {}s; telling the CA to validate {} anyway \
                  (the challenge may not be routed)",
@@ -84,19 +104,54 @@ impl RouteGate {
             tracing::warn!(service = self.service, waited = ?start.elapsed(), "{note}");
             self.events.publish(true, "RouteNotReady", note).await;
             return RouteWait::TimedOut;
-        }
+        };
         tracing::info!(
             service = self.service,
             waited = ?start.elapsed(),
             settle = ?self.settle,
             "solver Service has a ready endpoint; settling before telling the CA"
         );
+        // The CA may fetch the challenge from any replica: each must have seen the Lease
+        // (a replica that has just started may not have yet). Bounded, then go ahead.
+        let peers = tokio::time::timeout(PEER_WAIT, self.peers_serve(&addresses, tokens)).await;
+        if peers.is_ok() {
+            tracing::debug!(replicas = ?addresses, "every replica answers the challenge");
+        } else {
+            tracing::warn!(
+                service = self.service,
+                replicas = ?addresses,
+                "not every replica answered the challenge within {PEER_WAIT:?}; telling the CA anyway"
+            );
+        }
         tokio::time::sleep(self.settle).await;
         RouteWait::Routable
     }
 
-    /// Resolves once the watched EndpointSlices of the solver Service are routable.
-    async fn watch_until_routable(&self) {
+    /// Resolves once every address answers every key authorization on the HTTP-01 port.
+    async fn peers_serve(&self, addresses: &[String], tokens: &HashMap<String, String>) {
+        let mut pending: Vec<&String> = addresses.iter().collect();
+        loop {
+            let mut still = Vec::new();
+            for addr in pending {
+                let base = match addr.parse::<std::net::IpAddr>() {
+                    Ok(ip) => format!("http://{}", std::net::SocketAddr::new(ip, self.http01_port)),
+                    Err(_) => continue,
+                };
+                if crate::issue::self_check(&base, tokens).await.is_err() {
+                    still.push(addr);
+                }
+            }
+            if still.is_empty() {
+                return;
+            }
+            pending = still;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Resolves, with the routable addresses, once the watched EndpointSlices of the solver
+    /// Service are routable.
+    async fn watch_until_routable(&self) -> Vec<String> {
         let api = Api::<EndpointSlice>::namespaced(self.client.clone(), &self.namespace);
         let config = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", self.service));
         let (reader, writer) = reflector::store();
@@ -107,8 +162,9 @@ impl RouteGate {
                 Ok(_) => {
                     // The store swaps in a relist only when it is complete, so this sees
                     // whole states, never half a list.
-                    if is_routable(reader.state().iter().map(AsRef::as_ref)) {
-                        return;
+                    let state = reader.state();
+                    if is_routable(state.iter().map(AsRef::as_ref)) {
+                        return routable_addresses(state.iter().map(AsRef::as_ref));
                     }
                 }
                 Err(e) => {
@@ -121,7 +177,7 @@ impl RouteGate {
             }
         }
         // The stream does not end (the backoff restarts it); if it does, wait out the bound.
-        std::future::pending::<()>().await;
+        std::future::pending().await
     }
 }
 
@@ -138,7 +194,7 @@ impl<P: Publisher> Publisher for Routed<P> {
         self.inner.publish(tokens).await?;
         // No solver Service (a Pod with its own domains annotation): nothing to wait for.
         if let Some(gate) = &self.gate {
-            gate.wait(&self.domains).await;
+            gate.wait(&self.domains, tokens).await;
         }
         Ok(())
     }
@@ -192,5 +248,10 @@ mod tests {
         // An endpoint without addresses routes nowhere.
         let empty = slice(json!([{"addresses": [], "conditions": {"ready": true}}]));
         assert!(!is_routable([&empty]));
+        // The addresses the leader checks: the routable ones, once each.
+        assert_eq!(
+            routable_addresses([&mixed, &unready, &ready, &unknown]),
+            ["10.213.0.10", "10.213.0.12"]
+        );
     }
 }

@@ -695,6 +695,7 @@ async fn order_once(
         wait: shared.opts.route_wait,
         settle: shared.opts.route_settle,
         events: shared.events.clone(),
+        http01_port: shared.opts.config.http01_port,
     });
     let publisher = Routed {
         inner,
