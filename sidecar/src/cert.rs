@@ -82,6 +82,8 @@ pub struct CertInfo {
     pub domains: BTreeSet<String>,
     /// RFC 9773 identifier (for ARI and `replaces`), when the leaf has an AKI.
     pub ari_id: Option<CertificateIdentifier<'static>>,
+    /// The leaf's public key (the subjectPublicKey bits), for [`key_matches`].
+    pub public_key: Vec<u8>,
 }
 
 impl CertInfo {
@@ -115,6 +117,7 @@ impl CertInfo {
             ari_id: CertificateIdentifier::try_from(der)
                 .ok()
                 .map(CertificateIdentifier::into_owned),
+            public_key: cert.public_key().subject_public_key.data.to_vec(),
         })
     }
 
@@ -138,28 +141,18 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// False when `key_pem` is proven not to be the private key of the first certificate of
-/// `chain_pem` (a hand-edited Secret serves no TLS at all, so it is not kept), or holds no
+/// False when `key_pem` is proven not to be the private key of the certificate `info`
+/// describes (a hand-edited Secret serves no TLS at all, so it is not kept), or holds no
 /// private key. A PKCS#1 or SEC1 key (another tool's format; the sidecar writes PKCS#8) is
 /// not compared and counts as matching.
-pub fn key_matches(chain_pem: &str, key_pem: &str) -> bool {
+pub fn key_matches(info: &CertInfo, key_pem: &str) -> bool {
     use rustls::pki_types::PrivateKeyDer;
     let der = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
         Ok(Some(PrivateKeyDer::Pkcs8(der))) => der,
         Ok(Some(_)) => return true,
         _ => return false,
     };
-    let Ok(key) = KeyPair::try_from(&der) else {
-        return false;
-    };
-    let Some(leaf) = pem_certificates(chain_pem)
-        .ok()
-        .and_then(|c| c.into_iter().next())
-    else {
-        return false;
-    };
-    x509_parser::parse_x509_certificate(leaf.as_ref())
-        .is_ok_and(|(_, cert)| *cert.public_key().subject_public_key.data == *key.public_key_raw())
+    KeyPair::try_from(&der).is_ok_and(|key| info.public_key == key.public_key_raw())
 }
 
 /// Formats a moment as RFC 3339 (for annotations).
@@ -184,7 +177,7 @@ mod tests {
         let info = CertInfo::from_pem_chain(&cert.pem()).unwrap();
         assert!(info.covers(&domains, OffsetDateTime::now_utc()));
         assert!(!info.covers(&domains[..1], OffsetDateTime::now_utc()));
-        assert!(key_matches(&cert.pem(), &key.pkcs8_pem()));
+        assert!(key_matches(&info, &key.pkcs8_pem()));
         let rsa = PrivateKey::generate(KeyAlgorithm::Rsa2048).unwrap();
         assert!(rsa.pkcs8_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
         assert!(!rsa.csr_der(&domains).unwrap().is_empty());
@@ -192,15 +185,17 @@ mod tests {
             .unwrap()
             .self_signed(&rsa.0)
             .unwrap();
-        assert!(key_matches(&rsa_cert.pem(), &rsa.pkcs8_pem()));
+        let rsa_info = CertInfo::from_pem_chain(&rsa_cert.pem()).unwrap();
+        assert!(key_matches(&rsa_info, &rsa.pkcs8_pem()));
         // Another key, or garbage: no match.
-        assert!(!key_matches(&cert.pem(), &rsa.pkcs8_pem()));
-        assert!(!key_matches(&rsa_cert.pem(), &key.pkcs8_pem()));
-        assert!(!key_matches(&cert.pem(), "nope"));
+        assert!(!key_matches(&info, &rsa.pkcs8_pem()));
+        assert!(!key_matches(&rsa_info, &key.pkcs8_pem()));
+        assert!(!key_matches(&info, "nope"));
         // Another tool's SEC1 key is not compared.
         let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB6xR7dC/6ckV1aUrHKkN0GkFq0rJ8GcbV3Zx4L0cH3HoAoGCCqGSM49\nAwEHoUQDQgAE\n-----END EC PRIVATE KEY-----\n";
-        assert!(key_matches(&cert.pem(), sec1));
-        assert!(!key_matches("nope", &key.pkcs8_pem()));
+        assert!(key_matches(&info, sec1));
+        // A chain that does not parse has no CertInfo to compare with
+        // (garbage_is_an_error_not_a_panic).
     }
 
     #[test]

@@ -614,12 +614,9 @@ async fn certificate_loop(
     result
 }
 
-/// True when the Secret holds `held`: its chain and its key.
+/// True when the Secret holds `held`: its chain and its key, byte for byte (nothing to parse).
 fn secret_has(rx: &watch::Receiver<Option<Secret>>, held: &Held) -> bool {
-    rx.borrow()
-        .as_ref()
-        .and_then(crate::store::read_held)
-        .is_some_and(|(h, _)| h.chain_pem == held.chain_pem && h.key_pem == held.key_pem)
+    rx.borrow().as_ref().is_some_and(|s| crate::store::holds(s, held))
 }
 
 /// Resolves when `rx` says we are no longer the leader.

@@ -68,11 +68,23 @@ pub fn read_held(secret: &Secret) -> Option<(Held, bool)> {
     ))
 }
 
+/// True when `secret` holds exactly `held`'s chain and key.
+pub fn holds(secret: &Secret, held: &Held) -> bool {
+    let bytes = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|v| v.0.as_slice())
+    };
+    bytes(TLS_CRT) == Some(held.chain_pem.as_bytes()) && bytes(TLS_KEY) == Some(held.key_pem.as_bytes())
+}
+
 /// A Secret's certificate if it is a real one (not temporary) for exactly `domains`, not
 /// expired at `now`, and with its own key beside it.
 pub fn valid_held(secret: &Secret, domains: &[String], now: OffsetDateTime) -> Option<Held> {
     let (held, temporary) = read_held(secret)?;
-    (!temporary && held.info.covers(domains, now) && crate::cert::key_matches(&held.chain_pem, &held.key_pem))
+    (!temporary && held.info.covers(domains, now) && crate::cert::key_matches(&held.info, &held.key_pem))
         .then_some(held)
 }
 
