@@ -543,6 +543,14 @@ mod tests {
 
     use super::*;
 
+    /// The env the webhook would inject for `cfg`, by name.
+    fn env_map(cfg: &SidecarConfig) -> HashMap<String, String> {
+        cfg.to_env()
+            .into_iter()
+            .filter_map(|e| e.value.map(|v| (e.name, v)))
+            .collect()
+    }
+
     #[test]
     fn every_key_has_the_prefix() {
         assert_eq!(PREFIX, "sidecert.io/");
@@ -627,11 +635,7 @@ mod tests {
             http01_port: 8089,
             metrics_port: 9089,
         };
-        let env: HashMap<String, String> = cfg
-            .to_env()
-            .into_iter()
-            .filter_map(|e| e.value.map(|v| (e.name, v)))
-            .collect();
+        let env = env_map(&cfg);
         let back = SidecarConfig::from_env(|k| env.get(k).cloned()).unwrap();
         assert_eq!(back, cfg);
         assert_eq!(back.certificates[0].domains, ["example", "www.example"]);
@@ -657,11 +661,7 @@ mod tests {
             http01_port: 8089,
             metrics_port: 9089,
         };
-        let env: HashMap<String, String> = cfg
-            .to_env()
-            .into_iter()
-            .filter_map(|e| e.value.map(|v| (e.name, v)))
-            .collect();
+        let env = env_map(&cfg);
         let encoded = &env[env::CERTIFICATES];
         assert!(
             encoded.contains("\"solverService\":\"web-sidecert-solver\""),
