@@ -425,11 +425,12 @@ async fn scenarios(apps: &TestNamespace, replicas: &mut [Replica], leader: usize
         }
     })
     .await
-    .expect("the new leader reconciles");
-    assert!(
-        replicas[follower]
-            .metric("sidecert_webhook_reconciles_total")
-            .await
-            > 0.0
-    );
+    .expect("the new leader recreates the solver");
+    // The counter moves when the reconcile returns, a moment after the Service is created.
+    wait_for(Duration::from_secs(10), || {
+        let r = &replicas[follower];
+        async move { (r.metric("sidecert_webhook_reconciles_total").await > 0.0).then_some(()) }
+    })
+    .await
+    .expect("the new leader counts its reconciles");
 }
