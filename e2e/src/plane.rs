@@ -162,6 +162,18 @@ impl Plane {
         &self.challtestsrv_url
     }
 
+    /// Waits until the stand-in's DNS sync has given `host` an A record in
+    /// pebble-challtestsrv (it logs every record it sets).
+    pub async fn wait_dns_record(&self, host: &str, timeout: Duration) -> Result<()> {
+        let log = self.repo_root.join("e2e/.state/logs/localnode.log");
+        let needle = format!("dns: A record set host=\"{host}\"");
+        wait_for(timeout, || async {
+            let text = tokio::fs::read_to_string(&log).await.ok()?;
+            text.contains(&needle).then_some(())
+        })
+        .await
+    }
+
     /// The bridge's host address (API server, Pebble, Node InternalIP).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway

@@ -401,6 +401,10 @@ async fn pod_domains_resolve_to_the_pod_for_http01() -> anyhow::Result<()> {
         })
         .await
         .context("the solver Pod becomes Ready through its readiness probe")?;
+        plane
+            .wait_dns_record(&name, Duration::from_secs(10))
+            .await
+            .context("the DNS sync points the Pod's domain at the Pod")?;
         let workdir = plane
             .repo_root()
             .join(format!("e2e/.state/pods/{}_solver", ns.name()));
@@ -469,8 +473,10 @@ async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<
         })
         .await
         .context("the solver Service has a ready endpoint")?;
-        // The stand-in's DNS sync is debounced; give it a moment.
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        plane
+            .wait_dns_record(&name, Duration::from_secs(10))
+            .await
+            .context("the DNS sync points the Ingress host at the solver")?;
         let workdir = plane
             .repo_root()
             .join(format!("e2e/.state/pods/{}_solver", ns.name()));

@@ -1255,8 +1255,21 @@ async fn s6_upgrade(ctx: Ctx) -> Result<()> {
             )
             .await?;
             let pods_api: Api<Pod> = ns.api();
-            let before: Pod = serde_json::from_value(app_pod("before", json!({"app": "loop"}), json!({})))?;
-            let before = pods_api.create(&PostParams::default(), &before).await?;
+            // The webhooks match Pods to Ingresses from their watch caches, which see the
+            // Ingress a moment after `kubectl apply` returns: retry until a Pod is injected.
+            let mut attempt = 0u32;
+            let before = wait_for(Duration::from_secs(20), || {
+                attempt += 1;
+                let (pods_api, name) = (pods_api.clone(), format!("before-{attempt}"));
+                async move {
+                    let pod: Pod =
+                        serde_json::from_value(app_pod(&name, json!({"app": "loop"}), json!({}))).ok()?;
+                    let created = pods_api.create(&PostParams::default(), &pod).await.ok()?;
+                    sidecar(&created).is_some().then_some(created)
+                }
+            })
+            .await
+            .context("no Pod behind the annotated Ingress was injected")?;
             let limit = |pod: &Pod| {
                 sidecar(pod)
                     .and_then(|c| c.resources.as_ref())

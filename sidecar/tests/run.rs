@@ -233,6 +233,7 @@ async fn run_replaces_the_temporary_secret_and_a_restart_orders_nothing() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = scrape(&r.metrics).await;
     assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 0.0, "{m}");
     assert_eq!(
         secrets.get("web-tls").await.unwrap().metadata.resource_version,
@@ -391,16 +392,22 @@ async fn a_failing_challenge_backs_off_with_event_and_metric() {
         ) >= 1.0,
         "{m}"
     );
+    // The Event is published after the counter moves.
     let events: Api<Event> = ns.api();
-    let evs = events.list(&ListParams::default()).await.unwrap();
-    let failed_ev = evs.items.iter().find(|e| {
-        e.reason.as_deref() == Some("Failed") && e.involved_object.name.as_deref() == Some(pod.as_str())
-    });
-    let note = failed_ev.and_then(|e| e.message.clone()).unwrap_or_default();
+    let note = wait_until("a Failed Event", Duration::from_secs(10), || async {
+        let evs = events.list(&ListParams::default()).await.ok()?;
+        evs.items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("Failed")
+                    && e.involved_object.name.as_deref() == Some(pod.as_str())
+            })
+            .and_then(|e| e.message)
+    })
+    .await;
     assert!(
         note.contains("connection"),
-        "no Failed Event with the CA's detail: {:?}",
-        evs.items
+        "the Failed Event lacks the CA's detail: {note}"
     );
     r.stop().await;
 

@@ -297,11 +297,23 @@ async fn bootstraps_and_rotates_without_failed_admissions() {
 
         // A real Pod, then dry-run creations (admission without Pods left behind) through
         // serving rotations and a CA rollover.
-        let real = pods
-            .create(&PostParams::default(), &pod("ss-real"))
-            .await
-            .unwrap();
-        assert!(has_sidecar(&real));
+        // `/readyz` is the webhook's view; the API server learns the caBundle through its own
+        // informer a moment later, so the first Pod may need a retry.
+        let mut attempt = 0u32;
+        wait_for(Duration::from_secs(10), || {
+            attempt += 1;
+            let (pods, name) = (pods.clone(), format!("ss-real-{attempt}"));
+            async move {
+                let created = pods
+                    .create(&PostParams::default(), &pod(&name))
+                    .await
+                    .map_err(|e| eprintln!("creating Pod {name}: {e}"))
+                    .ok()?;
+                has_sidecar(&created).then_some(())
+            }
+        })
+        .await
+        .expect("a real Pod is admitted with the sidecar");
         let (mut admitted, mut failures) = (0u32, Vec::new());
         let (mut leaves, mut cas) = (BTreeSet::new(), BTreeSet::new());
         let dry = PostParams {

@@ -238,7 +238,15 @@ impl OwnPebble {
             dir,
             procs: vec![Proc(cts)],
         };
-        std::thread::sleep(Duration::from_millis(300));
+        // Ready once its management API accepts connections (add_a must not race its start).
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", cts_port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "pebble-challtestsrv did not listen on {cts_port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if start_pebble {
             me.start_pebble(extra_env, dns_port);
         }
