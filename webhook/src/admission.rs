@@ -333,6 +333,9 @@ impl Reviewer {
         timer.kind = request.kind_label();
         timer.operation = operation_label(request.operation());
         let mut outcome = self.mutate(&request);
+        if let (Request::Pod(pod), Some(exec)) = (&request, &self.executor) {
+            outcome = self.recheck_live(pod, exec, outcome).await;
+        }
         let run_effects = !request.dry_run() && !outcome.effects.is_empty();
         if let Some(exec) = self.executor.as_ref().filter(|_| run_effects) {
             {
@@ -364,6 +367,53 @@ impl Reviewer {
             timer.result = "error";
         }
         body
+    }
+
+    /// The watch caches lag the API server by a moment, so a Pod created right after its
+    /// Ingress or Service (one `kubectl apply`, a Deployment's first Pods) can find neither.
+    /// Before a Pod is admitted unselected, its namespace is read from the API server once;
+    /// if that fails, the cached answer stands (the reconciler heals later).
+    async fn recheck_live(&self, req: &AdmissionRequest<Pod>, exec: &Executor, cached: Outcome) -> Outcome {
+        if !matches!(
+            cached.skipped,
+            Some(SkipReason::NotSelected | SkipReason::InvalidAnnotations)
+        ) {
+            return cached;
+        }
+        let Some(namespace) = req
+            .namespace
+            .as_deref()
+            .or(req.object.as_ref().and_then(|p| p.metadata.namespace.as_deref()))
+        else {
+            return cached;
+        };
+        let result = match exec.live_snapshot(namespace).await {
+            Ok(None) => "not_selected",
+            Ok(Some(snapshot)) => {
+                let ctx = Context {
+                    lookup: Arc::new(snapshot),
+                    ..self.ctx.clone()
+                };
+                let live = mutate_pod(req, &ctx);
+                if live.patch.is_empty() {
+                    "not_selected"
+                } else {
+                    tracing::info!(
+                        uid = req.uid,
+                        namespace,
+                        "selected by an Ingress the watch cache had not seen yet"
+                    );
+                    self.metrics.live_lookups.with_label_values(&["selected"]).inc();
+                    return live;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(uid = req.uid, namespace, error = %e, "could not read the namespace's Ingresses; the cached answer stands");
+                e.metric_label()
+            }
+        };
+        self.metrics.live_lookups.with_label_values(&[result]).inc();
+        cached
     }
 
     fn count(&self, request: &Request, outcome: &Outcome) {

@@ -7,18 +7,27 @@ use k8s_openapi::{
     ByteString,
     api::{
         core::v1::{Secret, Service, ServicePort, ServiceSpec},
+        networking::v1::Ingress,
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
     apimachinery::pkg::{apis::meta::v1::OwnerReference, util::intstr::IntOrString},
 };
 use kube::{
     Api, Client,
-    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations};
 
-use crate::{Error, Lookup, Result, ingress::SOLVER_PORT_NAME};
+use crate::{
+    Error, Lookup, Result,
+    ingress::{SOLVER_PORT_NAME, is_annotated},
+    selection::Snapshot,
+};
+
+/// Time budget for reading a namespace from the API server during a review
+/// ([`Executor::live_snapshot`]).
+pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Validity of a temporary certificate.
 pub const TEMPORARY_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -350,6 +359,36 @@ impl Executor {
             lookup,
             timeout,
         }
+    }
+
+    /// The namespace's annotated Ingresses and its Services, read from the API server rather
+    /// than the watch caches; `None` when it has no annotated Ingress (then no Service list).
+    /// Bounded by [`LIVE_LOOKUP_TIMEOUT`].
+    pub async fn live_snapshot(&self, namespace: &str) -> Result<Option<Snapshot>> {
+        let read = async {
+            let ingresses: Vec<Arc<Ingress>> = Api::<Ingress>::namespaced(self.client.clone(), namespace)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(is_annotated)
+                .map(Arc::new)
+                .collect();
+            if ingresses.is_empty() {
+                return Ok(None);
+            }
+            let services = Api::<Service>::namespaced(self.client.clone(), namespace)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .map(Arc::new)
+                .collect();
+            Ok(Some(Snapshot { ingresses, services }))
+        };
+        tokio::time::timeout(LIVE_LOOKUP_TIMEOUT, read)
+            .await
+            .unwrap_or(Err(Error::Timeout(LIVE_LOOKUP_TIMEOUT)))
     }
 
     /// Carries out every effect; returns the failures (the review still succeeds).

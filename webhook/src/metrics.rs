@@ -24,6 +24,9 @@ pub struct Metrics {
     pub warnings: IntCounterVec,
     /// Failed side effects, by effect and error.
     pub side_effect_failures: IntCounterVec,
+    /// Pods the caches did not select, read again from the API server, by result
+    /// (`selected`: the cache lagged; `not_selected`; or the error's metric label).
+    pub live_lookups: IntCounterVec,
     /// `serve --self-signed`: expiry of the served certificate (Unix seconds).
     pub serving_cert_not_after: Gauge,
     /// `serve --self-signed`: expiry of the current CA (Unix seconds).
@@ -68,6 +71,11 @@ impl Metrics {
             "side_effect_failures_total",
             "Side effects that failed (the object was admitted with a warning)",
             &["effect", "error"],
+        )?;
+        let live_lookups = counter(
+            "live_lookups_total",
+            "Pods the watch caches did not select, read again from the API server, by result",
+            &["result"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new("request_duration_seconds", "Admission review duration").buckets(vec![
@@ -122,6 +130,7 @@ impl Metrics {
             skips,
             warnings,
             side_effect_failures,
+            live_lookups,
             serving_cert_not_after,
             ca_not_after,
             rotations,
