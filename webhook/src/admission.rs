@@ -1,9 +1,12 @@
 //! The AdmissionReview envelope, the review itself (shared by the server, the offline
 //! commands and the tests), and the HTTP handlers.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicBool, Ordering},
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use actix_web::{
@@ -24,8 +27,12 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::value::RawValue;
 
 use crate::{
-    Context, Error, MAX_BODY_BYTES, Outcome, Result, SkipReason, effects::Executor, ingress::mutate_ingress,
-    metrics::Metrics, pod::mutate_pod,
+    Context, Error, MAX_BODY_BYTES, Outcome, Result, SkipReason,
+    effects::Executor,
+    ingress::mutate_ingress,
+    metrics::Metrics,
+    pod::{mutate_pod, pod_namespace},
+    selection::{annotated_versions, has_selecting_service},
 };
 
 /// The review as it arrives; the object stays raw until its kind is known, then is decoded
@@ -305,7 +312,14 @@ pub struct Reviewer {
     pub ctx: Context,
     pub metrics: Metrics,
     pub executor: Option<Executor>,
+    /// Set after a failed live check ([`Reviewer::recheck_live`]).
+    live_paused_until: Arc<Mutex<Option<Instant>>>,
 }
+
+/// Time budget for the live check of one Pod.
+pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long live checks pause after one failed.
+pub const LIVE_LOOKUP_PAUSE: Duration = Duration::from_secs(30);
 
 impl Reviewer {
     pub fn new(ctx: Context, metrics: Metrics, executor: Option<Executor>) -> Self {
@@ -313,6 +327,7 @@ impl Reviewer {
             ctx,
             metrics,
             executor,
+            live_paused_until: Arc::default(),
         }
     }
 
@@ -333,13 +348,17 @@ impl Reviewer {
         timer.kind = request.kind_label();
         timer.operation = operation_label(request.operation());
         let mut outcome = self.mutate(&request);
+        // One budget for the review's API calls: the live check, then the side effects.
+        let deadline = self.executor.as_ref().map(|e| Instant::now() + e.budget());
         if let (Request::Pod(pod), Some(exec)) = (&request, &self.executor) {
-            outcome = self.recheck_live(pod, exec, outcome).await;
+            let budget = exec.budget().min(LIVE_LOOKUP_TIMEOUT);
+            outcome = self.recheck_live(pod, exec, budget, outcome).await;
         }
         let run_effects = !request.dry_run() && !outcome.effects.is_empty();
         if let Some(exec) = self.executor.as_ref().filter(|_| run_effects) {
             {
-                for (effect, err) in exec.apply(&outcome.effects).await {
+                let left = deadline.map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()));
+                for (effect, err) in exec.apply(&outcome.effects, left).await {
                     tracing::warn!(uid = request.uid(), effect = effect.label(), error = %err, "side effect failed");
                     self.metrics
                         .side_effect_failures
@@ -370,25 +389,50 @@ impl Reviewer {
     }
 
     /// The watch caches lag the API server by a moment, so a Pod created right after its
-    /// Ingress or Service (one `kubectl apply`, a Deployment's first Pods) can find neither.
-    /// Before a Pod is admitted unselected, its namespace is read from the API server once;
-    /// if that fails, the cached answer stands (the reconciler heals later).
-    async fn recheck_live(&self, req: &AdmissionRequest<Pod>, exec: &Executor, cached: Outcome) -> Outcome {
+    /// Ingress (one `kubectl apply`, a Deployment's first Pods) may be missed. A Pod the caches
+    /// do not select, but which a cached Service selects (so an Ingress could), is checked
+    /// against the API server: one list of the namespace's Ingresses, and a list of its
+    /// Services only if its annotated Ingresses differ from the cached ones. The live answer
+    /// is at least as fresh, so it wins. After a failed check, the cached answer stands and
+    /// further checks pause for [`LIVE_LOOKUP_PAUSE`].
+    async fn recheck_live(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        exec: &Executor,
+        budget: Duration,
+        cached: Outcome,
+    ) -> Outcome {
         if !matches!(
             cached.skipped,
             Some(SkipReason::NotSelected | SkipReason::InvalidAnnotations)
         ) {
             return cached;
         }
-        let Some(namespace) = req
-            .namespace
-            .as_deref()
-            .or(req.object.as_ref().and_then(|p| p.metadata.namespace.as_deref()))
-        else {
+        let Some(pod) = req.object.as_ref() else {
             return cached;
         };
-        let result = match exec.live_snapshot(namespace).await {
-            Ok(None) => "not_selected",
+        let namespace = pod_namespace(req);
+        let lookup = self.ctx.lookup.as_ref();
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if !has_selecting_service(namespace, &labels, lookup) {
+            return cached;
+        }
+        let count = |result: &str| self.metrics.live_lookups.with_label_values(&[result]).inc();
+        if self
+            .live_paused_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+        {
+            count("paused");
+            return cached;
+        }
+        let known = annotated_versions(&lookup.ingresses(namespace));
+        match exec.live_snapshot(namespace, &known, budget).await {
+            Ok(None) => {
+                count("cache_current");
+                cached
+            }
             Ok(Some(snapshot)) => {
                 let ctx = Context {
                     lookup: Arc::new(snapshot),
@@ -396,24 +440,31 @@ impl Reviewer {
                 };
                 let live = mutate_pod(req, &ctx);
                 if live.patch.is_empty() {
-                    "not_selected"
+                    count("not_selected");
                 } else {
                     tracing::info!(
                         uid = req.uid,
                         namespace,
-                        "selected by an Ingress the watch cache had not seen yet"
+                        "Pod selected by an Ingress the watch cache had not seen yet"
                     );
-                    self.metrics.live_lookups.with_label_values(&["selected"]).inc();
-                    return live;
+                    count("selected");
                 }
+                live
             }
             Err(e) => {
-                tracing::warn!(uid = req.uid, namespace, error = %e, "could not read the namespace's Ingresses; the cached answer stands");
-                e.metric_label()
+                tracing::warn!(
+                    uid = req.uid,
+                    namespace,
+                    error = %e,
+                    pause = ?LIVE_LOOKUP_PAUSE,
+                    "could not read the namespace from the API server; answering from the watch cache"
+                );
+                *self.live_paused_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Instant::now() + LIVE_LOOKUP_PAUSE);
+                count(e.metric_label());
+                cached
             }
-        };
-        self.metrics.live_lookups.with_label_values(&[result]).inc();
-        cached
+        }
     }
 
     fn count(&self, request: &Request, outcome: &Outcome) {

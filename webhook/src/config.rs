@@ -75,7 +75,8 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per CPU).
     #[arg(long, env = "SIDECERT_WEBHOOK_WORKERS")]
     pub workers: Option<usize>,
-    /// Time budget for the side effects of one review (the API server's webhook timeout is 10 s).
+    /// Time budget for the API calls of one review: the live check of a Pod the caches do not
+    /// select, then the side effects (the API server's webhook timeout is 10 s).
     #[arg(long, env = "SIDECERT_WEBHOOK_SIDE_EFFECT_TIMEOUT", default_value = "4s", value_parser = parse_duration)]
     pub side_effect_timeout: Duration,
     /// After SIGTERM: how long the server keeps serving with /readyz false (and every response

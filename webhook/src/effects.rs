@@ -22,12 +22,8 @@ use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotati
 use crate::{
     Error, Lookup, Result,
     ingress::{SOLVER_PORT_NAME, is_annotated},
-    selection::Snapshot,
+    selection::{Snapshot, annotated_versions},
 };
-
-/// Time budget for reading a namespace from the API server during a review
-/// ([`Executor::live_snapshot`]).
-pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Validity of a temporary certificate.
 pub const TEMPORARY_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
@@ -361,10 +357,16 @@ impl Executor {
         }
     }
 
-    /// The namespace's annotated Ingresses and its Services, read from the API server rather
-    /// than the watch caches; `None` when it has no annotated Ingress (then no Service list).
-    /// Bounded by [`LIVE_LOOKUP_TIMEOUT`].
-    pub async fn live_snapshot(&self, namespace: &str) -> Result<Option<Snapshot>> {
+    /// The namespace read from the API server rather than the watch caches: its annotated
+    /// Ingresses and its Services. `None` when the annotated Ingresses are exactly the ones
+    /// the cache holds (`cached`: uid → resourceVersion, see
+    /// [`crate::selection::annotated_versions`]); then no Service list is made.
+    pub async fn live_snapshot(
+        &self,
+        namespace: &str,
+        cached: &BTreeMap<String, String>,
+        budget: Duration,
+    ) -> Result<Option<Snapshot>> {
         let read = async {
             let ingresses: Vec<Arc<Ingress>> = Api::<Ingress>::namespaced(self.client.clone(), namespace)
                 .list(&ListParams::default())
@@ -374,7 +376,7 @@ impl Executor {
                 .filter(is_annotated)
                 .map(Arc::new)
                 .collect();
-            if ingresses.is_empty() {
+            if annotated_versions(&ingresses) == *cached {
                 return Ok(None);
             }
             let services = Api::<Service>::namespaced(self.client.clone(), namespace)
@@ -386,18 +388,24 @@ impl Executor {
                 .collect();
             Ok(Some(Snapshot { ingresses, services }))
         };
-        tokio::time::timeout(LIVE_LOOKUP_TIMEOUT, read)
+        tokio::time::timeout(budget, read)
             .await
-            .unwrap_or(Err(Error::Timeout(LIVE_LOOKUP_TIMEOUT)))
+            .unwrap_or(Err(Error::Timeout(budget)))
     }
 
-    /// Carries out every effect; returns the failures (the review still succeeds).
-    pub async fn apply(&self, effects: &[Effect]) -> Vec<(Effect, Error)> {
+    /// The time budget of one review's API calls.
+    pub fn budget(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Carries out every effect within `budget`; returns the failures (the review still
+    /// succeeds).
+    pub async fn apply(&self, effects: &[Effect], budget: Duration) -> Vec<(Effect, Error)> {
         let runs = effects.iter().map(|effect| async move {
-            match tokio::time::timeout(self.timeout, self.apply_one(effect)).await {
+            match tokio::time::timeout(budget, self.apply_one(effect)).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some((effect.clone(), e)),
-                Err(_) => Some((effect.clone(), Error::Timeout(self.timeout))),
+                Err(_) => Some((effect.clone(), Error::Timeout(budget))),
             }
         });
         futures::future::join_all(runs)

@@ -24,8 +24,9 @@ pub struct Metrics {
     pub warnings: IntCounterVec,
     /// Failed side effects, by effect and error.
     pub side_effect_failures: IntCounterVec,
-    /// Pods the caches did not select, read again from the API server, by result
-    /// (`selected`: the cache lagged; `not_selected`; or the error's metric label).
+    /// Live checks of Pods the caches did not select, by result: `selected` (the caches
+    /// lagged), `not_selected`, `cache_current` (no Service list needed), `paused` (after a
+    /// failure), or the error's metric label.
     pub live_lookups: IntCounterVec,
     /// `serve --self-signed`: expiry of the served certificate (Unix seconds).
     pub serving_cert_not_after: Gauge,
@@ -74,7 +75,7 @@ impl Metrics {
         )?;
         let live_lookups = counter(
             "live_lookups_total",
-            "Pods the watch caches did not select, read again from the API server, by result",
+            "Live checks against the API server of Pods the watch caches did not select, by result",
             &["result"],
         )?;
         let duration = HistogramVec::new(

@@ -44,12 +44,15 @@ pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
     let Some(pod) = req.object.as_ref() else {
         return Outcome::skip(SkipReason::NoObject);
     };
-    let namespace = req
-        .namespace
+    mutate_pod_in(pod, pod_namespace(req), ctx)
+}
+
+/// The namespace a Pod is created in: the review's, else the object's, else `default`.
+pub fn pod_namespace(req: &AdmissionRequest<Pod>) -> &str {
+    req.namespace
         .as_deref()
-        .or(pod.metadata.namespace.as_deref())
-        .unwrap_or("default");
-    mutate_pod_in(pod, namespace, ctx)
+        .or(req.object.as_ref().and_then(|p| p.metadata.namespace.as_deref()))
+        .unwrap_or("default")
 }
 
 /// The mutation of a Pod (or a pod template) in `namespace`; shared with `inject`.

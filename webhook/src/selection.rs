@@ -23,6 +23,8 @@ pub trait Lookup: Send + Sync {
     fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>>;
     /// One Service.
     fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
+    /// The Services of a namespace.
+    fn services(&self, namespace: &str) -> Vec<Arc<Service>>;
 }
 
 /// A fixed set of objects (possibly empty: no cluster).
@@ -48,6 +50,14 @@ impl Lookup for Snapshot {
                 s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
             })
             .cloned()
+    }
+
+    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
+        self.services
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
+            .cloned()
+            .collect()
     }
 }
 
@@ -105,6 +115,42 @@ impl Lookup for Cache {
         self.services
             .get(&reflector::ObjectRef::new(name).within(namespace))
     }
+
+    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
+        self.services
+            .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
+    }
+}
+
+/// Whether a Service in `namespace` selects a Pod with these labels: only then can an
+/// Ingress select the Pod (through that Service as its backend).
+pub fn has_selecting_service(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    lookup: &dyn Lookup,
+) -> bool {
+    !labels.is_empty()
+        && lookup.services(namespace).iter().any(|s| {
+            s.spec
+                .as_ref()
+                .and_then(|spec| spec.selector.as_ref())
+                .is_some_and(|sel| selector_matches(sel, labels))
+        })
+}
+
+/// The annotated Ingresses of a namespace as (uid, resourceVersion), to tell whether a cache
+/// is behind the API server.
+pub fn annotated_versions(ingresses: &[Arc<Ingress>]) -> BTreeMap<String, String> {
+    ingresses
+        .iter()
+        .filter(|i| is_annotated(i))
+        .map(|i| {
+            (
+                i.metadata.uid.clone().unwrap_or_default(),
+                i.metadata.resource_version.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// The outcome of selection for one Pod.

@@ -217,7 +217,7 @@ async fn api_failure_is_an_error_not_a_panic() {
         name: "web-tls".into(),
         domains: vec!["shop.example".into()],
     };
-    let task = tokio::spawn(async move { exec.apply(&[effect]).await });
+    let task = tokio::spawn(async move { exec.apply(&[effect], Duration::from_secs(5)).await });
     expect(
         &mut handle,
         Method::GET,

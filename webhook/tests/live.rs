@@ -1,40 +1,47 @@
-//! A Pod the watch caches do not select is looked up again on the real API server: a cache
-//! that has not seen the Ingress yet (here: an empty one) still gets the Pod injected.
+//! A Pod the watch caches do not select, but which a cached Service selects, is checked
+//! against the real API server: a cache that has seen the Services but not yet the Ingress
+//! (the moment after one `kubectl apply`) still gets the Pod injected.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
-use kube::{Client, Config, api::PostParams};
-use prometheus::core::Collector;
+use k8s_openapi::api::{
+    core::v1::{Secret, Service},
+    networking::v1::Ingress,
+};
+use kube::{
+    Client, Config,
+    api::{ListParams, PostParams},
+};
 use serde_json::{Value, json};
-use sidecert_e2e::Plane;
+use sidecert_e2e::{Plane, TestNamespace};
 use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings, effects::Executor, metrics::Metrics,
     selection::Snapshot,
 };
 
-fn reviewer(client: Client) -> Reviewer {
+fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
+    let cache = Arc::new(cache);
     let ctx = Context {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
-        lookup: Arc::new(Snapshot::default()),
+        lookup: cache.clone(),
     };
-    let executor = Executor::new(client, Arc::new(Snapshot::default()), Duration::from_secs(5));
+    let executor = Executor::new(client, cache, Duration::from_secs(4));
     Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
 }
 
-fn review(namespace: &str, app: &str) -> Vec<u8> {
+fn review(namespace: &str, labels: Value, annotations: Value, dry_run: bool) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
-            "uid": format!("live-{app}"),
+            "uid": "5eedce27-0000-4000-8000-00000000live",
             "kind": {"group": "", "version": "v1", "kind": "Pod"},
             "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": true,
+            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": dry_run,
             "object": {
                 "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"generateName": format!("{app}-"), "labels": {"app": app}},
+                "metadata": {"generateName": "p-", "labels": labels, "annotations": annotations},
                 "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
             }
         }
@@ -42,15 +49,54 @@ fn review(namespace: &str, app: &str) -> Vec<u8> {
     .unwrap()
 }
 
-/// The response's patch, if any.
-async fn patch_of(reviewer: &Reviewer, body: &[u8]) -> Option<String> {
-    let out: Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
-    assert_eq!(out["response"]["allowed"], true);
-    out["response"]["patch"].as_str().map(str::to_owned)
+fn pod(namespace: &str, app: &str) -> Vec<u8> {
+    review(namespace, json!({"app": app}), json!({}), true)
 }
 
-fn count(reviewer: &Reviewer, result: &str) -> u64 {
-    reviewer.metrics.live_lookups.with_label_values(&[result]).get()
+/// The review's response.
+async fn respond(reviewer: &Reviewer, body: &[u8]) -> Value {
+    let out: Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
+    assert_eq!(out["response"]["allowed"], true);
+    out["response"].clone()
+}
+
+/// `sidecert_webhook_live_lookups_total` by result.
+fn lookups(reviewer: &Reviewer) -> Vec<(String, u64)> {
+    use prometheus::core::Collector;
+    let mut out: Vec<(String, u64)> = reviewer
+        .metrics
+        .live_lookups
+        .collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| {
+            let result = m
+                .get_label()
+                .first()
+                .map(|l| l.value().to_owned())
+                .unwrap_or_default();
+            (result, m.get_counter().get_value() as u64)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    out.sort();
+    out
+}
+
+fn counts(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect()
+}
+
+async fn create_service(ns: &TestNamespace, name: &str) {
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80}]}
+    }))
+    .unwrap();
+    ns.api::<Service>()
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,15 +105,10 @@ async fn a_pod_the_cache_misses_is_selected_from_the_api_server() {
     let plane = Plane::get().await.expect("local plane");
     let ns = plane.namespace("live", true).await.unwrap();
     let bare = plane.namespace("live-bare", true).await.unwrap();
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}
-    }))
-    .unwrap();
-    ns.api::<Service>()
-        .create(&PostParams::default(), &service)
-        .await
-        .unwrap();
+    for name in ["web", "api"] {
+        create_service(&ns, name).await;
+    }
+    create_service(&bare, "web").await;
     let host = format!("web.{}.example", ns.name());
     let ingress: Ingress = serde_json::from_value(json!({
         "metadata": {"name": "web", "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
@@ -83,47 +124,85 @@ async fn a_pod_the_cache_misses_is_selected_from_the_api_server() {
         .await
         .unwrap();
 
-    let reviewer = reviewer(plane.client().await.unwrap());
-    // Behind the annotated Ingress: injected although the cache is empty.
-    let patch = patch_of(&reviewer, &review(ns.name(), "web"))
-        .await
-        .expect("a Pod behind the annotated Ingress is patched");
-    assert!(!patch.is_empty());
-    assert_eq!(count(&reviewer, "selected"), 1);
-    // Not behind it, or in a namespace without annotated Ingresses: unchanged.
-    assert_eq!(patch_of(&reviewer, &review(ns.name(), "db")).await, None);
-    assert_eq!(patch_of(&reviewer, &review(bare.name(), "web")).await, None);
-    assert_eq!(count(&reviewer, "not_selected"), 2);
+    // The cache: both namespaces' Services, not the Ingress.
+    let client = plane.client().await.unwrap();
+    let mut cache = Snapshot::default();
+    for n in [&ns, &bare] {
+        let list = n.api::<Service>().list(&ListParams::default()).await.unwrap();
+        cache.services.extend(list.items.into_iter().map(Arc::new));
+    }
+    let reviewer = new_reviewer(client, cache.clone());
 
-    // An API server the webhook cannot reach: the cached answer stands, at once.
+    // Behind the annotated Ingress: injected, with its side effects (the temporary Secret).
+    let response = respond(
+        &reviewer,
+        &review(ns.name(), json!({"app": "web"}), json!({}), false),
+    )
+    .await;
+    assert!(response["patch"].is_string(), "{response}");
+    assert_eq!(lookups(&reviewer), counts(&[("selected", 1)]));
+    let secret = ns.api::<Secret>().get_opt("web-tls").await.unwrap();
+    assert!(secret.is_some(), "the temporary Secret is created");
+
+    // No cached Service selects these Pods, so no Ingress can: no lookup.
+    for labels in [json!({"app": "db"}), json!({})] {
+        let response = respond(&reviewer, &review(ns.name(), labels, json!({}), true)).await;
+        assert!(response["patch"].is_null(), "{response}");
+    }
+    assert_eq!(lookups(&reviewer), counts(&[("selected", 1)]));
+
+    // Selected by a Service the Ingress does not route to: not injected.
+    let response = respond(&reviewer, &pod(ns.name(), "api")).await;
+    assert!(response["patch"].is_null(), "{response}");
+    // Invalid annotations: the same single warning as from the cache.
+    let response = respond(
+        &reviewer,
+        &review(
+            ns.name(),
+            json!({"app": "api"}),
+            json!({"sidecert.io/inject": "true"}),
+            true,
+        ),
+    )
+    .await;
+    let warnings = response["warnings"].as_array().cloned().unwrap_or_default();
+    assert_eq!(warnings.len(), 1, "{response}");
+    assert!(
+        warnings[0].as_str().unwrap().contains("sidecert.io/domains"),
+        "{response}"
+    );
+    assert_eq!(
+        lookups(&reviewer),
+        counts(&[("not_selected", 2), ("selected", 1)])
+    );
+
+    // No annotated Ingress in the namespace, as the cache says: no Service list.
+    let response = respond(&reviewer, &pod(bare.name(), "web")).await;
+    assert!(response["patch"].is_null(), "{response}");
+    assert_eq!(
+        lookups(&reviewer),
+        counts(&[("cache_current", 1), ("not_selected", 2), ("selected", 1)])
+    );
+
+    // An API server the webhook cannot reach: the cached answer stands, and checks pause.
     let mut config = Config::new("https://127.0.0.1:1".parse().unwrap());
     config.connect_timeout = Some(Duration::from_secs(1));
-    let unreachable = reviewer_unreachable(config);
+    let unreachable = new_reviewer(Client::try_from(config).unwrap(), cache);
     let started = std::time::Instant::now();
-    assert_eq!(patch_of(&unreachable, &review(ns.name(), "web")).await, None);
+    for _ in 0..2 {
+        let response = respond(&unreachable, &pod(ns.name(), "web")).await;
+        assert!(response["patch"].is_null(), "{response}");
+    }
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "{:?}",
         started.elapsed()
     );
     assert_eq!(
-        count(&unreachable, "selected") + count(&unreachable, "not_selected"),
-        0
+        lookups(&unreachable),
+        counts(&[("api_unreachable", 1), ("paused", 1)])
     );
-    let errors: u64 = unreachable
-        .metrics
-        .live_lookups
-        .collect()
-        .iter()
-        .flat_map(|family| family.get_metric())
-        .map(|m| m.get_counter().get_value() as u64)
-        .sum();
-    assert_eq!(errors, 1);
 
     ns.cleanup().await.unwrap();
     bare.cleanup().await.unwrap();
-}
-
-fn reviewer_unreachable(config: Config) -> Reviewer {
-    reviewer(Client::try_from(config).unwrap())
 }
