@@ -34,13 +34,18 @@ pub struct Snapshot {
     pub services: Vec<Arc<Service>>,
 }
 
+/// The objects of `items` in `namespace`.
+fn in_namespace<K: kube::Resource>(items: &[Arc<K>], namespace: &str) -> Vec<Arc<K>> {
+    items
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(namespace))
+        .cloned()
+        .collect()
+}
+
 impl Lookup for Snapshot {
     fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
-        self.ingresses
-            .iter()
-            .filter(|i| i.metadata.namespace.as_deref() == Some(namespace))
-            .cloned()
-            .collect()
+        in_namespace(&self.ingresses, namespace)
     }
 
     fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
@@ -53,11 +58,7 @@ impl Lookup for Snapshot {
     }
 
     fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
-        self.services
-            .iter()
-            .filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
-            .cloned()
-            .collect()
+        in_namespace(&self.services, namespace)
     }
 }
 
