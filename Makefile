@@ -35,7 +35,7 @@ cluster-down: ## stop every process of the local plane
 	$(E2E)/cluster-down.sh
 
 .PHONY: test
-test: lint chart-test manifests-check tools build ## every test: unit, integration and end to end, on a local plane it starts and stops
+test: lint tools build chart-test manifests-check ## every test: unit, integration and end to end, on a local plane it starts and stops
 	$(E2E)/with-plane.sh $(CARGO) test --workspace --no-fail-fast
 
 .PHONY: e2e

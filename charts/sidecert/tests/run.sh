@@ -181,7 +181,8 @@ check renamed 'arg("--leader-lease-name") == "acme-injector-webhook-leader" and 
 	"renamed: leader Lease follows the fullname"
 
 # Every flag the chart passes must exist in the webhook binary (when one is built that has
-# --self-signed; skipped otherwise, e.g. on a clean clone before `make build`).
+# --self-signed; skipped otherwise, e.g. on a clean clone before `make build`; `make test`
+# builds first).
 echo "flags known to the webhook binary"
 webhook_bin=${SIDECERT_WEBHOOK_BIN:-$repo/target/debug/sidecert-webhook}
 if [[ -x $webhook_bin ]] && "$webhook_bin" serve --help >"$tmp/help.txt" 2>&1 && grep -q -- '--self-signed' "$tmp/help.txt"; then
