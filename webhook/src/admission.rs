@@ -413,8 +413,9 @@ impl Reviewer {
         };
         let namespace = pod_namespace(req);
         let lookup = self.ctx.lookup.as_ref();
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !has_selecting_service(namespace, &labels, lookup) {
+        let no_labels = std::collections::BTreeMap::new();
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+        if !has_selecting_service(namespace, labels, lookup) {
             return cached;
         }
         let count = |result: &str| self.metrics.live_lookups.with_label_values(&[result]).inc();

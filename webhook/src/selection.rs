@@ -130,13 +130,7 @@ pub fn has_selecting_service(
     labels: &BTreeMap<String, String>,
     lookup: &dyn Lookup,
 ) -> bool {
-    !labels.is_empty()
-        && lookup.services(namespace).iter().any(|s| {
-            s.spec
-                .as_ref()
-                .and_then(|spec| spec.selector.as_ref())
-                .is_some_and(|sel| selector_matches(sel, labels))
-        })
+    !labels.is_empty() && lookup.services(namespace).iter().any(|s| selects(s, labels))
 }
 
 /// The annotated Ingresses of a namespace as (uid, resourceVersion), to tell whether a cache
@@ -168,6 +162,15 @@ pub struct Selection {
 
 fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether `service` selects a Pod with these labels.
+fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| selector_matches(s, labels))
 }
 
 /// Selects the certificates for a Pod with these labels and annotations in `namespace`.
@@ -221,8 +224,7 @@ pub fn select(
             let Some(svc) = lookup.service(namespace, &route.backend) else {
                 continue;
             };
-            let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
-            if !selector.is_some_and(|s| selector_matches(s, labels)) {
+            if !selects(&svc, labels) {
                 continue;
             }
             let Some(tls) = plan.secret(&route.secret_name) else {
