@@ -12,7 +12,7 @@ pub mod localnode;
 mod plane;
 
 pub use error::{Error, Result};
-pub use plane::{Plane, TestNamespace, dump_on_failure, wait_for};
+pub use plane::{Plane, TestNamespace, create_until, dump_on_failure, wait_for};
 
 /// Installs rustls' ring crypto provider for the process (idempotent). kube, reqwest and
 /// instant-acme all use rustls; with more than one provider compiled in, rustls needs to be

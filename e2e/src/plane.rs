@@ -338,6 +338,43 @@ where
     }
 }
 
+/// Creates Pods `<prefix>-1`, `<prefix>-2`, ... (from `pod`, given the name) until one comes
+/// back from admission as `accepted` wants, for at most `timeout`; the others are deleted.
+/// For a webhook that is still catching up: its configuration not yet seen by the API
+/// server, or its caches not yet holding a new Ingress.
+pub async fn create_until<F, A>(
+    api: &Api<Pod>,
+    prefix: &str,
+    timeout: Duration,
+    pod: F,
+    accepted: A,
+) -> Result<Pod>
+where
+    F: Fn(&str) -> Pod,
+    A: Fn(&Pod) -> bool,
+{
+    let mut attempt = 0u32;
+    let accepted = &accepted;
+    wait_for(timeout, || {
+        attempt += 1;
+        let name = format!("{prefix}-{attempt}");
+        let object = pod(&name);
+        async move {
+            let created = api
+                .create(&PostParams::default(), &object)
+                .await
+                .map_err(|e| eprintln!("creating Pod {name}: {e}"))
+                .ok()?;
+            if accepted(&created) {
+                return Some(created);
+            }
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+            None
+        }
+    })
+    .await
+}
+
 /// Prints a namespace's Pods (phase, IP, container states), Events and the container logs
 /// the stand-in wrote for it.
 pub async fn dump_on_failure(client: &Client, repo_root: &Path, ns: &str) {

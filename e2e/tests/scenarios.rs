@@ -36,7 +36,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use sidecert_contract::{ACME_CHALLENGE_PATH, SIDECAR_CONTAINER_NAME, SOLVER_SERVICE_SUFFIX, annotations};
-use sidecert_e2e::{Plane, TestNamespace, wait_for};
+use sidecert_e2e::{Plane, TestNamespace, create_until, wait_for};
 use tokio::io::AsyncWriteExt;
 
 /// Release name: its cluster-scoped objects (MutatingWebhookConfiguration `sidecert-e2e`,
@@ -1257,17 +1257,15 @@ async fn s6_upgrade(ctx: Ctx) -> Result<()> {
             let pods_api: Api<Pod> = ns.api();
             // The webhooks match Pods to Ingresses from their watch caches, which see the
             // Ingress a moment after `kubectl apply` returns: retry until a Pod is injected.
-            let mut attempt = 0u32;
-            let before = wait_for(Duration::from_secs(20), || {
-                attempt += 1;
-                let (pods_api, name) = (pods_api.clone(), format!("before-{attempt}"));
-                async move {
-                    let pod: Pod =
-                        serde_json::from_value(app_pod(&name, json!({"app": "loop"}), json!({}))).ok()?;
-                    let created = pods_api.create(&PostParams::default(), &pod).await.ok()?;
-                    sidecar(&created).is_some().then_some(created)
-                }
-            })
+            let before = create_until(
+                &pods_api,
+                "before",
+                Duration::from_secs(20),
+                |name| {
+                    serde_json::from_value(app_pod(name, json!({"app": "loop"}), json!({}))).expect("a Pod")
+                },
+                |p| sidecar(p).is_some(),
+            )
             .await
             .context("no Pod behind the annotated Ingress was injected")?;
             let limit = |pod: &Pod| {

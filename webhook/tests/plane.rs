@@ -17,7 +17,7 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use sidecert_e2e::{Plane, wait_for};
+use sidecert_e2e::{Plane, create_until, wait_for};
 
 mod common;
 use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
@@ -132,30 +132,13 @@ async fn scenarios(labelled: &sidecert_e2e::TestNamespace, unlabelled: &sidecert
     let secrets: Api<Secret> = labelled.api();
 
     // The webhook config may take a moment to be picked up by the API server.
-    let created = wait_for(Duration::from_secs(20), || {
-        let pods = pods.clone();
-        let direct = direct.clone();
-        async move {
-            let name = format!("direct-{}", rand_suffix());
-            let p = pods
-                .create(
-                    &PostParams::default(),
-                    &pod(&name, json!({"app": "direct"}), direct),
-                )
-                .await
-                .map_err(|e| eprintln!("creating Pod {name}: {e}"))
-                .ok()?;
-            if has_sidecar(&p) {
-                Some(p)
-            } else {
-                pods.delete(&name, &DeleteParams::default())
-                    .await
-                    .ok()
-                    .map(|_| ())
-                    .and(None)
-            }
-        }
-    })
+    let created = create_until(
+        &pods,
+        "direct",
+        Duration::from_secs(20),
+        |name| pod(name, json!({"app": "direct"}), direct.clone()),
+        has_sidecar,
+    )
     .await
     .expect("a Pod comes back with the sidecar");
     let ann = created.metadata.annotations.clone().unwrap();
@@ -261,33 +244,15 @@ async fn scenarios(labelled: &sidecert_e2e::TestNamespace, unlabelled: &sidecert
     secrets.get("web-tls").await.expect("Ingress temporary Secret");
 
     // A Pod behind the Ingress's backend, without annotations (the cache must see the Ingress).
-    let web = wait_for(Duration::from_secs(20), || {
-        let pods = pods.clone();
-        async move {
-            let name = format!("web-{}", rand_suffix());
-            let p = pods
-                .create(
-                    &PostParams::default(),
-                    &pod(&name, json!({"app": "web"}), json!({})),
-                )
-                .await
-                .ok()?;
-            has_sidecar(&p).then_some(p)
-        }
-    })
+    let web = create_until(
+        &pods,
+        "web",
+        Duration::from_secs(20),
+        |name| pod(name, json!({"app": "web"}), json!({})),
+        has_sidecar,
+    )
     .await
     .expect("the Pod behind the Ingress comes back with the sidecar");
     let certs = &web.metadata.annotations.unwrap()["sidecert.io/certificates"];
     assert!(certs.contains("web-tls"), "{certs}");
-}
-
-fn rand_suffix() -> String {
-    format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-            % 0xffffff
-    )
 }

@@ -23,7 +23,7 @@ use kube::{
 };
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
-use sidecert_e2e::{Plane, TestNamespace, wait_for};
+use sidecert_e2e::{Plane, TestNamespace, create_until, wait_for};
 use sidecert_webhook::{
     config::{Cli, Command},
     server::serve,
@@ -299,21 +299,9 @@ async fn bootstraps_and_rotates_without_failed_admissions() {
         // serving rotations and a CA rollover.
         // `/readyz` is the webhook's view; the API server learns the caBundle through its own
         // informer a moment later, so the first Pod may need a retry.
-        let mut attempt = 0u32;
-        wait_for(Duration::from_secs(10), || {
-            attempt += 1;
-            let (pods, name) = (pods.clone(), format!("ss-real-{attempt}"));
-            async move {
-                let created = pods
-                    .create(&PostParams::default(), &pod(&name))
-                    .await
-                    .map_err(|e| eprintln!("creating Pod {name}: {e}"))
-                    .ok()?;
-                has_sidecar(&created).then_some(())
-            }
-        })
-        .await
-        .expect("a real Pod is admitted with the sidecar");
+        create_until(&pods, "ss-real", Duration::from_secs(10), pod, has_sidecar)
+            .await
+            .expect("a real Pod is admitted with the sidecar");
         let (mut admitted, mut failures) = (0u32, Vec::new());
         let (mut leaves, mut cas) = (BTreeSet::new(), BTreeSet::new());
         let dry = PostParams {
