@@ -1,0 +1,14 @@
+//! Runtime pieces that both binaries use, written once: the retry backoff, the shutdown
+//! signal, the duration syntax of every flag, and joining and leaving a Lease election.
+//!
+//! The sidecar links this crate but not the webhook: nothing here knows about admission.
+
+pub mod backoff;
+pub mod duration;
+pub mod election;
+pub mod signal;
+
+pub use backoff::Backoff;
+pub use duration::{format_duration, parse_duration};
+pub use election::{Election, LeaseSpec};
+pub use signal::shutdown_signal;
