@@ -65,7 +65,7 @@ HELM := e2e/.cache/bin/helm
 CHART := charts/sidecert
 # helm template's default Kubernetes version (1.20) is below the chart's kubeVersion; the
 # templates do not branch on it, so the lowest supported version renders the same as any.
-CHART_KUBE_VERSION := 1.29.0
+CHART_KUBE_VERSION := 1.35.0
 MANIFESTS_NAMESPACE := sidecert-system
 DOCKER ?= docker
 IMAGE_REGISTRY ?= ghcr.io/sidecert
