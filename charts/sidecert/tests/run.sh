@@ -65,7 +65,7 @@ fail() { failed=$((failed + 1)); printf '  FAIL  %s\n' "$1"; }
 render() {
 	local name=$1; shift
 	echo "$name"
-	if "$HELM" template sidecert "$chart" -n "$NS" --kube-version 1.29.0 "$@" >"$tmp/$name.yaml" 2>"$tmp/$name.err"; then
+	if "$HELM" template sidecert "$chart" -n "$NS" --kube-version 1.35.0 "$@" >"$tmp/$name.yaml" 2>"$tmp/$name.err"; then
 		pass "renders"
 	else
 		fail "renders: $(head -c 400 "$tmp/$name.err")"
@@ -82,7 +82,7 @@ check() {
 refuse() {
 	local desc=$1 want=$2; shift 2
 	local out
-	if out=$("$HELM" template sidecert "$chart" -n "$NS" --kube-version 1.29.0 "$@" 2>&1 >/dev/null); then
+	if out=$("$HELM" template sidecert "$chart" -n "$NS" --kube-version 1.35.0 "$@" 2>&1 >/dev/null); then
 		fail "$desc: rendered, expected an error"
 	elif grep -qF -- "$want" <<<"$out"; then
 		pass "$desc"
@@ -92,9 +92,15 @@ refuse() {
 }
 
 render defaults
-check defaults '{d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget", "MutatingWebhookConfiguration"}' \
+check defaults '{d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget", "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}' \
 	"exactly the default kinds (no ServiceMonitor, NetworkPolicy, ConfigMap)"
 check defaults '"caBundle" not in keys(docs)' "caBundle is never set"
+check defaults 'one("ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"] == "request.userInfo.username == \"system:serviceaccount:sidecert-system:sidecert-webhook\"" and one("ValidatingAdmissionPolicyBinding")["spec"] == {"policyName": one("ValidatingAdmissionPolicy")["metadata"]["name"], "validationActions": ["Deny"]}' \
+	"namespace guard: a Deny policy for the webhook's ServiceAccount"
+check defaults '{r for x in one("ValidatingAdmissionPolicy")["spec"]["matchConstraints"]["resourceRules"] for r in x["resources"]} >= {w for x in one("ClusterRole")["rules"] if set(x["verbs"]) & {"create", "update", "patch", "delete"} and x["apiGroups"] != ["admissionregistration.k8s.io"] for w in x["resources"]}' \
+	"namespace guard: covers every namespaced resource the ClusterRole may write"
+check defaults '"\"sidecert-webhook-ca\"" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and "\"sidecert-webhook-leader\"" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"]' \
+	"namespace guard: in the release namespace only the CA Secret and the leader Lease by name"
 check defaults 'args()[:2] == ["serve", "--self-signed"] and arg("--namespace") == "sidecert-system"' "serve --self-signed --namespace=<release namespace>"
 check defaults 'container()["command"] == ["/sidecert-webhook"]' "command /sidecert-webhook"
 check defaults 'arg("--webhook-configuration-name") == one("MutatingWebhookConfiguration")["metadata"]["name"] == "sidecert"' \
@@ -179,6 +185,11 @@ check renamed 'arg("--webhook-configuration-name") == one("MutatingWebhookConfig
 check renamed 'arg("--service-name") == pods()["clientConfig"]["service"]["name"] == "acme-injector-webhook" and arg("--ca-secret-name") == "my-ca"' "renamed: Service and CA Secret follow"
 check renamed 'arg("--leader-lease-name") == "acme-injector-webhook-leader" and any(r.get("resourceNames") == ["acme-injector-webhook-leader"] for r in one("Role")["rules"])' \
 	"renamed: leader Lease follows the fullname"
+check renamed '"\"system:serviceaccount:sidecert-system:acme-injector-webhook\"" in one("ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"] and "\"my-ca\"" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"]' \
+	"renamed: the namespace guard follows the ServiceAccount and the CA Secret"
+
+render noguard --set rbac.namespaceGuard=false
+check noguard 'not has("ValidatingAdmissionPolicy") and not has("ValidatingAdmissionPolicyBinding")' "rbac.namespaceGuard=false: no policy"
 
 # Every flag the chart passes must exist in the webhook binary (when one is built that has
 # --self-signed; skipped otherwise, e.g. on a clean clone before `make build`; `make test`
