@@ -702,21 +702,22 @@ mod tests {
 
     #[test]
     fn lease_lost_mid_order_hands_over_and_loses_nothing() {
-        let secret = temporary();
-        let mut st = state(false, T0);
+        // The held certificate is near its end: the holder orders ...
         let c0 = cert("0", T0 - TD::days(89), 90);
-        st.adopt(c0.clone(), false);
-        st.lead(&FailureRecord::default());
+        let secret = SecretContents::Valid(c0.clone());
+        let mut st = state(false, T0);
+        assert!(matches!(settle(&mut st, &secret, true, T0), Step::Order { .. }));
         let before = st.clone();
-        assert!(matches!(
-            decide(&st, &seen(&secret, true), T0),
-            Step::Restore | Step::Order { .. }
-        ));
+        // ... and loses the Lease before the CA answers: the order is aborted.
         st.order_aborted();
         assert_eq!(st.failures, before.failures, "an aborted order is no failure");
         assert_eq!(st.not_before, before.not_before);
         assert_eq!(st.held.as_ref().map(|h| &h.chain_pem), Some(&c0.chain_pem));
         assert!(st.unwritten.is_none());
+        assert!(
+            st.serving(&secret, T0),
+            "the Secret keeps serving the old certificate"
+        );
         let later = T0 + TD::seconds(1);
         assert!(matches!(decide(&st, &seen(&secret, false), later), Step::Follow));
         st.follow();
@@ -731,10 +732,17 @@ mod tests {
             not_before: (later + TD::minutes(10)).unix_timestamp(),
             validations: BTreeMap::new(),
         };
+        let Step::Adopt { cert, foreign, .. } = decide(&next, &seen(&secret, true), later) else {
+            panic!("the Secret's certificate is taken first")
+        };
+        next.adopt(cert, foreign);
+        assert!(matches!(decide(&next, &seen(&secret, true), later), Step::Lead));
         next.lead(&record);
         assert_eq!(next.failures, 3);
         let step = settle(&mut next, &secret, true, later);
         assert_eq!(until(&step), later + TD::minutes(10));
+        let step = settle(&mut next, &secret, true, later + TD::minutes(10));
+        assert!(matches!(step, Step::Order { .. }), "{step:?}");
     }
 
     #[test]
@@ -902,7 +910,8 @@ mod tests {
         let mut st = state(false, T0);
         st.adopt(c1.clone(), false);
         st.lead(&FailureRecord::default());
-        assert!(st.written(T0) || st.last_write.is_some());
+        assert!(!st.written(T0), "a restored certificate is no new one: no reload");
+        assert_eq!(st.last_write, Some(T0));
         let now = T0 + TD::seconds(10);
         let step = decide(&st, &seen(&SecretContents::Absent, true), now);
         assert_eq!(until(&step), schedule::restore_wake(T0));
@@ -948,7 +957,9 @@ mod tests {
 
     #[test]
     fn reorders_after_a_success_are_spaced() {
-        let mut st = state(false, T0);
+        // A CA whose window always says "now" (RFC 9773: a window in the past): no tight
+        // loop, the next order waits a tenth of the lifetime (12 s of 120 s).
+        let mut st = state(true, T0);
         let short = Held {
             info: CertInfo {
                 lifetime: Lifetime {
@@ -959,13 +970,21 @@ mod tests {
             },
             ..cert("1", T0, 1)
         };
+        st.lead(&FailureRecord::default());
         st.issued(short.clone(), T0, 0.0);
         st.written(T0);
         let secret = SecretContents::Valid(short);
-        // Emergency at 114 s, but never sooner than 12 s (a tenth of the lifetime) after.
-        let step = settle(&mut st, &secret, true, T0 + TD::seconds(1));
-        assert_eq!(until(&step), T0 + TD::seconds(80));
-        let step = settle(&mut st, &secret, true, T0 + TD::seconds(115));
-        assert!(matches!(step, Step::Order { .. }));
+        let now = T0 + TD::seconds(1);
+        assert!(matches!(settle(&mut st, &secret, true, now), Step::AskAri(_)));
+        let past = Window {
+            start: T0 - TD::seconds(10),
+            end: T0,
+        };
+        st.ari_answer(Some((past, Duration::from_secs(3600))), now);
+        assert_eq!(st.renew_at(now), Some(now));
+        let step = settle(&mut st, &secret, true, now);
+        assert_eq!(until(&step), T0 + TD::seconds(12));
+        let step = settle(&mut st, &secret, true, T0 + TD::seconds(12));
+        assert!(matches!(step, Step::Order { replaces: Some(_) }), "{step:?}");
     }
 }

@@ -180,3 +180,117 @@ pub async fn watch_secret(api: Api<Secret>, name: String, tx: watch::Sender<Opti
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const SERVER: &str = "https://acme.example/directory";
+
+    fn secret(chain: &str, key: &str, annotations: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("web-tls".into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([
+                (TLS_CRT.to_owned(), ByteString(chain.as_bytes().to_vec())),
+                (TLS_KEY.to_owned(), ByteString(key.as_bytes().to_vec())),
+            ])),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn classify_tells_what_the_secret_holds() {
+        let domains = vec!["a.example".to_owned()];
+        let now = OffsetDateTime::now_utc();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(domains.clone()).unwrap();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(90);
+        let chain = params.self_signed(&key).unwrap().pem();
+        let key_pem = key.serialize_pem();
+        let class = |s: Option<&Secret>| classify(s, &domains, SERVER, now);
+
+        assert!(matches!(class(None), SecretContents::Absent));
+        let empty = Secret::default();
+        assert!(matches!(class(Some(&empty)), SecretContents::Broken(None)));
+        let temporary = secret(&chain, &key_pem, &[(annotations::TEMPORARY, "true")]);
+        assert!(matches!(
+            class(Some(&temporary)),
+            SecretContents::Temporary(Some(_))
+        ));
+        let ours = secret(&chain, &key_pem, &[(annotations::ISSUER_URL, SERVER)]);
+        let SecretContents::Valid(held) = class(Some(&ours)) else {
+            panic!("a real certificate for the domains")
+        };
+        assert!(class(Some(&ours)).holds(&held));
+        let unsaid = secret(&chain, &key_pem, &[]);
+        assert!(matches!(class(Some(&unsaid)), SecretContents::Valid(_)));
+        let foreign = secret(
+            &chain,
+            &key_pem,
+            &[(annotations::ISSUER_URL, "https://other/dir")],
+        );
+        assert!(matches!(class(Some(&foreign)), SecretContents::Foreign(_)));
+        // Another key beside it, other domains, expired, garbage: broken, but the pair is
+        // kept (the holder compares it with what it holds).
+        let other_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let mismatched = secret(&chain, &other_key, &[]);
+        assert!(matches!(
+            class(Some(&mismatched)),
+            SecretContents::Broken(Some(_))
+        ));
+        let other_domains = classify(Some(&ours), &["b.example".to_owned()], SERVER, now);
+        assert!(matches!(other_domains, SecretContents::Broken(Some(_))));
+        let expired = classify(Some(&ours), &domains, SERVER, now + time::Duration::days(91));
+        assert!(matches!(expired, SecretContents::Broken(Some(_))));
+        let garbage = secret("nope", "nope", &[]);
+        let SecretContents::Broken(Some(pair)) = class(Some(&garbage)) else {
+            panic!("garbage is broken")
+        };
+        assert_eq!(pair.chain_pem, "nope");
+        assert!(!class(Some(&garbage)).holds(&held));
+    }
+
+    #[test]
+    fn fill_secret_writes_the_pair_and_clears_temporary() {
+        let domains = vec!["a.example".to_owned()];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let chain = rcgen::CertificateParams::new(domains.clone())
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        let held = Held {
+            info: CertInfo::from_pem_chain(&chain).unwrap(),
+            chain_pem: chain,
+            key_pem: key.serialize_pem(),
+        };
+        let mut s = secret("old", "old", &[(annotations::TEMPORARY, "true")]);
+        let renew_at = OffsetDateTime::now_utc();
+        fill_secret(
+            &mut s,
+            &held,
+            &WriteMeta {
+                issuer_url: SERVER,
+                renew_at,
+            },
+        );
+        let now = OffsetDateTime::now_utc();
+        assert!(classify(Some(&s), &domains, SERVER, now).holds(&held));
+        let a = s.annotations();
+        assert!(!a.contains_key(annotations::TEMPORARY));
+        assert_eq!(a[annotations::ISSUER_URL], SERVER);
+        assert_eq!(a[annotations::RENEW_AT], rfc3339(renew_at));
+        assert_eq!(a[annotations::DOMAINS_ON_SECRET], "a.example");
+    }
+}
