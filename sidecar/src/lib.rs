@@ -17,6 +17,7 @@ pub mod error;
 pub mod issue;
 pub mod kube;
 pub mod metrics;
+pub mod options;
 pub mod reload;
 pub mod run;
 

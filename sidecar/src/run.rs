@@ -1,12 +1,12 @@
 //! `sidecert-sidecar run`: the per-Pod wiring — the responder, the metrics server, and one
 //! task per certificate ([`crate::certificate::task`]).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use kube::{Api, Client};
-use sidecert_contract::{PodIdentity, SidecarConfig};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::options::RunOptions;
 use crate::{
     acme::AcmeHttp,
     certificate::task::{Context, certificate_task},
@@ -15,27 +15,6 @@ use crate::{
     kube::{account::Accounts, events::PodEvents},
     metrics::Metrics,
 };
-
-/// Everything `run` needs beyond the contract's configuration.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    pub config: SidecarConfig,
-    pub pod: PodIdentity,
-    pub namespace: String,
-    pub http01_listen: SocketAddr,
-    pub metrics_listen: SocketAddr,
-    pub cert_dir: Option<PathBuf>,
-    pub ari: bool,
-    pub retry_base: Duration,
-    pub retry_cap: Duration,
-    pub lease_duration: Duration,
-    /// Upper bound of the wait for the solver Service's endpoints (Ingress certificates).
-    pub route_wait: Duration,
-    /// Delay after they appear, for the ingress controller to pick them up.
-    pub route_settle: Duration,
-    /// Wait before calling the reload URL (the files must be where the app reads them).
-    pub reload_delay: Duration,
-}
 
 /// Runs until `shutdown` is cancelled; then releases every Lease and returns.
 pub async fn run(opts: RunOptions, client: Client, shutdown: CancellationToken) -> Result<()> {
@@ -67,22 +46,13 @@ pub async fn run(opts: RunOptions, client: Client, shutdown: CancellationToken) 
         events: PodEvents::new(client.clone(), &opts.pod, &opts.namespace),
         self_url: self_url(addr),
         challenges: responder.store.clone(),
-        pod_name: opts.pod.name.clone(),
-        cert_dir: opts.cert_dir.clone(),
-        ari: opts.ari,
-        retry_base: opts.retry_base,
-        retry_cap: opts.retry_cap,
-        lease_duration: opts.lease_duration,
-        route_wait: opts.route_wait,
-        route_settle: opts.route_settle,
-        reload_delay: opts.reload_delay,
-        namespace: opts.namespace.clone(),
-        config: opts.config.clone(),
         client,
         http,
         metrics,
+        opts,
     });
     let tasks: Vec<_> = cx
+        .opts
         .config
         .certificates
         .iter()

@@ -3,12 +3,12 @@
 //! back into the [`State`]. Every decision is in [`super::state`] and every date in
 //! [`super::schedule`]; what is here is I/O, logs, Events and metrics.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{Api, Client};
 use rand::Rng;
-use sidecert_contract::{CertificateSpec, SidecarConfig};
+use sidecert_contract::CertificateSpec;
 use sidecert_runtime::{Election, LeaseSpec};
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -35,6 +35,7 @@ use crate::{
         secret::{WriteMeta, classify, watch_secret, write_secret},
     },
     metrics::Metrics,
+    options::RunOptions,
     reload::call_reload_url,
 };
 
@@ -45,20 +46,7 @@ pub const MIN_LEASE_GRACE: Duration = Duration::from_secs(2);
 
 /// What every certificate task of this Pod shares.
 pub struct Context {
-    pub config: SidecarConfig,
-    pub pod_name: Option<String>,
-    pub namespace: String,
-    pub cert_dir: Option<PathBuf>,
-    pub ari: bool,
-    pub retry_base: Duration,
-    pub retry_cap: Duration,
-    pub lease_duration: Duration,
-    /// Upper bound of the wait for the solver Service's endpoints (Ingress certificates).
-    pub route_wait: Duration,
-    /// Delay after they appear, for the ingress controller to pick them up.
-    pub route_settle: Duration,
-    /// Wait before calling the reload URL (the files must be where the app reads them).
-    pub reload_delay: Duration,
+    pub opts: RunOptions,
     pub client: Client,
     pub secrets: Api<Secret>,
     pub leases: Api<Lease>,
@@ -76,8 +64,8 @@ pub struct Context {
 pub async fn certificate_task(cx: Arc<Context>, spec: CertificateSpec, shutdown: CancellationToken) {
     let settings = Settings {
         domains: spec.domains.clone(),
-        ari: cx.ari,
-        retry: super::schedule::retry_backoff(cx.retry_base, cx.retry_cap),
+        ari: cx.opts.ari,
+        retry: super::schedule::retry_backoff(cx.opts.retry_base, cx.opts.retry_cap),
     };
     let mut st = State::new(settings, OffsetDateTime::now_utc(), rand::rng().random::<f64>());
     let mut restarts = 0;
@@ -112,7 +100,7 @@ async fn last_write(cx: &Context, spec: &CertificateSpec, st: &mut State) {
     };
     let name = &spec.secret_name;
     let meta = WriteMeta {
-        issuer_url: &cx.config.acme_server,
+        issuer_url: &cx.opts.config.acme_server,
         renew_at: st.renew_moment(&u.info.lifetime, OffsetDateTime::now_utc()),
     };
     let write = write_secret(&cx.secrets, name, &u, &meta);
@@ -153,17 +141,17 @@ async fn certificate_loop(
 
     let identity = format!(
         "{}-{:08x}",
-        cx.pod_name.as_deref().unwrap_or("sidecert"),
+        cx.opts.pod.name.as_deref().unwrap_or("sidecert"),
         rand::rng().random::<u32>()
     );
     let election = Election::join(
         cx.client.clone(),
         LeaseSpec {
-            namespace: &cx.namespace,
+            namespace: &cx.opts.namespace,
             name: &lease,
             identity: &identity,
             field_manager: election_field_manager(&identity),
-            duration: cx.lease_duration,
+            duration: cx.opts.lease_duration,
             min: MIN_LEASE,
             min_grace: MIN_LEASE_GRACE,
         },
@@ -178,7 +166,7 @@ async fn certificate_loop(
         let secret = classify(
             secret_rx.borrow_and_update().as_ref(),
             &spec.domains,
-            &cx.config.acme_server,
+            &cx.opts.config.acme_server,
             now,
         );
         let leader = *leader_rx.borrow_and_update();
@@ -231,7 +219,7 @@ async fn certificate_loop(
             }
             Step::Write { cert, renew_at } => {
                 let meta = WriteMeta {
-                    issuer_url: &cx.config.acme_server,
+                    issuer_url: &cx.opts.config.acme_server,
                     renew_at,
                 };
                 match write_secret(&cx.secrets, &name, &cert, &meta).await {
@@ -448,7 +436,7 @@ async fn order_once(
 ) -> Result<Held> {
     let account = cx.accounts.get().await?;
     *account_used = Some(account.id().to_owned());
-    let cfg = &cx.config;
+    let cfg = &cx.opts.config;
     let req = OrderRequest {
         domains: spec.domains.clone(),
         profile: cfg.acme_profile.clone(),
@@ -460,10 +448,10 @@ async fn order_once(
     // Pod set (the solver Service's endpoints) before telling the CA.
     let gate = spec.solver_service.clone().map(|service| RouteGate {
         client: cx.client.clone(),
-        namespace: cx.namespace.clone(),
+        namespace: cx.opts.namespace.clone(),
         service,
-        wait: cx.route_wait,
-        settle: cx.route_settle,
+        wait: cx.opts.route_wait,
+        settle: cx.opts.route_settle,
         events: cx.events.clone(),
         http01_port: cfg.http01_port,
     });
@@ -486,7 +474,7 @@ fn publisher(cx: &Context, spec: &CertificateSpec) -> LeasePublisher {
 
 /// A new certificate is in effect: the directory, the reload URL.
 async fn landed(cx: &Arc<Context>, held: &Held, reload: bool) {
-    if let Some(dir) = &cx.cert_dir
+    if let Some(dir) = &cx.opts.cert_dir
         && let Err(e) = write_dir(dir, &held.chain_pem, &held.key_pem).await
     {
         tracing::warn!(error = %e, "writing the certificate directory");
@@ -498,8 +486,8 @@ async fn landed(cx: &Arc<Context>, held: &Held, reload: bool) {
 
 /// Calls the reload URL, if any, after the configured delay (in the background).
 fn reload(cx: &Context) {
-    if let Some(url) = cx.config.reload_url.clone() {
-        let delay = cx.reload_delay;
+    if let Some(url) = cx.opts.config.reload_url.clone() {
+        let delay = cx.opts.reload_delay;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             call_reload_url(&url, 6).await
