@@ -296,6 +296,57 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_the_webhooks_syntax() {
+        let cli = Cli::try_parse_from([
+            "sidecert-sidecar",
+            "run",
+            "--retry-base",
+            "30s",
+            "--retry-cap",
+            "2h",
+            "--lease-duration",
+            "20",
+            "--route-wait",
+            "2m",
+            "--route-settle",
+            "500ms",
+            "--reload-delay",
+            "0s",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let envs = HashMap::from([
+            (
+                env::CERTIFICATES,
+                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
+            ),
+            (env::ACME_SERVER, "letsencrypt"),
+        ]);
+        let opts = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap();
+        assert_eq!(opts.retry_base, Duration::from_secs(30));
+        assert_eq!(opts.retry_cap, Duration::from_secs(7200));
+        assert_eq!(
+            opts.lease_duration,
+            Duration::from_secs(20),
+            "a plain number is seconds"
+        );
+        assert_eq!(opts.route_wait, Duration::from_secs(120));
+        assert_eq!(opts.route_settle, Duration::from_millis(500));
+        assert_eq!(opts.reload_delay, Duration::ZERO);
+        // The defaults, declared once (in the flags).
+        let cli = Cli::try_parse_from(["x", "run"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.retry_base, Duration::from_secs(60));
+        assert_eq!(args.retry_cap, Duration::from_secs(4 * 3600));
+        assert_eq!(args.lease_duration, Duration::from_secs(15));
+        assert!(Cli::try_parse_from(["x", "run", "--retry-base", "5y"]).is_err());
+    }
+
+    #[test]
     fn bad_pod_ip_is_named() {
         let cli = Cli::try_parse_from(["x", "run"]).unwrap();
         let Command::Run(args) = cli.command else {
