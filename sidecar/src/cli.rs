@@ -13,6 +13,9 @@ use crate::{
     run::RunOptions,
 };
 
+/// The log filter without `--log`, and when the one given does not parse.
+pub const DEFAULT_LOG: &str = "info";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sidecert-sidecar",
@@ -23,7 +26,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "SIDECERT_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "SIDECERT_LOG", default_value = DEFAULT_LOG, global = true)]
     pub log: String,
 }
 
@@ -135,7 +138,7 @@ pub async fn main(cli: Cli) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .try_init();

@@ -2,7 +2,7 @@
 //! window or one third of its lifetime left, the emergency point, the spacing of orders),
 //! the backoffs (orders, Secret writes, loop restarts; with jitter) and the CA's hourly
 //! limit on failed validations. Every input (the clock, the random draw) is a parameter, so
-//! the arithmetic is tested without waiting; [`super::state`] decides with it.
+//! the arithmetic is tested without waiting; the state machine (`state.rs`) decides with it.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},

@@ -1,6 +1,6 @@
 //! One certificate's life in this replica, as data: [`decide`] looks at the [`State`] and at
 //! what was just [`Observed`] (the Secret, the Lease) and names the next [`Step`]; the
-//! executor ([`super::task`]) performs it and feeds the result back through the `State`'s
+//! executor (`task.rs`) performs it and feeds the result back through the `State`'s
 //! transition methods (a certificate adopted or issued, a write that failed, the failure
 //! record a previous holder left, the ARI answer, an order that failed and how). Nothing here
 //! does I/O or reads a clock: `now` and every random draw are parameters.
