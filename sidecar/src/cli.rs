@@ -262,29 +262,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn flags_override_env() {
-        let cli = Cli::try_parse_from([
-            "sidecert-sidecar",
-            "run",
-            "--acme-server",
-            "https://flag/dir",
-            "--ari=false",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
+    const CERTIFICATES: &str = r#"[{"secretName":"web-tls","domains":["a.example"]}]"#;
+
+    /// The `run` flags after `sidecert-sidecar run`.
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let argv = ["sidecert-sidecar", "run"].iter().chain(flags);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not run")
         };
-        let envs = HashMap::from([
-            (
-                env::CERTIFICATES,
-                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
-            ),
-            (env::ACME_SERVER, "https://env/dir"),
-            (env::POD_IP, "10.213.0.12"),
-            (env::POD_NAMESPACE, "shop"),
-        ]);
-        let opts = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap();
+        *args
+    }
+
+    /// [`run_options`] for `flags` and an environment of `envs` plus the certificates.
+    fn options(flags: &[&str], envs: &[(&str, &str)]) -> Result<RunOptions> {
+        let envs: HashMap<&str, &str> = envs
+            .iter()
+            .copied()
+            .chain([(env::CERTIFICATES, CERTIFICATES)])
+            .collect();
+        run_options(&run_args(flags), |k| envs.get(k).map(|v| (*v).to_owned()))
+    }
+
+    #[test]
+    fn flags_override_env() {
+        let opts = options(
+            &["--acme-server", "https://flag/dir", "--ari=false"],
+            &[
+                (env::ACME_SERVER, "https://env/dir"),
+                (env::POD_IP, "10.213.0.12"),
+                (env::POD_NAMESPACE, "shop"),
+            ],
+        )
+        .unwrap();
         assert_eq!(opts.config.acme_server, "https://flag/dir");
         assert_eq!(opts.http01_listen, "10.213.0.12:8089".parse().unwrap());
         assert_eq!(opts.namespace, "shop");
@@ -300,9 +309,7 @@ mod tests {
 
     #[test]
     fn durations_take_the_webhooks_syntax() {
-        let cli = Cli::try_parse_from([
-            "sidecert-sidecar",
-            "run",
+        let flags = [
             "--retry-base",
             "30s",
             "--retry-cap",
@@ -315,19 +322,8 @@ mod tests {
             "500ms",
             "--reload-delay",
             "0s",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let envs = HashMap::from([
-            (
-                env::CERTIFICATES,
-                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
-            ),
-            (env::ACME_SERVER, "letsencrypt"),
-        ]);
-        let opts = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap();
+        ];
+        let opts = options(&flags, &[(env::ACME_SERVER, "letsencrypt")]).unwrap();
         assert_eq!(opts.retry_base, Duration::from_secs(30));
         assert_eq!(opts.retry_cap, Duration::from_secs(7200));
         assert_eq!(
@@ -339,10 +335,7 @@ mod tests {
         assert_eq!(opts.route_settle, Duration::from_millis(500));
         assert_eq!(opts.reload_delay, Duration::ZERO);
         // The defaults, declared once (in the flags).
-        let cli = Cli::try_parse_from(["x", "run"]).unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
+        let args = run_args(&[]);
         assert_eq!(args.retry_base, Duration::from_secs(60));
         assert_eq!(args.retry_cap, Duration::from_secs(4 * 3600));
         assert_eq!(args.lease_duration, Duration::from_secs(15));
@@ -351,19 +344,7 @@ mod tests {
 
     #[test]
     fn bad_pod_ip_is_named() {
-        let cli = Cli::try_parse_from(["x", "run"]).unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let envs = HashMap::from([
-            (
-                env::CERTIFICATES,
-                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
-            ),
-            (env::ACME_SERVER, "letsencrypt"),
-            (env::POD_IP, "nope"),
-        ]);
-        let err = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap_err();
+        let err = options(&[], &[(env::ACME_SERVER, "letsencrypt"), (env::POD_IP, "nope")]).unwrap_err();
         assert!(err.to_string().contains("SIDECERT_POD_IP"), "{err}");
     }
 }
