@@ -3,10 +3,18 @@
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use sidecert_contract::{KeyAlgorithm, PodIdentity, SidecarConfig, env, parse_domains};
+use sidecert_contract::{DEFAULT_HTTP01_PORT, KeyAlgorithm, PodIdentity, SidecarConfig, env, parse_domains};
+use sidecert_runtime::{parse_duration, shutdown_signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result, issue::IssueOptions, run::RunOptions};
+use crate::{
+    error::{Error, Result},
+    issue::IssueOptions,
+    run::RunOptions,
+};
+
+/// The log filter without `--log`, and when the one given does not parse.
+pub const DEFAULT_LOG: &str = "info";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,7 +26,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Log filter (tracing EnvFilter syntax).
-    #[arg(long, env = "SIDECERT_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "SIDECERT_LOG", default_value = DEFAULT_LOG, global = true)]
     pub log: String,
 }
 
@@ -44,9 +52,9 @@ pub struct IssueArgs {
     #[arg(long)]
     pub cert_dir: PathBuf,
     /// Where the HTTP-01 responder listens.
-    #[arg(long, default_value = "0.0.0.0:8089")]
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], DEFAULT_HTTP01_PORT)))]
     pub http01_listen: SocketAddr,
-    #[arg(long, default_value = "ecdsa-p256")]
+    #[arg(long, default_value_t = KeyAlgorithm::default())]
     pub key_algorithm: KeyAlgorithm,
     /// ACME profile (e.g. shortlived); named as for `run`.
     #[arg(long = "acme-profile", visible_alias = "profile")]
@@ -98,36 +106,39 @@ pub struct RunArgs {
     /// Use ACME Renewal Information when the CA offers it.
     #[arg(long, env = "SIDECERT_ARI", default_value_t = true, action = clap::ArgAction::Set)]
     pub ari: bool,
-    /// First retry delay after a failed order, seconds.
-    #[arg(long, env = "SIDECERT_RETRY_BASE_SECONDS", default_value_t = 60)]
-    pub retry_base_seconds: u64,
-    /// Longest delay between failed orders, seconds.
-    #[arg(long, env = "SIDECERT_RETRY_CAP_SECONDS", default_value_t = 4 * 3600)]
-    pub retry_cap_seconds: u64,
-    /// Lease duration, seconds.
-    #[arg(long, env = "SIDECERT_LEASE_SECONDS", default_value_t = 15)]
-    pub lease_seconds: u64,
-    /// Ingress certificates: longest wait, seconds, for the solver Service to have a ready
-    /// endpoint before the CA is told to validate (then it is told anyway, with a warning).
-    #[arg(long, env = "SIDECERT_ROUTE_WAIT_SECONDS", default_value_t = 60)]
-    pub route_wait_seconds: u64,
-    /// Ingress certificates: delay, seconds, after the endpoint appears, for the ingress
-    /// controller to route to it.
-    #[arg(long, env = "SIDECERT_ROUTE_SETTLE_SECONDS", default_value_t = 1)]
-    pub route_settle_seconds: u64,
-    /// Delay, seconds, before the reload URL is called. Default: 0 with --cert-dir (the
-    /// files are in place), else 90: an app reading the Secret through a volume sees the
-    /// new files only after the kubelet's next sync (up to about a minute).
-    #[arg(long, env = "SIDECERT_RELOAD_DELAY_SECONDS")]
-    pub reload_delay_seconds: Option<u64>,
+    /// First retry delay after a failed order (`30s`, `5m`, or seconds).
+    #[arg(long, env = "SIDECERT_RETRY_BASE", default_value = "60s", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    /// Longest delay between failed orders.
+    #[arg(long, env = "SIDECERT_RETRY_CAP", default_value = "4h", value_parser = parse_duration)]
+    pub retry_cap: Duration,
+    /// Lease duration (clamped to 5 s .. 5 min).
+    #[arg(long, env = "SIDECERT_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    /// Ingress certificates: longest wait for the solver Service to have a ready endpoint
+    /// before the CA is told to validate (then it is told anyway, with a warning).
+    #[arg(long, env = "SIDECERT_ROUTE_WAIT", default_value = "60s", value_parser = parse_duration)]
+    pub route_wait: Duration,
+    /// Ingress certificates: delay after the endpoint appears, for the ingress controller to
+    /// route to it.
+    #[arg(long, env = "SIDECERT_ROUTE_SETTLE", default_value = "1s", value_parser = parse_duration)]
+    pub route_settle: Duration,
+    /// Delay before the reload URL is called. Default: 0 with --cert-dir (the files are in
+    /// place), else 90s: an app reading the Secret through a volume sees the new files only
+    /// after the kubelet's next sync (up to about a minute).
+    #[arg(long, env = "SIDECERT_RELOAD_DELAY", value_parser = parse_duration)]
+    pub reload_delay: Option<Duration>,
 }
+
+/// [`RunArgs::reload_delay`] without the flag: the app reads the Secret through a volume.
+pub const RELOAD_DELAY_FOR_VOLUMES: Duration = Duration::from_secs(90);
 
 /// Runs the command; maps errors to a message and a non-zero exit code.
 pub async fn main(cli: Cli) -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .try_init();
@@ -165,7 +176,7 @@ async fn issue(args: IssueArgs) -> Result<()> {
     println!(
         "issued {} (valid until {}) -> {}",
         opts.domains.join(","),
-        crate::cert::rfc3339(issued.info.lifetime.not_after),
+        crate::certificate::x509::rfc3339(issued.info.lifetime.not_after),
         opts.cert_dir.display()
     );
     Ok(())
@@ -200,7 +211,7 @@ pub fn run_options(args: &RunArgs, getenv: impl Fn(&str) -> Option<String>) -> R
     let ip = match pod.ip.as_deref() {
         Some(ip) => ip
             .parse()
-            .map_err(|_| Error::Config(format!("{}: {ip:?} is not an IP address", env::POD_IP)))?,
+            .map_err(|e| Error::config_from(format!("{}: {ip:?} is not an IP address", env::POD_IP), e))?,
         None => std::net::IpAddr::from([0, 0, 0, 0]),
     };
     Ok(RunOptions {
@@ -213,16 +224,16 @@ pub fn run_options(args: &RunArgs, getenv: impl Fn(&str) -> Option<String>) -> R
         namespace: pod.namespace.clone().unwrap_or_default(),
         cert_dir: args.cert_dir.clone(),
         ari: args.ari,
-        retry_base: Duration::from_secs(args.retry_base_seconds.max(1)),
-        retry_cap: Duration::from_secs(args.retry_cap_seconds.max(args.retry_base_seconds).max(1)),
-        lease_duration: Duration::from_secs(args.lease_seconds),
-        route_wait: Duration::from_secs(args.route_wait_seconds),
-        route_settle: Duration::from_secs(args.route_settle_seconds),
-        reload_delay: Duration::from_secs(args.reload_delay_seconds.unwrap_or(if args.cert_dir.is_some() {
-            0
+        retry_base: args.retry_base,
+        retry_cap: args.retry_cap,
+        lease_duration: args.lease_duration,
+        route_wait: args.route_wait,
+        route_settle: args.route_settle,
+        reload_delay: args.reload_delay.unwrap_or(if args.cert_dir.is_some() {
+            Duration::ZERO
         } else {
-            90
-        })),
+            RELOAD_DELAY_FOR_VOLUMES
+        }),
         config,
         pod,
     })
@@ -237,35 +248,13 @@ async fn run(args: RunArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        shutdown_signal().await;
         tracing::info!("shutting down");
         stop.cancel();
-        wait_for_signal().await;
+        shutdown_signal().await;
         std::process::exit(130);
     });
     crate::run::run(opts, client, shutdown).await
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 #[cfg(test)]
@@ -273,29 +262,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    #[test]
-    fn flags_override_env() {
-        let cli = Cli::try_parse_from([
-            "sidecert-sidecar",
-            "run",
-            "--acme-server",
-            "https://flag/dir",
-            "--ari=false",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
+    const CERTIFICATES: &str = r#"[{"secretName":"web-tls","domains":["a.example"]}]"#;
+
+    /// The `run` flags after `sidecert-sidecar run`.
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let argv = ["sidecert-sidecar", "run"].iter().chain(flags);
+        let Command::Run(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not run")
         };
-        let envs = HashMap::from([
-            (
-                env::CERTIFICATES,
-                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
-            ),
-            (env::ACME_SERVER, "https://env/dir"),
-            (env::POD_IP, "10.213.0.12"),
-            (env::POD_NAMESPACE, "shop"),
-        ]);
-        let opts = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap();
+        *args
+    }
+
+    /// [`run_options`] for `flags` and an environment of `envs` plus the certificates.
+    fn options(flags: &[&str], envs: &[(&str, &str)]) -> Result<RunOptions> {
+        let envs: HashMap<&str, &str> = envs
+            .iter()
+            .copied()
+            .chain([(env::CERTIFICATES, CERTIFICATES)])
+            .collect();
+        run_options(&run_args(flags), |k| envs.get(k).map(|v| (*v).to_owned()))
+    }
+
+    #[test]
+    fn flags_override_env() {
+        let opts = options(
+            &["--acme-server", "https://flag/dir", "--ari=false"],
+            &[
+                (env::ACME_SERVER, "https://env/dir"),
+                (env::POD_IP, "10.213.0.12"),
+                (env::POD_NAMESPACE, "shop"),
+            ],
+        )
+        .unwrap();
         assert_eq!(opts.config.acme_server, "https://flag/dir");
         assert_eq!(opts.http01_listen, "10.213.0.12:8089".parse().unwrap());
         assert_eq!(opts.namespace, "shop");
@@ -310,20 +308,43 @@ mod tests {
     }
 
     #[test]
+    fn durations_take_the_webhooks_syntax() {
+        let flags = [
+            "--retry-base",
+            "30s",
+            "--retry-cap",
+            "2h",
+            "--lease-duration",
+            "20",
+            "--route-wait",
+            "2m",
+            "--route-settle",
+            "500ms",
+            "--reload-delay",
+            "0s",
+        ];
+        let opts = options(&flags, &[(env::ACME_SERVER, "letsencrypt")]).unwrap();
+        assert_eq!(opts.retry_base, Duration::from_secs(30));
+        assert_eq!(opts.retry_cap, Duration::from_secs(7200));
+        assert_eq!(
+            opts.lease_duration,
+            Duration::from_secs(20),
+            "a plain number is seconds"
+        );
+        assert_eq!(opts.route_wait, Duration::from_secs(120));
+        assert_eq!(opts.route_settle, Duration::from_millis(500));
+        assert_eq!(opts.reload_delay, Duration::ZERO);
+        // The defaults, declared once (in the flags).
+        let args = run_args(&[]);
+        assert_eq!(args.retry_base, Duration::from_secs(60));
+        assert_eq!(args.retry_cap, Duration::from_secs(4 * 3600));
+        assert_eq!(args.lease_duration, Duration::from_secs(15));
+        assert!(Cli::try_parse_from(["x", "run", "--retry-base", "5y"]).is_err());
+    }
+
+    #[test]
     fn bad_pod_ip_is_named() {
-        let cli = Cli::try_parse_from(["x", "run"]).unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not run")
-        };
-        let envs = HashMap::from([
-            (
-                env::CERTIFICATES,
-                r#"[{"secretName":"web-tls","domains":["a.example"]}]"#,
-            ),
-            (env::ACME_SERVER, "letsencrypt"),
-            (env::POD_IP, "nope"),
-        ]);
-        let err = run_options(&args, |k| envs.get(k).map(|v| (*v).to_owned())).unwrap_err();
+        let err = options(&[], &[(env::ACME_SERVER, "letsencrypt"), (env::POD_IP, "nope")]).unwrap_err();
         assert!(err.to_string().contains("SIDECERT_POD_IP"), "{err}");
     }
 }

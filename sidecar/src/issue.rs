@@ -2,15 +2,14 @@
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 
-use http::{Method, StatusCode};
-use sidecert_contract::{ACME_CHALLENGE_PATH, KeyAlgorithm};
+use sidecert_contract::KeyAlgorithm;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Error, Result,
     acme::{AcmeHttp, Eab, OrderRequest, Publisher},
-    responder::{ChallengeStore, Responder, bind, http_request, serve_responder},
-    store::write_dir,
+    challenge::responder::{ChallengeStore, Responder, bind, self_check, self_url, serve_responder},
+    dir::write_dir,
+    error::{Error, Result},
 };
 
 /// Everything `issue` needs.
@@ -44,30 +43,6 @@ impl Publisher for LocalPublisher {
     async fn withdraw(&self) {
         self.store.set_scope(&self.scope, HashMap::new());
     }
-}
-
-/// GETs every token from the responder at `base` and compares the key authorization.
-pub async fn self_check(base: &str, tokens: &HashMap<String, String>) -> Result<()> {
-    for (token, ka) in tokens {
-        let url = format!("{base}{ACME_CHALLENGE_PATH}{token}");
-        let (status, body) = http_request(Method::GET, &url).await?;
-        if status != StatusCode::OK || body != *ka {
-            return Err(Error::Order(format!(
-                "self-check failed: {url} answered {status}"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// The base URL to reach a responder bound on `addr` from this process.
-pub fn self_url(addr: SocketAddr) -> String {
-    let ip = if addr.ip().is_unspecified() {
-        std::net::IpAddr::from([127, 0, 0, 1])
-    } else {
-        addr.ip()
-    };
-    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 /// Runs one order and writes `tls.crt` and `tls.key` to the directory.

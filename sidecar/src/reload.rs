@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::responder::http_request;
+use crate::challenge::responder::http_request;
 
 /// Calls `url` (POST) up to `attempts` times with doubling pauses; logs the outcome.
 pub async fn call_reload_url(url: &str, attempts: u32) -> bool {

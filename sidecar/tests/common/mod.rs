@@ -69,7 +69,7 @@ async fn post(url: &str, body: String) -> (http::StatusCode, String) {
 pub async fn https_get(url: &str, ca_pem: &str) -> String {
     use http_body_util::{BodyExt, Empty};
     let mut roots = rustls::RootCertStore::empty();
-    for c in sidecert_sidecar::cert::pem_certificates(ca_pem).unwrap() {
+    for c in sidecert_sidecar::certificate::x509::pem_certificates(ca_pem).unwrap() {
         roots.add(c).unwrap();
     }
     let cfg = rustls::ClientConfig::builder()
@@ -97,8 +97,8 @@ pub async fn https_get(url: &str, ca_pem: &str) -> String {
 /// Checks that `chain_pem` (leaf first) chains to `root_pem` and names `domains`.
 pub fn assert_chains_to(chain_pem: &str, root_pem: &str, domains: &[String]) {
     use x509_parser::prelude::*;
-    let chain = sidecert_sidecar::cert::pem_certificates(chain_pem).unwrap();
-    let root = sidecert_sidecar::cert::pem_certificates(root_pem).unwrap();
+    let chain = sidecert_sidecar::certificate::x509::pem_certificates(chain_pem).unwrap();
+    let root = sidecert_sidecar::certificate::x509::pem_certificates(root_pem).unwrap();
     let mut all: Vec<_> = chain.iter().collect();
     all.push(&root[0]);
     let parsed: Vec<X509Certificate<'_>> = all
@@ -110,15 +110,18 @@ pub fn assert_chains_to(chain_pem: &str, root_pem: &str, domains: &[String]) {
             .verify_signature(Some(pair[1].public_key()))
             .unwrap_or_else(|e| panic!("{} not signed by {}: {e}", pair[0].subject(), pair[1].subject()));
     }
-    let info = sidecert_sidecar::cert::CertInfo::from_pem_chain(chain_pem).unwrap();
+    let info = sidecert_sidecar::certificate::x509::CertInfo::from_pem_chain(chain_pem).unwrap();
     let want: std::collections::BTreeSet<String> = domains.iter().cloned().collect();
     assert_eq!(info.domains, want);
 }
 
 /// Scrapes a metrics endpoint.
 pub async fn scrape(addr: &str) -> String {
-    match sidecert_sidecar::responder::http_request(http::Method::GET, &format!("http://{addr}/metrics"))
-        .await
+    match sidecert_sidecar::challenge::responder::http_request(
+        http::Method::GET,
+        &format!("http://{addr}/metrics"),
+    )
+    .await
     {
         Ok((_, body)) => body,
         Err(_) => String::new(),

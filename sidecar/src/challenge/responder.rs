@@ -1,5 +1,5 @@
-//! The HTTP-01 responder (with `/healthz` and `/readyz`) and the metrics server, on
-//! hyper 1.
+//! The HTTP-01 responder (with `/healthz` and `/readyz`), the check that it serves what was
+//! published, and the metrics server, on hyper 1.
 
 use std::{
     collections::HashMap,
@@ -21,7 +21,10 @@ use sidecert_contract::ACME_CHALLENGE_PATH;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result, metrics::Metrics};
+use crate::{
+    error::{Error, Result},
+    metrics::Metrics,
+};
 
 /// Key authorizations by token, grouped by where they came from (a certificate's Lease,
 /// or this process), so one source can be replaced as a whole.
@@ -205,24 +208,45 @@ pub async fn http_request(method: Method, url: &str) -> Result<(StatusCode, Stri
         .method(method)
         .uri(url)
         .body(Full::new(Bytes::new()))
-        .map_err(|e| Error::Http(format!("{url}: {e}")))?;
+        .map_err(|e| Error::http_from(url, e))?;
     let fut = async {
-        let rsp = client
-            .request(req)
-            .await
-            .map_err(|e| Error::Http(format!("{url}: {e}")))?;
+        let rsp = client.request(req).await.map_err(|e| Error::http_from(url, e))?;
         let status = rsp.status();
         let body = rsp
             .into_body()
             .collect()
             .await
-            .map_err(|e| Error::Http(format!("{url}: {e}")))?
+            .map_err(|e| Error::http_from(url, e))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), fut)
         .await
-        .map_err(|_| Error::Http(format!("{url}: timed out")))?
+        .map_err(|_| Error::http(format!("{url}: timed out")))?
+}
+
+/// GETs every token from the responder at `base` and compares the key authorization.
+pub async fn self_check(base: &str, tokens: &HashMap<String, String>) -> Result<()> {
+    for (token, ka) in tokens {
+        let url = format!("{base}{ACME_CHALLENGE_PATH}{token}");
+        let (status, body) = http_request(Method::GET, &url).await?;
+        if status != StatusCode::OK || body != *ka {
+            return Err(Error::order(format!(
+                "self-check failed: {url} answered {status}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The base URL to reach a responder bound on `addr` from this process.
+pub fn self_url(addr: SocketAddr) -> String {
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        addr.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
-//! Renewal scheduling as pure functions: every input (the clock, the random draw) is a
-//! parameter, so the arithmetic is tested without waiting.
+//! The renewal arithmetic, all of it, as pure functions: when a certificate is due (ARI
+//! window or one third of its lifetime left, the emergency point, the spacing of orders),
+//! the backoffs (orders, Secret writes, loop restarts; with jitter) and the CA's hourly
+//! limit on failed validations. Every input (the clock, the random draw) is a parameter, so
+//! the arithmetic is tested without waiting; the state machine (`state.rs`) decides with it.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     time::Duration,
 };
 
+use sidecert_runtime::Backoff;
 use time::OffsetDateTime;
 
 /// The validity period of a certificate.
@@ -93,14 +97,114 @@ pub fn min_reorder_interval(lifetime: Lifetime) -> Duration {
         .min(Duration::from_secs(3600))
 }
 
-/// Backoff after `failures` consecutive failed attempts (1 = the first failure).
-///
-/// `base * 2^(failures-1)` capped at `cap`, then scaled into `[1/2, 1]` of that by `u`
-/// ("equal jitter": never shorter than half, so no tight loop even with bad luck).
-pub fn backoff(failures: u32, base: Duration, cap: Duration, u: f64) -> Duration {
-    let exp = failures.saturating_sub(1).min(32);
-    let raw = base.saturating_mul(1u32 << exp.min(31)).min(cap);
-    raw.mul_f64(0.5 + 0.5 * u.clamp(0.0, 1.0))
+/// The backoff between failed orders, from `--retry-base` doubling to `--retry-cap`.
+pub fn retry_backoff(base: Duration, cap: Duration) -> Backoff {
+    let base = base.max(Duration::from_secs(1));
+    Backoff::new(base, cap.max(base))
+}
+
+/// When the next order may start after `failures` failed ones in a row: the jittered
+/// backoff (`u` in `[0, 1]`), or the CA's `Retry-After` if that is later.
+pub fn order_retry_at(
+    backoff: Backoff,
+    failures: u32,
+    u: f64,
+    retry_after: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    let at = now + backoff.jittered(failures, u);
+    retry_after.map_or(at, |r| at.max(r))
+}
+
+/// When the next order may start after a successful one (see [`min_reorder_interval`]).
+pub fn reorder_not_before(lifetime: Lifetime, now: OffsetDateTime) -> OffsetDateTime {
+    now + min_reorder_interval(lifetime)
+}
+
+/// The backoff between attempts to write an issued certificate into the Secret.
+pub const WRITE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+
+/// When the next write of an issued certificate is tried after `write_failures` failed ones.
+pub fn write_retry_at(write_failures: u32, u: f64, now: OffsetDateTime) -> OffsetDateTime {
+    now + WRITE_BACKOFF.jittered(write_failures, u)
+}
+
+/// The backoff between restarts of a certificate's loop (its watches or its Lease failed).
+pub const RESTART_BACKOFF: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(300));
+/// A loop that ran this long before it failed starts the restart count afresh.
+pub const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
+
+/// The renewal moment of the certificate held: [`plan`]'s, or now for one from another
+/// ACME server (replaced at once rather than at its renewal time).
+pub fn renew_at(
+    lifetime: Lifetime,
+    ari: Option<Window>,
+    foreign: bool,
+    now: OffsetDateTime,
+    u: f64,
+) -> OffsetDateTime {
+    if foreign {
+        now
+    } else {
+        plan(lifetime, ari, now, u).renew_at
+    }
+}
+
+/// When the next order is due: the renewal moment (now with no certificate), but never
+/// before the backoff's `not_before` nor before the hourly validation limit allows it.
+pub fn due(
+    renew_at: Option<OffsetDateTime>,
+    not_before: OffsetDateTime,
+    limit_allows_at: OffsetDateTime,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    renew_at.unwrap_or(now).max(not_before).max(limit_allows_at)
+}
+
+/// The holder rewrites a certificate the Secret lost at most this often.
+pub const RESTORE_GUARD: Duration = Duration::from_secs(30);
+
+/// Whether the guard since the last write (or restore) has passed.
+pub fn restore_allowed(last_write: Option<OffsetDateTime>, now: OffsetDateTime) -> bool {
+    last_write.is_none_or(|t| now - t > RESTORE_GUARD)
+}
+
+/// When to look again at a Secret that lost the certificate while the guard holds.
+pub fn restore_wake(last_write: OffsetDateTime) -> OffsetDateTime {
+    last_write + RESTORE_GUARD + Duration::from_millis(100)
+}
+
+/// The holder wakes at least this often, whatever the renewal moment.
+pub const LEADER_MAX_SLEEP: Duration = Duration::from_secs(6 * 3600);
+/// A replica that does not hold the Lease looks again this often (changes of the Secret and
+/// of the Lease wake it before).
+pub const FOLLOWER_SLEEP: Duration = Duration::from_secs(3600);
+
+/// When to wake when nothing is to be done now: at the due moment (at most
+/// [`LEADER_MAX_SLEEP`] ahead) for the holder, [`FOLLOWER_SLEEP`] ahead otherwise; earlier
+/// for a pending restore or a recheck of the ARI window.
+pub fn wake_at(
+    leader: bool,
+    due: OffsetDateTime,
+    restore: Option<OffsetDateTime>,
+    ari_recheck: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    let at = if leader {
+        due.min(now + LEADER_MAX_SLEEP)
+    } else {
+        now + FOLLOWER_SLEEP
+    };
+    let at = restore.map_or(at, |r| at.min(r));
+    match ari_recheck {
+        Some(r) if leader && r > now => at.min(r),
+        _ => at,
+    }
+}
+
+/// When to ask for the ARI window again: the CA's `Retry-After`, within 10 s and 6 h.
+pub fn ari_recheck_at(retry_after: Duration, now: OffsetDateTime) -> OffsetDateTime {
+    now + retry_after.clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600))
 }
 
 /// Let's Encrypt allows 5 failed validations per account, hostname and hour.
@@ -254,6 +358,7 @@ mod tests {
     fn backoff_grows_caps_and_never_collapses() {
         let base = Duration::from_secs(60);
         let cap = Duration::from_secs(4 * 3600);
+        let backoff = |failures, base, cap, u| retry_backoff(base, cap).jittered(failures, u);
         assert_eq!(backoff(1, base, cap, 1.0), base);
         assert_eq!(backoff(1, base, cap, 0.0), base / 2);
         assert_eq!(backoff(3, base, cap, 1.0), base * 4);

@@ -19,14 +19,10 @@ use kube::{
     runtime::{WatchStreamExt, reflector, watcher},
 };
 
-use crate::{Result, acme::Publisher, events::PodEvents};
+use crate::{acme::Publisher, challenge::responder::self_check, error::Result, kube::events::PodEvents};
 
 /// The label the EndpointSlice controller puts on a Service's slices.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Default upper bound of the wait (`SIDECERT_ROUTE_WAIT_SECONDS`).
-pub const DEFAULT_ROUTE_WAIT: Duration = Duration::from_secs(60);
-/// Default settle delay after the endpoints appear (`SIDECERT_ROUTE_SETTLE_SECONDS`).
-pub const DEFAULT_ROUTE_SETTLE: Duration = Duration::from_secs(1);
 
 /// Whether `slices` list an endpoint an ingress controller routes to: one with an address
 /// whose `ready` condition is not `false` (unset means ready, as the API documents).
@@ -137,7 +133,7 @@ impl RouteGate {
                     Ok(ip) => format!("http://{}", std::net::SocketAddr::new(ip, self.http01_port)),
                     Err(_) => continue,
                 };
-                if crate::issue::self_check(&base, tokens).await.is_err() {
+                if self_check(&base, tokens).await.is_err() {
                     still.push(addr);
                 }
             }

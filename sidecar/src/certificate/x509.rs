@@ -8,7 +8,10 @@ use rustls::pki_types::CertificateDer;
 use sidecert_contract::KeyAlgorithm;
 use time::OffsetDateTime;
 
-use crate::{Error, Result, schedule::Lifetime};
+use crate::{
+    certificate::schedule::Lifetime,
+    error::{Error, Result},
+};
 
 /// A freshly generated private key.
 pub struct PrivateKey(KeyPair);
@@ -34,27 +37,27 @@ impl PrivateKey {
         };
         use rsa::pkcs8::EncodePrivateKey;
         let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
-            .map_err(|e| Error::Key(format!("RSA {bits}: {e}")))?;
+            .map_err(|e| Error::key_from(format!("RSA {bits}"), e))?;
         let der = key
             .to_pkcs8_der()
-            .map_err(|e| Error::Key(format!("RSA {bits} PKCS#8: {e}")))?;
+            .map_err(|e| Error::key_from(format!("RSA {bits} PKCS#8"), e))?;
         let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_bytes().to_vec());
         KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)
             .map(Self)
-            .map_err(|e| Error::Key(e.to_string()))
+            .map_err(|e| Error::key_from("", e))
     }
 
     fn generate_ec(sig: &'static rcgen::SignatureAlgorithm) -> Result<Self> {
         KeyPair::generate_for(sig)
             .map(Self)
-            .map_err(|e| Error::Key(e.to_string()))
+            .map_err(|e| Error::key_from("", e))
     }
 
     /// [`Self::generate`] on the blocking pool.
     pub async fn generate_async(alg: KeyAlgorithm) -> Result<Self> {
         tokio::task::spawn_blocking(move || Self::generate(alg))
             .await
-            .map_err(|e| Error::Key(format!("key generation task: {e}")))?
+            .map_err(|e| Error::key_from("key generation task", e))?
     }
 
     /// PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`).
@@ -65,11 +68,11 @@ impl PrivateKey {
     /// A DER CSR for `domains` (SANs only, empty subject, as Let's Encrypt prefers).
     pub fn csr_der(&self, domains: &[String]) -> Result<Vec<u8>> {
         let mut params = CertificateParams::new(domains.to_vec())
-            .map_err(|e| Error::Certificate(format!("CSR parameters: {e}")))?;
+            .map_err(|e| Error::certificate_from("CSR parameters", e))?;
         params.distinguished_name = DistinguishedName::new();
         let csr = params
             .serialize_request(&self.0)
-            .map_err(|e| Error::Certificate(format!("CSR: {e}")))?;
+            .map_err(|e| Error::certificate_from("CSR", e))?;
         Ok(csr.der().to_vec())
     }
 }
@@ -92,13 +95,13 @@ impl CertInfo {
         let certs = pem_certificates(pem)?;
         let leaf = certs
             .first()
-            .ok_or_else(|| Error::Certificate("no certificate in PEM".into()))?;
+            .ok_or_else(|| Error::certificate("no certificate in PEM"))?;
         Self::from_der(leaf)
     }
 
     pub fn from_der(der: &CertificateDer<'_>) -> Result<Self> {
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-            .map_err(|e| Error::Certificate(format!("parsing: {e}")))?;
+            .map_err(|e| Error::certificate_from("parsing", e))?;
         let validity = cert.validity();
         let mut domains = BTreeSet::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -134,9 +137,9 @@ impl CertInfo {
 pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::Certificate(format!("PEM: {e}")))?;
+        .map_err(|e| Error::certificate_from("PEM", e))?;
     if certs.is_empty() {
-        return Err(Error::Certificate("no certificate in PEM".into()));
+        return Err(Error::certificate("no certificate in PEM"));
     }
     Ok(certs)
 }
@@ -159,6 +162,22 @@ pub fn key_matches(info: &CertInfo, key_pem: &str) -> bool {
 pub fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// A certificate with its key: from the Secret, or fresh from the CA.
+#[derive(Clone)]
+pub struct Held {
+    /// Leaf first, then the chain.
+    pub chain_pem: String,
+    /// PKCS#8 PEM.
+    pub key_pem: String,
+    pub info: CertInfo,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("info", &self.info).finish()
+    }
 }
 
 #[cfg(test)]
