@@ -45,7 +45,7 @@ pub struct Metrics {
 }
 
 fn prom(e: prometheus::Error) -> Error {
-    Error::Config(format!("metrics: {e}"))
+    Error::config("metrics", e)
 }
 
 impl Metrics {

@@ -17,14 +17,12 @@ use kube::{Api, api::ListParams};
 use serde_yaml::Value as Yaml;
 
 use crate::{
-    Context, Error, Lookup, Result, Reviewer,
-    admission::{Request, parse},
+    Error, Result,
+    admission::{Request, Reviewer, parse},
     config::{InjectArgs, MutationArgs, ReviewArgs},
+    kube::client::{client, native_sidecars},
     metrics::Metrics,
-    pod::mutate_pod_in,
-    selection::Snapshot,
-    server::{client, native_sidecars},
-    sidecar::{AcmeDefaults, SidecarSettings},
+    mutate::{AcmeDefaults, Context, Lookup, SidecarSettings, Snapshot, pod::mutate_pod_in},
 };
 
 fn read_input(file: Option<&Path>) -> Result<Vec<u8>> {
@@ -98,7 +96,7 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
 /// `sidecert-webhook inject`.
 pub async fn inject(args: InjectArgs) -> Result<()> {
     let input = read_input(Some(&args.file))?;
-    let text = String::from_utf8(input).map_err(|e| Error::Config(format!("input is not UTF-8: {e}")))?;
+    let text = String::from_utf8(input).map_err(|e| Error::config("input is not UTF-8", e))?;
     let native = native_sidecars(args.mutation.native_sidecars, None).await;
     let ctx = offline_context(&args.mutation, native, Arc::new(Snapshot::default()))?;
     let (out, warnings) = inject_manifests(&text, &ctx)?;

@@ -23,8 +23,8 @@ mod common;
 use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
 use sidecert_webhook::{
     config::{NativeSidecars, ServeArgs},
+    mutate::container::default_mutation_args,
     server::serve,
-    sidecar::default_mutation_args,
 };
 
 fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {

@@ -14,10 +14,7 @@ use sidecert_contract::{
     SIDECAR_CONTAINER_NAME, SidecarConfig, annotations, resolve_acme_server,
 };
 
-use crate::{
-    Error, Result,
-    config::{MutationArgs, NativeSidecars},
-};
+use crate::{Error, Result, config::MutationArgs};
 
 /// The non-root user the sidecar runs as (distroless `nonroot`).
 pub const SIDECAR_UID: i64 = 65532;
@@ -97,21 +94,7 @@ impl Default for SidecarSettings {
 
 /// The flags' defaults, for tests and library users.
 pub fn default_mutation_args() -> MutationArgs {
-    MutationArgs {
-        sidecar_image: "ghcr.io/sidecert/sidecar:0.1.0".into(),
-        sidecar_image_pull_policy: "IfNotPresent".into(),
-        sidecar_cpu_request: "10m".into(),
-        sidecar_memory_request: "16Mi".into(),
-        sidecar_cpu_limit: String::new(),
-        sidecar_memory_limit: "64Mi".into(),
-        native_sidecars: NativeSidecars::Auto,
-        acme_server: "letsencrypt".into(),
-        acme_email: None,
-        acme_profile: None,
-        key_algorithm: KeyAlgorithm::default(),
-        eab_secret: None,
-        acme_ca_bundle_file: None,
-    }
+    MutationArgs::default()
 }
 
 impl AcmeDefaults {

@@ -1,4 +1,10 @@
-//! Pod mutation (CREATE only): the sidecar container and the status annotations.
+//! The Pod decision (CREATE only): the sidecar container, the status annotations, the
+//! temporary Secrets and RBAC it needs, and when the caches' answer must be re-checked live.
+//!
+//! [`decide_pod`] is the whole decision as the server makes it: [`mutate_pod`] over the
+//! watch caches, plus a [`Recheck`] when a cached Service selects the Pod but no cached
+//! Ingress does. The server then lists the namespace ([`crate::kube::live`]) and calls
+//! [`mutate_pod`] again over those fresh objects; the live answer wins.
 
 use std::collections::BTreeMap;
 
@@ -10,11 +16,10 @@ use sidecert_contract::{
     lease_name,
 };
 
-use crate::{
-    Context, Outcome, SkipReason, add,
-    effects::Effect,
-    selection::select,
-    sidecar::{container, sidecar_config},
+use crate::mutate::{
+    Context, Effect, Outcome, SkipReason, add,
+    container::{container, sidecar_config},
+    select::{Recheck, recheck, select},
     to_json,
 };
 
@@ -36,7 +41,7 @@ pub fn is_injected(pod: &Pod) -> bool {
 }
 
 /// Mutates a Pod on CREATE: adds the sidecar when the Pod is selected (see
-/// [`crate::selection::select`]); asks for its temporary Secrets and RBAC.
+/// [`crate::mutate::select::select`]); asks for its temporary Secrets and RBAC.
 pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
     if req.operation != Operation::Create {
         return Outcome::skip(SkipReason::Operation);
@@ -45,6 +50,35 @@ pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
         return Outcome::skip(SkipReason::NoObject);
     };
     mutate_pod_in(pod, pod_namespace(req), ctx)
+}
+
+/// A Pod decision made over the watch caches.
+#[derive(Debug, Clone)]
+pub struct PodDecision {
+    /// The answer of the caches.
+    pub outcome: Outcome,
+    /// `Some` when the caches may have missed an Ingress that selects this Pod: decide again
+    /// over live objects.
+    pub recheck: Option<Recheck>,
+}
+
+/// The Pod decision: [`mutate_pod`], and whether a live look must confirm a "not selected"
+/// (see [`crate::mutate::select::recheck`]).
+pub fn decide_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> PodDecision {
+    let outcome = mutate_pod(req, ctx);
+    let unselected = matches!(
+        outcome.skipped,
+        Some(SkipReason::NotSelected | SkipReason::InvalidAnnotations)
+    );
+    let recheck = match req.object.as_ref() {
+        Some(pod) if unselected => {
+            let no_labels = BTreeMap::new();
+            let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+            recheck(pod_namespace(req), labels, ctx.lookup.as_ref())
+        }
+        _ => None,
+    };
+    PodDecision { outcome, recheck }
 }
 
 /// The namespace a Pod is created in: the review's, else the object's, else `default`.

@@ -1,0 +1,234 @@
+//! Which certificates a Pod's sidecar owns: from annotated Ingresses (through the Services
+//! backing their TLS hosts) or from the Pod's own annotations. Also the one decision of
+//! whether the answer of the watch caches must be checked against the API server
+//! ([`recheck`]); the live check feeds fresh objects back into this same [`select`] as
+//! another [`Lookup`].
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
+use sidecert_contract::{CertificateSpec, annotations};
+
+use crate::mutate::{
+    container::Overrides,
+    ingress::{is_annotated, plan, solver_service_name},
+};
+
+/// Where Ingresses and Services are looked up. The server uses a watch-backed cache
+/// ([`crate::kube::cache::Cache`]); tests, the offline commands and the live re-check use a
+/// [`Snapshot`].
+pub trait Lookup: Send + Sync {
+    /// The Ingresses of a namespace.
+    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>>;
+    /// One Service.
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
+    /// The Services of a namespace.
+    fn services(&self, namespace: &str) -> Vec<Arc<Service>>;
+}
+
+/// A fixed set of objects (possibly empty: no cluster).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub ingresses: Vec<Arc<Ingress>>,
+    pub services: Vec<Arc<Service>>,
+}
+
+/// The objects of `items` in `namespace`.
+fn in_namespace<K: kube::Resource>(items: &[Arc<K>], namespace: &str) -> Vec<Arc<K>> {
+    items
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(namespace))
+        .cloned()
+        .collect()
+}
+
+impl Lookup for Snapshot {
+    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
+        in_namespace(&self.ingresses, namespace)
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .iter()
+            .find(|s| {
+                s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+            })
+            .cloned()
+    }
+
+    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
+        in_namespace(&self.services, namespace)
+    }
+}
+
+/// Whether a Service in `namespace` selects a Pod with these labels: only then can an
+/// Ingress select the Pod (through that Service as its backend).
+pub fn has_selecting_service(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    lookup: &dyn Lookup,
+) -> bool {
+    !labels.is_empty() && lookup.services(namespace).iter().any(|s| selects(s, labels))
+}
+
+/// The annotated Ingresses of a namespace as (uid, resourceVersion), to tell whether a cache
+/// is behind the API server.
+pub fn annotated_versions(ingresses: &[Arc<Ingress>]) -> BTreeMap<String, String> {
+    ingresses
+        .iter()
+        .filter(|i| is_annotated(i))
+        .map(|i| {
+            (
+                i.metadata.uid.clone().unwrap_or_default(),
+                i.metadata.resource_version.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// The outcome of selection for one Pod.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Sorted, deduplicated by Secret name.
+    pub certificates: Vec<CertificateSpec>,
+    /// ACME overrides: the Pod's own annotations, then the first selecting Ingress's.
+    pub overrides: Overrides,
+    pub warnings: Vec<String>,
+    /// `true` when the Pod's annotations ask for injection but are invalid.
+    pub invalid: bool,
+}
+
+fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether `service` selects a Pod with these labels.
+fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.as_ref())
+        .is_some_and(|s| selector_matches(s, labels))
+}
+
+/// Selects the certificates for a Pod with these labels and annotations in `namespace`.
+/// The caller has already honoured `sidecert.io/inject: "false"`.
+pub fn select(
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    pod_annotations: &BTreeMap<String, String>,
+    lookup: &dyn Lookup,
+) -> Selection {
+    let mut sel = Selection::default();
+    let mut certs: BTreeMap<String, CertificateSpec> = BTreeMap::new();
+
+    // Direct request on the Pod.
+    let wants = pod_annotations
+        .get(annotations::INJECT)
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if wants {
+        let domains = pod_annotations.get(annotations::DOMAINS);
+        let secret = pod_annotations.get(annotations::SECRET_NAME);
+        match (domains, secret) {
+            (Some(d), Some(s)) => match CertificateSpec::new(s.trim(), d.split(',')) {
+                Ok(spec) => {
+                    certs.insert(spec.secret_name.clone(), spec);
+                }
+                Err(e) => {
+                    sel.invalid = true;
+                    sel.warnings.push(format!("sidecert: not injected: {e}"));
+                }
+            },
+            _ => {
+                sel.invalid = true;
+                sel.warnings.push(format!(
+                    "sidecert: not injected: {} needs {} and {}",
+                    annotations::INJECT,
+                    annotations::DOMAINS,
+                    annotations::SECRET_NAME
+                ));
+            }
+        }
+    }
+
+    // Annotated Ingresses whose TLS hosts are served by a Service selecting this Pod.
+    let mut ingress_overrides: Option<(String, Overrides)> = None;
+    let mut ingresses = lookup.ingresses(namespace);
+    ingresses.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    for ing in ingresses.iter().filter(|i| is_annotated(i)) {
+        let plan = plan(ing);
+        let mut selected = false;
+        for route in &plan.routes {
+            let Some(svc) = lookup.service(namespace, &route.backend) else {
+                continue;
+            };
+            if !selects(&svc, labels) {
+                continue;
+            }
+            let Some(tls) = plan.secret(&route.secret_name) else {
+                continue;
+            };
+            // The leader waits for this solver Service's endpoints before telling the CA to
+            // validate. If the certificate's hosts go to several backends that select this
+            // Pod, the first route (in rule order) wins: its solver is the one this Pod is
+            // surely an endpoint of, and the other solvers select Pods through their own
+            // backends' selectors.
+            let spec = CertificateSpec::new(tls.secret_name.clone(), &tls.domains)
+                .and_then(|spec| spec.with_solver_service(solver_service_name(&route.backend)));
+            match spec {
+                Ok(spec) => {
+                    selected = true;
+                    certs.entry(spec.secret_name.clone()).or_insert(spec);
+                }
+                Err(e) => sel.warnings.push(format!("sidecert: {e}")),
+            }
+        }
+        if selected {
+            let name = ing.metadata.name.clone().unwrap_or_default();
+            let o = Overrides::from_annotations(ing.metadata.annotations.as_ref());
+            match &ingress_overrides {
+                None => ingress_overrides = Some((name, o)),
+                Some((first, chosen)) if *chosen != o => sel.warnings.push(format!(
+                    "sidecert: Ingresses {first} and {name} select this Pod with different ACME settings; \
+                     using {first}'s"
+                )),
+                Some(_) => {}
+            }
+        }
+    }
+    let pod_overrides = if wants {
+        Overrides::from_annotations(Some(pod_annotations))
+    } else {
+        Overrides::default()
+    };
+    sel.overrides = match ingress_overrides {
+        Some((_, o)) => pod_overrides.or(&o),
+        None => pod_overrides,
+    };
+    sel.certificates = certs.into_values().collect();
+    if !sel.certificates.is_empty() {
+        sel.invalid = false;
+    }
+    sel
+}
+
+/// The caches' answer for a Pod may be stale: the watch caches lag the API server by a
+/// moment, so a Pod created right after its Ingress (one `kubectl apply`, a Deployment's
+/// first Pods) may be missed. A live re-check lists the namespace's Ingresses and, only when
+/// its annotated ones differ from [`Recheck::known`], its Services; the Pod decision is then
+/// made again over those fresh objects, and that answer (at least as fresh) wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recheck {
+    pub namespace: String,
+    /// The cached annotated Ingresses of the namespace (uid → resourceVersion).
+    pub known: BTreeMap<String, String>,
+}
+
+/// Whether a Pod that the caches did not select must be re-checked live: a cached Service
+/// selects it (so an Ingress could, through that Service), though no cached Ingress does.
+pub fn recheck(namespace: &str, labels: &BTreeMap<String, String>, lookup: &dyn Lookup) -> Option<Recheck> {
+    has_selecting_service(namespace, labels, lookup).then(|| Recheck {
+        namespace: namespace.to_owned(),
+        known: annotated_versions(&lookup.ingresses(namespace)),
+    })
+}
