@@ -2,8 +2,8 @@
 //! command. The thin `main` calls [`run`].
 
 use crate::{
-    Result,
     config::{self, Cli, Command},
+    error::Result,
     offline, server,
 };
 

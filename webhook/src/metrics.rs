@@ -6,7 +6,7 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The webhook's metrics.
 #[derive(Clone)]

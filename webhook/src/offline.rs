@@ -17,12 +17,20 @@ use kube::{Api, api::ListParams};
 use serde_yaml::Value as Yaml;
 
 use crate::{
-    Error, Result,
-    admission::{Request, Reviewer, parse},
+    admission::{
+        codec::{Request, parse},
+        reviewer::Reviewer,
+    },
     config::{InjectArgs, MutationArgs, ReviewArgs},
+    error::{Error, Result},
     kube::client::{client, native_sidecars},
     metrics::Metrics,
-    mutate::{AcmeDefaults, Context, Lookup, SidecarSettings, Snapshot, pod::mutate_pod_in},
+    mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        context::Context,
+        lookup::{Lookup, Snapshot},
+        pod::mutate_pod_in,
+    },
 };
 
 fn read_input(file: Option<&Path>) -> Result<Vec<u8>> {

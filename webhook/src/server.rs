@@ -6,19 +6,28 @@ use actix_web::{App, HttpResponse, HttpServer, middleware::from_fn, web};
 use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
-    Error, Result,
-    admission::{AppState, Readiness, Reviewer, close_when_draining, routes},
+    admission::{
+        http::{AppState, Readiness, close_when_draining, routes},
+        reviewer::Reviewer,
+    },
     config::{ServeArgs, TlsSource},
+    error::{Error, Result},
     kube::{
         cache::Cache,
         client::{client, native_sidecars},
         executor::Executor,
     },
     metrics::Metrics,
-    mutate::{AcmeDefaults, Context, Lookup, SidecarSettings},
+    mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        context::Context,
+        lookup::Lookup,
+    },
     reconciler,
     tls::{
-        self, ReloadingResolver, SelfSigned, server_config,
+        self,
+        manager::SelfSigned,
+        resolver::{ReloadingResolver, server_config},
         settings::{SERVICE_ACCOUNT_NAMESPACE_FILE, own_namespace},
     },
 };

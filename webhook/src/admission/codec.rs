@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::{
     error::{Error, MAX_BODY_BYTES, Result},
-    mutate::Outcome,
+    mutate::outcome::Outcome,
 };
 
 /// The review as it arrives; the object stays raw until its kind is known, then is decoded

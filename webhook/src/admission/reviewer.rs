@@ -5,13 +5,14 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    Result,
     admission::codec::{Request, operation_label, parse, respond},
+    error::Result,
     kube::{executor::Executor, live::LiveCheck},
     metrics::Metrics,
     mutate::{
-        Context, Outcome, SkipReason,
+        context::Context,
         ingress::mutate_ingress,
+        outcome::{Outcome, SkipReason},
         pod::{PodDecision, decide_pod, mutate_pod},
     },
 };

@@ -10,7 +10,7 @@ use kube::{
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 
-use crate::mutate::Lookup;
+use crate::mutate::lookup::Lookup;
 
 /// Reflector stores of all Ingresses and Services, kept current by watches.
 #[derive(Clone)]

@@ -5,7 +5,11 @@ use std::path::Path;
 
 use kube::Client;
 
-use crate::{Error, Result, config::NativeSidecars, mutate::container::supports_native_sidecars};
+use crate::{
+    config::NativeSidecars,
+    error::{Error, Result},
+    mutate::container::supports_native_sidecars,
+};
 
 /// A client from a kubeconfig file, or the default (in-cluster, then `$KUBECONFIG`).
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {

@@ -17,9 +17,10 @@ use kube::{
 };
 
 use crate::{
-    Error, Result,
+    error::{Error, Result},
     mutate::{
-        Effect, Lookup,
+        effect::Effect,
+        lookup::Lookup,
         objects::{
             is_managed, merge_role, rbac_name, role, role_binding, solver_repair, solver_service,
             temporary_secret,

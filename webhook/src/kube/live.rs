@@ -16,13 +16,15 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::ListParams, core::admission::AdmissionRequest};
 
 use crate::{
-    Error, Result,
+    error::{Error, Result},
     metrics::Metrics,
     mutate::{
-        Context, Outcome,
+        context::Context,
         ingress::is_annotated,
+        lookup::Snapshot,
+        outcome::Outcome,
         pod::mutate_pod,
-        select::{Recheck, Snapshot, annotated_versions},
+        select::{Recheck, annotated_versions},
     },
 };
 

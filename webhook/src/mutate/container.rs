@@ -14,7 +14,10 @@ use sidecert_contract::{
     SIDECAR_CONTAINER_NAME, SidecarConfig, annotations, resolve_acme_server,
 };
 
-use crate::{Error, Result, config::MutationArgs};
+use crate::{
+    config::MutationArgs,
+    error::{Error, Result},
+};
 
 /// The non-root user the sidecar runs as (distroless `nonroot`).
 pub const SIDECAR_UID: i64 = 65532;

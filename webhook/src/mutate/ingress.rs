@@ -19,10 +19,12 @@ use sidecert_contract::{ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations,
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
-use crate::mutate::{Context, Effect, Outcome, SkipReason, add, to_json};
-
-/// Name of the solver Service's port (→ target port `sidecert-http`).
-pub const SOLVER_PORT_NAME: &str = "http";
+use crate::mutate::{
+    context::Context,
+    effect::Effect,
+    objects::SOLVER_PORT_NAME,
+    outcome::{Outcome, SkipReason, add, to_json},
+};
 
 /// Whether an Ingress carries `sidecert.io/issue-temporary-certificate: "true"`.
 pub fn is_annotated(ingress: &Ingress) -> bool {

@@ -18,7 +18,10 @@ use k8s_openapi::{
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations};
 
-use crate::{Result, mutate::ingress::SOLVER_PORT_NAME};
+use crate::error::Result;
+
+/// Name of the solver Service's port (→ target port `sidecert-http`).
+pub const SOLVER_PORT_NAME: &str = "http";
 
 /// Validity of a temporary certificate.
 pub const TEMPORARY_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);

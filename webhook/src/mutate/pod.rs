@@ -17,10 +17,11 @@ use sidecert_contract::{
 };
 
 use crate::mutate::{
-    Context, Effect, Outcome, SkipReason, add,
     container::{container, sidecar_config},
+    context::Context,
+    effect::Effect,
+    outcome::{Outcome, SkipReason, add, to_json},
     select::{Recheck, recheck, select},
-    to_json,
 };
 
 /// Whether a Pod already carries the sidecar (status annotation or a `sidecert` container).

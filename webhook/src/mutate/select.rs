@@ -12,54 +12,8 @@ use sidecert_contract::{CertificateSpec, annotations};
 use crate::mutate::{
     container::Overrides,
     ingress::{is_annotated, plan, solver_service_name},
+    lookup::Lookup,
 };
-
-/// Where Ingresses and Services are looked up. The server uses a watch-backed cache
-/// ([`crate::kube::cache::Cache`]); tests, the offline commands and the live re-check use a
-/// [`Snapshot`].
-pub trait Lookup: Send + Sync {
-    /// The Ingresses of a namespace.
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>>;
-    /// One Service.
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
-    /// The Services of a namespace.
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>>;
-}
-
-/// A fixed set of objects (possibly empty: no cluster).
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub ingresses: Vec<Arc<Ingress>>,
-    pub services: Vec<Arc<Service>>,
-}
-
-/// The objects of `items` in `namespace`.
-fn in_namespace<K: kube::Resource>(items: &[Arc<K>], namespace: &str) -> Vec<Arc<K>> {
-    items
-        .iter()
-        .filter(|o| o.meta().namespace.as_deref() == Some(namespace))
-        .cloned()
-        .collect()
-}
-
-impl Lookup for Snapshot {
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
-        in_namespace(&self.ingresses, namespace)
-    }
-
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.services
-            .iter()
-            .find(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
-            })
-            .cloned()
-    }
-
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
-        in_namespace(&self.services, namespace)
-    }
-}
 
 /// Whether a Service in `namespace` selects a Pod with these labels: only then can an
 /// Ingress select the Pod (through that Service as its backend).

@@ -26,16 +26,17 @@ use sidecert_contract::{
 };
 
 use crate::{
-    Result,
+    error::Result,
     kube::executor::Executor,
     metrics::Metrics,
     mutate::{
-        Effect, Lookup,
+        effect::Effect,
         ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
+        lookup::Lookup,
     },
     reconciler::{
-        CONTROLLER_NAME, Settings,
         plan::{Removal, guarded, restart_key, solver_removal},
+        settings::{CONTROLLER_NAME, Settings},
     },
 };
 

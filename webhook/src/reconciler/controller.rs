@@ -19,7 +19,7 @@ use kube::{
 use sidecert_runtime::Backoff;
 
 use crate::{
-    Error, Result,
+    error::{Error, Result},
     mutate::ingress::is_annotated,
     reconciler::{context::Reconciler, plan::ingresses_for_service},
 };

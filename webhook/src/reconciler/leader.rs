@@ -19,8 +19,12 @@ use tokio::sync::{oneshot, watch};
 
 use crate::{
     metrics::Metrics,
-    mutate::Lookup,
-    reconciler::{CONTROLLER_NAME, Settings, context::Reconciler, controller::run_controller},
+    mutate::lookup::Lookup,
+    reconciler::{
+        context::Reconciler,
+        controller::run_controller,
+        settings::{CONTROLLER_NAME, Settings},
+    },
 };
 
 /// The wait before joining the election again: 1 s, 2 s, ... up to 30 s.

@@ -16,35 +16,17 @@
 //!
 //! One replica reconciles: the holder of a Lease ([`run`]); every replica serves admission.
 
-use std::time::Duration;
-
 pub mod context;
 pub mod controller;
 pub mod leader;
 pub mod plan;
+pub mod settings;
 pub mod workload;
 
 pub use context::{Reconciler, remove_solvers};
 pub use controller::run_controller;
 pub use leader::{LeaderSettings, default_identity, run};
 pub use plan::RESTARTED_AT;
+pub use settings::{CONTROLLER_NAME, Settings};
 pub use sidecert_contract::annotations::RESTARTED_FOR;
 pub use workload::restart_workload;
-
-/// The name in Events and in the field manager.
-pub const CONTROLLER_NAME: &str = "sidecert-webhook";
-
-/// How the reconciler behaves.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Restart workloads whose Pods lack the sidecar (else: only an Event).
-    pub rollout_restart: bool,
-    /// Label selector of the reconciled namespaces.
-    pub namespace_selector: String,
-    /// The release namespace (never reconciled).
-    pub own_namespace: String,
-    /// Requeue interval of an annotated Ingress.
-    pub interval: Duration,
-    /// This replica's name on the Lease and in Events.
-    pub identity: String,
-}

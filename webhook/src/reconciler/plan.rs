@@ -246,7 +246,7 @@ mod tests {
     use super::*;
     use crate::{
         mutate::{
-            Effect,
+            effect::Effect,
             ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
         },
         testing::{ingress, owner, pod, solver},

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use sidecert_contract::annotations::RESTARTED_FOR;
 
 use crate::{
-    Error, Result,
+    error::{Error, Result},
     reconciler::{
         context::Reconciler,
         plan::{

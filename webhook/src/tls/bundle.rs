@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use x509_parser::time::ASN1Time;
 
 use crate::{
-    mutate::to_json,
+    mutate::outcome::to_json,
     tls::ca::{parse_cert, pem_certificates},
 };
 

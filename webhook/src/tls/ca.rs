@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, pem::Pem};
 
 use crate::{
-    Error, Result,
+    error::{Error, Result},
     tls::{
         resolver::certified_key,
         rotation::{earlier, later},

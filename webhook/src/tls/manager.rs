@@ -17,8 +17,8 @@ use sidecert_runtime::Backoff;
 use time::OffsetDateTime;
 
 use crate::{
-    Error, Result,
-    admission::Readiness,
+    admission::http::Readiness,
+    error::{Error, Result},
     metrics::Metrics,
     tls::{
         bundle::{ca_bundle_apply, in_all_bundles, trusted_by_all, webhook_bundles},

@@ -17,7 +17,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -5,7 +5,10 @@ use std::{net::IpAddr, time::Duration};
 
 use rcgen::SanType;
 
-use crate::{Error, Result, config::SelfSignedArgs};
+use crate::{
+    config::SelfSignedArgs,
+    error::{Error, Result},
+};
 
 /// Where in-cluster processes find their namespace.
 pub const SERVICE_ACCOUNT_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
