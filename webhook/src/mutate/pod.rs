@@ -200,3 +200,86 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     });
     out
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Service;
+    use kube::core::admission::AdmissionReview;
+    use serde_json::json;
+
+    use super::*;
+    use crate::mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        lookup::Snapshot,
+    };
+
+    fn request(annotations: serde_json::Value) -> AdmissionRequest<Pod> {
+        let review: AdmissionReview<Pod> = serde_json::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1", "operation": "CREATE", "namespace": "shop", "userInfo": {},
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"labels": {"app": "web"}, "annotations": annotations},
+                           "spec": {"containers": [{"name": "app", "image": "example/app"}]}}
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    fn context(services: Vec<Service>) -> Context {
+        Context {
+            sidecar: SidecarSettings::default(),
+            acme: AcmeDefaults::default(),
+            lookup: Arc::new(Snapshot {
+                ingresses: Vec::new(),
+                services: services.into_iter().map(Arc::new).collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_cached_service_without_a_cached_ingress_asks_for_a_live_recheck() {
+        let web: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}}
+        }))
+        .unwrap();
+        let d = decide_pod(&request(json!({})), &context(vec![web.clone()]));
+        assert_eq!(d.outcome.skipped, Some(SkipReason::NotSelected));
+        assert_eq!(
+            d.recheck,
+            Some(Recheck {
+                namespace: "shop".into(),
+                known: BTreeMap::new()
+            })
+        );
+        // No Service selects the Pod: no Ingress can, nothing to re-check.
+        assert!(
+            decide_pod(&request(json!({})), &context(Vec::new()))
+                .recheck
+                .is_none()
+        );
+        // Opted out, or selected by its own annotations: the caches' answer stands.
+        let out = decide_pod(
+            &request(json!({"sidecert.io/inject": "false"})),
+            &context(vec![web.clone()]),
+        );
+        assert_eq!(out.outcome.skipped, Some(SkipReason::OptedOut));
+        assert!(out.recheck.is_none());
+        let own = decide_pod(
+            &request(
+                json!({"sidecert.io/inject": "true", "sidecert.io/domains": "web.shop.example",
+                            "sidecert.io/secret-name": "web-tls"}),
+            ),
+            &context(vec![web]),
+        );
+        assert!(!own.outcome.patch.is_empty());
+        assert!(own.recheck.is_none());
+    }
+}

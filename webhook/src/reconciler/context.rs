@@ -1,6 +1,6 @@
 //! What every reconcile shares (client, executor, Event recorder, settings, metrics), the
-//! Events it records, and the two halves of a reconcile: [`Reconciler::ensure`] for an
-//! annotated Ingress, [`Reconciler::remove`] for one that lost the annotation.
+//! Events it records, and the two halves of a reconcile: `Reconciler::ensure` for an
+//! annotated Ingress, `Reconciler::remove` for one that lost the annotation.
 
 use std::{
     collections::{BTreeSet, HashMap},
