@@ -13,6 +13,7 @@ pub use sidecert_runtime::parse_duration;
 /// The default of every flag that has one and that code also builds (the `Default` impls
 /// below): written once, read by clap and by `Default`.
 pub mod defaults {
+    pub const ROLLOUT_RESTART: bool = true;
     pub const LEADER_LEASE_NAME: &str = "sidecert-webhook-leader";
     pub const LEADER_LEASE_DURATION: &str = "15s";
     pub const RECONCILE_NAMESPACE_SELECTOR: &str = concat!(sidecert_contract::key!("injection"), "=enabled");
@@ -173,7 +174,7 @@ pub struct ReconcilerArgs {
     pub enabled: bool,
     /// Restart (once, like `kubectl rollout restart`) the workloads whose Pods back an annotated
     /// Ingress without the sidecar. `false`: only an Event says they need it.
-    #[arg(long, env = "SIDECERT_WEBHOOK_ROLLOUT_RESTART", default_value = "true",
+    #[arg(long, env = "SIDECERT_WEBHOOK_ROLLOUT_RESTART", default_value_t = defaults::ROLLOUT_RESTART,
           value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     pub rollout_restart: bool,
@@ -205,7 +206,7 @@ impl Default for ReconcilerArgs {
     fn default() -> Self {
         Self {
             enabled: false,
-            rollout_restart: true,
+            rollout_restart: defaults::ROLLOUT_RESTART,
             leader_lease_name: DEFAULT_LEADER_LEASE_NAME.to_owned(),
             leader_lease_duration: default_duration(defaults::LEADER_LEASE_DURATION),
             leader_identity: None,

@@ -2,7 +2,7 @@
 //!
 //! The layers, bottom up (a module imports only from layers below it):
 //!
-//! - [`error`], [`config`] (the flags), [`metrics`];
+//! - [`error`], [`config`] (the flags), [`metrics`], [`readiness`];
 //! - [`mutate`]: the pure decisions — the Pod ([`mutate::pod`]) and Ingress
 //!   ([`mutate::ingress`]) mutations from an `AdmissionRequest` and a [`Context`] to an
 //!   [`Outcome`] (typed JSON Patch operations, warnings, and the side effects
@@ -22,6 +22,7 @@ pub mod kube;
 pub mod metrics;
 pub mod mutate;
 pub mod offline;
+pub mod readiness;
 pub mod reconciler;
 pub mod server;
 pub mod tls;

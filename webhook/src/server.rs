@@ -7,7 +7,7 @@ use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
     admission::{
-        http::{AppState, Readiness, close_when_draining, routes},
+        http::{AppState, close_when_draining, routes},
         reviewer::Reviewer,
     },
     config::{ServeArgs, TlsSource},
@@ -23,6 +23,7 @@ use crate::{
         context::Context,
         lookup::Lookup,
     },
+    readiness::Readiness,
     reconciler,
     tls::{
         self,

@@ -5,6 +5,7 @@ pub mod codec;
 pub mod http;
 pub mod reviewer;
 
+pub use crate::readiness::Readiness;
 pub use codec::{Request, parse, respond};
-pub use http::{AppState, Readiness, close_when_draining, routes};
+pub use http::{AppState, close_when_draining, routes};
 pub use reviewer::{LIVE_LOOKUP_TIMEOUT, Reviewer};

@@ -17,9 +17,9 @@ use sidecert_runtime::Backoff;
 use time::OffsetDateTime;
 
 use crate::{
-    admission::http::Readiness,
     error::{Error, Result},
     metrics::Metrics,
+    readiness::Readiness,
     tls::{
         bundle::{ca_bundle_apply, in_all_bundles, trusted_by_all, webhook_bundles},
         ca::{Ca, CaSet, FIELD_MANAGER, Served, issue_serving},
