@@ -70,6 +70,12 @@ pub mod annotations {
     /// `validations`: domain → unix seconds), so a new holder keeps the backoff and the
     /// CA's hourly limit on failed validations.
     pub const ORDER_FAILURES: &str = key!("order-failures");
+    /// Workload Pod template (written by the webhook's reconciler): the `<ingress
+    /// uid>:<generation>` keys it was restarted for (the last few), so each Ingress
+    /// generation restarts it at most once.
+    pub const RESTARTED_FOR: &str = key!("restarted-for");
+    /// The webhook's CA Secret: when the running CA rollover started (Unix seconds).
+    pub const CA_ROLLOVER_STARTED_AT: &str = key!("ca-rollover-started-at");
 }
 
 /// The value of [`annotations::STATUS`] after injection.

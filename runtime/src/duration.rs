@@ -28,7 +28,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// divides it (`90s`, `5m`, `7d`, `1500ms`).
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if d.subsec_millis() != 0 {
         return format!("{ms}ms");
     }
     let s = d.as_secs();

@@ -9,7 +9,7 @@ use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
     admission::{Request, parse, respond},
     metrics::Metrics,
-    selection::Snapshot,
+    mutate::Snapshot,
 };
 
 fn bench(c: &mut Criterion) {

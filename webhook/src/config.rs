@@ -8,6 +8,37 @@ use std::{
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use sidecert_contract::KeyAlgorithm;
+pub use sidecert_runtime::parse_duration;
+
+/// The default of every flag that has one and that code also builds (the `Default` impls
+/// below): written once, read by clap and by `Default`.
+pub mod defaults {
+    pub const ROLLOUT_RESTART: bool = true;
+    pub const LEADER_LEASE_NAME: &str = "sidecert-webhook-leader";
+    pub const LEADER_LEASE_DURATION: &str = "15s";
+    pub const RECONCILE_NAMESPACE_SELECTOR: &str = concat!(sidecert_contract::key!("injection"), "=enabled");
+    pub const RECONCILE_INTERVAL: &str = "5m";
+    pub const CA_SECRET_NAME: &str = "sidecert-webhook-ca";
+    pub const SERVICE_NAME: &str = "sidecert-webhook";
+    pub const WEBHOOK_CONFIGURATION_NAME: &str = "sidecert";
+    pub const CA_VALIDITY: &str = "365d";
+    pub const CA_ROTATE_BEFORE: &str = "90d";
+    pub const SERVING_VALIDITY: &str = "7d";
+    pub const SERVING_ROTATE_BEFORE: &str = "2d";
+    pub const CA_ROLLOVER_DELAY: &str = "30s";
+    pub const SIDECAR_IMAGE: &str = "ghcr.io/sidecert/sidecar:0.1.0";
+    pub const SIDECAR_IMAGE_PULL_POLICY: &str = "IfNotPresent";
+    pub const SIDECAR_CPU_REQUEST: &str = "10m";
+    pub const SIDECAR_MEMORY_REQUEST: &str = "16Mi";
+    pub const SIDECAR_CPU_LIMIT: &str = "";
+    pub const SIDECAR_MEMORY_LIMIT: &str = "64Mi";
+    pub const ACME_SERVER: &str = "letsencrypt";
+}
+
+/// A duration default of [`defaults`] (checked by the tests: clap parses the same strings).
+fn default_duration(s: &str) -> Duration {
+    parse_duration(s).unwrap_or_default()
+}
 
 /// sidecert's admission webhook: sidecar injection, HTTP-01 routing, temporary certificates.
 #[derive(Debug, Parser)]
@@ -102,7 +133,7 @@ pub struct ServeArgs {
 pub enum TlsSource {
     /// PEM files, reloaded when they change.
     Files { cert: PathBuf, key: PathBuf },
-    /// A CA in a Secret and a serving certificate issued in memory ([`crate::selfsigned`]).
+    /// A CA in a Secret and a serving certificate issued in memory ([`crate::tls`]).
     SelfSigned(SelfSignedArgs),
 }
 
@@ -130,7 +161,7 @@ impl ServeArgs {
 }
 
 /// Default name of the Lease the replicas elect the reconciler's leader on.
-pub const DEFAULT_LEADER_LEASE_NAME: &str = "sidecert-webhook-leader";
+pub const DEFAULT_LEADER_LEASE_NAME: &str = defaults::LEADER_LEASE_NAME;
 
 /// The Ingress reconciler, run by one leader among the replicas (a Lease in the release
 /// namespace, which is `--namespace` or the Pod's own).
@@ -143,7 +174,7 @@ pub struct ReconcilerArgs {
     pub enabled: bool,
     /// Restart (once, like `kubectl rollout restart`) the workloads whose Pods back an annotated
     /// Ingress without the sidecar. `false`: only an Event says they need it.
-    #[arg(long, env = "SIDECERT_WEBHOOK_ROLLOUT_RESTART", default_value = "true",
+    #[arg(long, env = "SIDECERT_WEBHOOK_ROLLOUT_RESTART", default_value_t = defaults::ROLLOUT_RESTART,
           value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set,
           num_args = 0..=1, default_missing_value = "true")]
     pub rollout_restart: bool,
@@ -151,7 +182,7 @@ pub struct ReconcilerArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_LEASE_NAME", default_value = DEFAULT_LEADER_LEASE_NAME)]
     pub leader_lease_name: String,
     /// How long a leader's Lease lasts without renewal (a killed leader is replaced after this).
-    #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_LEASE_DURATION", default_value = defaults::LEADER_LEASE_DURATION, value_parser = parse_duration)]
     pub leader_lease_duration: Duration,
     /// Identity on the Lease (default: `POD_NAME` or the host name, plus a random suffix).
     #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_IDENTITY")]
@@ -162,11 +193,11 @@ pub struct ReconcilerArgs {
     #[arg(
         long,
         env = "SIDECERT_WEBHOOK_RECONCILE_NAMESPACE_SELECTOR",
-        default_value = "sidecert.io/injection=enabled"
+        default_value = defaults::RECONCILE_NAMESPACE_SELECTOR
     )]
     pub reconcile_namespace_selector: String,
     /// How often every annotated Ingress is looked at again, changed or not.
-    #[arg(long, env = "SIDECERT_WEBHOOK_RECONCILE_INTERVAL", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_RECONCILE_INTERVAL", default_value = defaults::RECONCILE_INTERVAL, value_parser = parse_duration)]
     pub reconcile_interval: Duration,
 }
 
@@ -175,26 +206,22 @@ impl Default for ReconcilerArgs {
     fn default() -> Self {
         Self {
             enabled: false,
-            rollout_restart: true,
+            rollout_restart: defaults::ROLLOUT_RESTART,
             leader_lease_name: DEFAULT_LEADER_LEASE_NAME.to_owned(),
-            leader_lease_duration: Duration::from_secs(15),
+            leader_lease_duration: default_duration(defaults::LEADER_LEASE_DURATION),
             leader_identity: None,
-            reconcile_namespace_selector: format!(
-                "{}={}",
-                sidecert_contract::INJECTION_LABEL,
-                sidecert_contract::INJECTION_ENABLED
-            ),
-            reconcile_interval: Duration::from_secs(300),
+            reconcile_namespace_selector: defaults::RECONCILE_NAMESPACE_SELECTOR.to_owned(),
+            reconcile_interval: default_duration(defaults::RECONCILE_INTERVAL),
         }
     }
 }
 
 /// Default name of the Secret that holds the webhook's CA.
-pub const DEFAULT_CA_SECRET_NAME: &str = "sidecert-webhook-ca";
+pub const DEFAULT_CA_SECRET_NAME: &str = defaults::CA_SECRET_NAME;
 /// Default name of the webhook's Service.
-pub const DEFAULT_SERVICE_NAME: &str = "sidecert-webhook";
+pub const DEFAULT_SERVICE_NAME: &str = defaults::SERVICE_NAME;
 /// Default name of the MutatingWebhookConfiguration whose `caBundle` the webhook keeps current.
-pub const DEFAULT_WEBHOOK_CONFIGURATION_NAME: &str = "sidecert";
+pub const DEFAULT_WEBHOOK_CONFIGURATION_NAME: &str = defaults::WEBHOOK_CONFIGURATION_NAME;
 
 /// `serve --self-signed`: the webhook keeps its own CA in a Secret, issues its serving
 /// certificate in memory and patches the `caBundle` of its MutatingWebhookConfiguration.
@@ -219,20 +246,20 @@ pub struct SelfSignedArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_CONFIGURATION_NAME", default_value = DEFAULT_WEBHOOK_CONFIGURATION_NAME)]
     pub webhook_configuration_name: String,
     /// Lifetime of a new CA.
-    #[arg(long, env = "SIDECERT_WEBHOOK_CA_VALIDITY", default_value = "365d", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_VALIDITY", default_value = defaults::CA_VALIDITY, value_parser = parse_duration)]
     pub ca_validity: Duration,
     /// Start a CA rollover when the CA has less than this left.
-    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROTATE_BEFORE", default_value = "90d", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROTATE_BEFORE", default_value = defaults::CA_ROTATE_BEFORE, value_parser = parse_duration)]
     pub ca_rotate_before: Duration,
     /// Lifetime of a serving certificate.
-    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_VALIDITY", default_value = "7d", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_VALIDITY", default_value = defaults::SERVING_VALIDITY, value_parser = parse_duration)]
     pub serving_validity: Duration,
     /// Issue a new serving certificate when the current one has less than this left.
-    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_ROTATE_BEFORE", default_value = "2d", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SERVING_ROTATE_BEFORE", default_value = defaults::SERVING_ROTATE_BEFORE, value_parser = parse_duration)]
     pub serving_rotate_before: Duration,
     /// During a CA rollover, how long the new CA stands in the `caBundle` before the serving
     /// certificate switches to it (time for every API server to pick the bundle up).
-    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROLLOVER_DELAY", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "SIDECERT_WEBHOOK_CA_ROLLOVER_DELAY", default_value = defaults::CA_ROLLOVER_DELAY, value_parser = parse_duration)]
     pub ca_rollover_delay: Duration,
     /// More DNS names for the serving certificate (comma-separated).
     #[arg(long, env = "SIDECERT_WEBHOOK_EXTRA_DNS_NAMES", value_delimiter = ',')]
@@ -245,18 +272,17 @@ pub struct SelfSignedArgs {
 impl Default for SelfSignedArgs {
     /// The flags' defaults, with `enabled` false.
     fn default() -> Self {
-        const DAY: u64 = 24 * 3600;
         Self {
             enabled: false,
             namespace: None,
             service_name: DEFAULT_SERVICE_NAME.to_owned(),
             ca_secret_name: DEFAULT_CA_SECRET_NAME.to_owned(),
             webhook_configuration_name: DEFAULT_WEBHOOK_CONFIGURATION_NAME.to_owned(),
-            ca_validity: Duration::from_secs(365 * DAY),
-            ca_rotate_before: Duration::from_secs(90 * DAY),
-            serving_validity: Duration::from_secs(7 * DAY),
-            serving_rotate_before: Duration::from_secs(2 * DAY),
-            ca_rollover_delay: Duration::from_secs(30),
+            ca_validity: default_duration(defaults::CA_VALIDITY),
+            ca_rotate_before: default_duration(defaults::CA_ROTATE_BEFORE),
+            serving_validity: default_duration(defaults::SERVING_VALIDITY),
+            serving_rotate_before: default_duration(defaults::SERVING_ROTATE_BEFORE),
+            ca_rollover_delay: default_duration(defaults::CA_ROLLOVER_DELAY),
             extra_dns_names: Vec::new(),
             extra_ip_sans: Vec::new(),
         }
@@ -291,31 +317,31 @@ pub struct MutationArgs {
     #[arg(
         long,
         env = "SIDECERT_WEBHOOK_SIDECAR_IMAGE",
-        default_value = "ghcr.io/sidecert/sidecar:0.1.0"
+        default_value = defaults::SIDECAR_IMAGE
     )]
     pub sidecar_image: String,
     /// Sidecar image pull policy.
-    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
+    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_IMAGE_PULL_POLICY", default_value = defaults::SIDECAR_IMAGE_PULL_POLICY,
           value_parser = ["Always", "IfNotPresent", "Never"])]
     pub sidecar_image_pull_policy: String,
     /// Sidecar CPU request.
-    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_CPU_REQUEST", default_value = "10m")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_CPU_REQUEST", default_value = defaults::SIDECAR_CPU_REQUEST)]
     pub sidecar_cpu_request: String,
     /// Sidecar memory request.
-    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_MEMORY_REQUEST", default_value = "16Mi")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_MEMORY_REQUEST", default_value = defaults::SIDECAR_MEMORY_REQUEST)]
     pub sidecar_memory_request: String,
     /// Sidecar CPU limit (empty: none).
-    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_CPU_LIMIT", default_value = "")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_CPU_LIMIT", default_value = defaults::SIDECAR_CPU_LIMIT)]
     pub sidecar_cpu_limit: String,
     /// Sidecar memory limit (empty: none).
-    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_MEMORY_LIMIT", default_value = defaults::SIDECAR_MEMORY_LIMIT)]
     pub sidecar_memory_limit: String,
     /// Native sidecar (init container with restartPolicy Always). `auto`: when the API server
     /// is 1.29 or newer (asked once at start; offline without a cluster: native).
-    #[arg(long, env = "SIDECERT_WEBHOOK_NATIVE_SIDECARS", default_value = "auto")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
     pub native_sidecars: NativeSidecars,
     /// Default ACME server: letsencrypt, letsencrypt-staging or a directory URL.
-    #[arg(long, env = "SIDECERT_WEBHOOK_ACME_SERVER", default_value = "letsencrypt")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_ACME_SERVER", default_value = defaults::ACME_SERVER)]
     pub acme_server: String,
     /// Default ACME account email.
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_EMAIL")]
@@ -324,7 +350,7 @@ pub struct MutationArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_PROFILE")]
     pub acme_profile: Option<String>,
     /// Default key algorithm: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096.
-    #[arg(long, env = "SIDECERT_WEBHOOK_KEY_ALGORITHM", default_value = "ecdsa-p256")]
+    #[arg(long, env = "SIDECERT_WEBHOOK_KEY_ALGORITHM", default_value_t = KeyAlgorithm::default())]
     pub key_algorithm: KeyAlgorithm,
     /// Secret (in the Pod's namespace) with keyId and hmacKey for external account binding.
     #[arg(long, env = "SIDECERT_WEBHOOK_EAB_SECRET")]
@@ -334,31 +360,32 @@ pub struct MutationArgs {
     pub acme_ca_bundle_file: Option<PathBuf>,
 }
 
+impl Default for MutationArgs {
+    /// The flags' defaults, for tests and library users.
+    fn default() -> Self {
+        Self {
+            sidecar_image: defaults::SIDECAR_IMAGE.to_owned(),
+            sidecar_image_pull_policy: defaults::SIDECAR_IMAGE_PULL_POLICY.to_owned(),
+            sidecar_cpu_request: defaults::SIDECAR_CPU_REQUEST.to_owned(),
+            sidecar_memory_request: defaults::SIDECAR_MEMORY_REQUEST.to_owned(),
+            sidecar_cpu_limit: defaults::SIDECAR_CPU_LIMIT.to_owned(),
+            sidecar_memory_limit: defaults::SIDECAR_MEMORY_LIMIT.to_owned(),
+            native_sidecars: NativeSidecars::Auto,
+            acme_server: defaults::ACME_SERVER.to_owned(),
+            acme_email: None,
+            acme_profile: None,
+            key_algorithm: KeyAlgorithm::default(),
+            eab_secret: None,
+            acme_ca_bundle_file: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NativeSidecars {
     Auto,
     Always,
     Never,
-}
-
-/// Parses `500ms`, `2s`, `1m`, `2h`, `7d` or a plain number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| s.split_at(i));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 2s or 500ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// Sets up logging on stderr (stdout carries the offline commands' output).
@@ -395,6 +422,35 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("40").unwrap(), Duration::from_secs(40));
         assert!(parse_duration("5y").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn mutation_flags_default_like_code() {
+        let cli = Cli::try_parse_from(["sidecert-webhook", "inject", "-f", "x.yaml"]).unwrap();
+        let Command::Inject(args) = cli.command else {
+            unreachable!()
+        };
+        let d = MutationArgs::default();
+        assert_eq!(args.mutation.sidecar_image, d.sidecar_image);
+        assert_eq!(
+            args.mutation.sidecar_image_pull_policy,
+            d.sidecar_image_pull_policy
+        );
+        assert_eq!(args.mutation.sidecar_cpu_request, d.sidecar_cpu_request);
+        assert_eq!(args.mutation.sidecar_memory_request, d.sidecar_memory_request);
+        assert_eq!(args.mutation.sidecar_cpu_limit, d.sidecar_cpu_limit);
+        assert_eq!(args.mutation.sidecar_memory_limit, d.sidecar_memory_limit);
+        assert_eq!(args.mutation.native_sidecars, d.native_sidecars);
+        assert_eq!(args.mutation.acme_server, d.acme_server);
+        assert_eq!(args.mutation.key_algorithm, d.key_algorithm);
+        assert_eq!(
+            defaults::RECONCILE_NAMESPACE_SELECTOR,
+            format!(
+                "{}={}",
+                sidecert_contract::INJECTION_LABEL,
+                sidecert_contract::INJECTION_ENABLED
+            )
+        );
     }
 
     #[test]

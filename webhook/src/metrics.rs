@@ -6,7 +6,7 @@ use prometheus::{
     Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The webhook's metrics.
 #[derive(Clone)]
@@ -45,7 +45,7 @@ pub struct Metrics {
 }
 
 fn prom(e: prometheus::Error) -> Error {
-    Error::Config(format!("metrics: {e}"))
+    Error::config("metrics", e)
 }
 
 impl Metrics {

@@ -17,14 +17,20 @@ use kube::{Api, api::ListParams};
 use serde_yaml::Value as Yaml;
 
 use crate::{
-    Context, Error, Lookup, Result, Reviewer,
-    admission::{Request, parse},
+    admission::{
+        codec::{Request, parse},
+        reviewer::Reviewer,
+    },
     config::{InjectArgs, MutationArgs, ReviewArgs},
+    error::{Error, Result},
+    kube::client::{client, native_sidecars},
     metrics::Metrics,
-    pod::mutate_pod_in,
-    selection::Snapshot,
-    server::{client, native_sidecars},
-    sidecar::{AcmeDefaults, SidecarSettings},
+    mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        context::Context,
+        lookup::{Lookup, Snapshot},
+        pod::mutate_pod_in,
+    },
 };
 
 fn read_input(file: Option<&Path>) -> Result<Vec<u8>> {
@@ -98,7 +104,7 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
 /// `sidecert-webhook inject`.
 pub async fn inject(args: InjectArgs) -> Result<()> {
     let input = read_input(Some(&args.file))?;
-    let text = String::from_utf8(input).map_err(|e| Error::Config(format!("input is not UTF-8: {e}")))?;
+    let text = String::from_utf8(input).map_err(|e| Error::config("input is not UTF-8", e))?;
     let native = native_sidecars(args.mutation.native_sidecars, None).await;
     let ctx = offline_context(&args.mutation, native, Arc::new(Snapshot::default()))?;
     let (out, warnings) = inject_manifests(&text, &ctx)?;

@@ -1,58 +1,40 @@
 //! `sidecert-webhook serve`: HTTPS admission server plus a plain-HTTP metrics server.
 
-use std::{path::Path, pin::pin, sync::Arc};
+use std::{pin::pin, sync::Arc, time::Duration};
 
 use actix_web::{App, HttpResponse, HttpServer, middleware::from_fn, web};
-use kube::Client;
+use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
-    Context, Error, Lookup, Result, Reviewer,
-    admission::{AppState, Readiness, close_when_draining, routes},
-    config::{NativeSidecars, ServeArgs, TlsSource},
-    effects::Executor,
+    admission::{
+        http::{AppState, close_when_draining, routes},
+        reviewer::Reviewer,
+    },
+    config::{ServeArgs, TlsSource},
+    error::{Error, Result},
+    kube::{
+        cache::Cache,
+        client::{client, native_sidecars},
+        executor::Executor,
+    },
     metrics::Metrics,
+    mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        context::Context,
+        lookup::Lookup,
+    },
+    readiness::Readiness,
     reconciler,
-    selection::Cache,
-    selfsigned::{self, SelfSigned},
-    sidecar::{AcmeDefaults, SidecarSettings, supports_native_sidecars},
-    tls::{ReloadingResolver, server_config},
+    tls::{
+        self,
+        manager::SelfSigned,
+        resolver::{ReloadingResolver, server_config},
+        settings::{SERVICE_ACCOUNT_NAMESPACE_FILE, own_namespace},
+    },
 };
 
-/// A client from a kubeconfig file, or the default (in-cluster, then `$KUBECONFIG`).
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
-    match kubeconfig {
-        None => Ok(Client::try_default().await?),
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-            Ok(Client::try_from(cfg)?)
-        }
-    }
-}
-
-/// Resolves `--native-sidecars`. `auto` asks the API server's version (1.29+ → native); with
-/// no cluster it answers native; when the server cannot be asked, a regular container.
-pub async fn native_sidecars(mode: NativeSidecars, client: Option<&Client>) -> bool {
-    match (mode, client) {
-        (NativeSidecars::Always, _) => true,
-        (NativeSidecars::Never, _) => false,
-        (NativeSidecars::Auto, None) => true,
-        (NativeSidecars::Auto, Some(c)) => match c.apiserver_version().await {
-            Ok(v) => {
-                let native = supports_native_sidecars(&v.major, &v.minor);
-                tracing::info!(version = %v.git_version, native, "API server version");
-                native
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the API server version; injecting regular containers");
-                false
-            }
-        },
-    }
-}
+/// The waits between attempts to set up the serving certificate: 1 s, 2 s, ... up to 30 s.
+pub const SERVING_SETUP_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
 async fn metrics_handler(metrics: web::Data<Metrics>) -> HttpResponse {
     HttpResponse::Ok()
@@ -60,50 +42,28 @@ async fn metrics_handler(metrics: web::Data<Metrics>) -> HttpResponse {
         .body(metrics.render())
 }
 
-async fn signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 /// Where the serving certificate comes from, flags resolved.
 enum Serving {
     Files(std::path::PathBuf, std::path::PathBuf),
-    SelfSigned(selfsigned::Settings),
+    SelfSigned(tls::Settings),
 }
 
 /// How long an idle connection stays open. Longer than the API server's own idle timeout
 /// (Go's 90 s), so the client, not the server, closes idle connections: a server that closes
 /// one just as the client reuses it makes that review fail.
-pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(120);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(120);
 
 /// Runs the server until SIGTERM/SIGINT; see [`serve_until`].
 pub async fn serve(args: ServeArgs) -> Result<()> {
-    serve_until(args, signal()).await
+    serve_until(args, shutdown_signal()).await
 }
 
 /// The release namespace: `--namespace`, else the Pod's own.
 fn release_namespace(args: &ServeArgs) -> Result<String> {
     match args.self_signed.namespace.as_deref().map(str::trim) {
         Some(ns) if !ns.is_empty() => Ok(ns.to_owned()),
-        _ => selfsigned::own_namespace(
-            std::fs::read_to_string(selfsigned::SERVICE_ACCOUNT_NAMESPACE_FILE).ok(),
+        _ => own_namespace(
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok(),
             std::env::var("POD_NAMESPACE").ok(),
         )
         .map_err(|_| {
@@ -124,7 +84,7 @@ fn release_namespace(args: &ServeArgs) -> Result<String> {
 pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let serving = match args.tls_source().map_err(Error::Config)? {
         TlsSource::Files { cert, key } => Serving::Files(cert, key),
-        TlsSource::SelfSigned(ss) => Serving::SelfSigned(selfsigned::Settings::from_args(&ss)?),
+        TlsSource::SelfSigned(ss) => Serving::SelfSigned(tls::Settings::from_args(&ss)?),
     };
     let client = client(args.kubeconfig.as_deref()).await?;
     let native = native_sidecars(args.mutation.native_sidecars, Some(&client)).await;
@@ -186,16 +146,17 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         Serving::SelfSigned(settings) => {
             // Retried until the API server answers (or a signal): the CA lives in a Secret.
             let start = async {
-                let mut wait = std::time::Duration::from_secs(1);
+                let mut failures: u32 = 0;
                 loop {
                     match SelfSigned::start(client.clone(), settings.clone(), metrics.clone(), ready.clone())
                         .await
                     {
                         Ok(started) => break started,
                         Err(e) => {
+                            failures = failures.saturating_add(1);
+                            let wait = SERVING_SETUP_RETRY.delay(failures);
                             tracing::warn!(error = %e, retry_in = ?wait, "cannot set up the serving certificate");
                             tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(std::time::Duration::from_secs(30));
                         }
                     }
                 }
@@ -283,12 +244,12 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         );
         if let Some(task) = reconciler {
             // The reconciler bounds its own shutdown (running reconciles, Lease release).
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), task).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }
     };
     tokio::select! {
         () = drain => tracing::info!("stopped"),
-        () = signal() => tracing::warn!("second signal; exiting now"),
+        () = shutdown_signal() => tracing::warn!("second signal; exiting now"),
     }
     Ok(())
 }

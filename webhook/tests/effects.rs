@@ -8,8 +8,11 @@ use http::{Method, Request, Response, StatusCode};
 use kube::{Client, client::Body};
 use serde_json::{Value, json};
 use sidecert_webhook::{
-    effects::{Effect, Executor, merge_role, role},
-    selection::Snapshot,
+    kube::Executor,
+    mutate::{
+        Effect, Snapshot,
+        objects::{merge_role, role},
+    },
 };
 use tower_test::mock;
 

@@ -8,8 +8,10 @@ use std::{path::PathBuf, sync::Arc};
 use rstest::rstest;
 use serde_json::{Value, json};
 use sidecert_webhook::{
-    AcmeDefaults, Context, Reviewer, SidecarSettings, admission::parse, effects::Effect, metrics::Metrics,
-    selection::Snapshot,
+    AcmeDefaults, Context, Reviewer, SidecarSettings,
+    admission::parse,
+    metrics::Metrics,
+    mutate::{Effect, Snapshot},
 };
 
 fn data(name: &str) -> PathBuf {

@@ -9,7 +9,7 @@ use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
     admission::{AppState, Readiness, routes},
     metrics::Metrics,
-    selection::Snapshot,
+    mutate::Snapshot,
 };
 
 fn state(ready: bool) -> web::Data<AppState> {

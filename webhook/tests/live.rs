@@ -16,8 +16,7 @@ use kube::{
 use serde_json::{Value, json};
 use sidecert_e2e::{Plane, TestNamespace};
 use sidecert_webhook::{
-    AcmeDefaults, Context, Reviewer, SidecarSettings, effects::Executor, metrics::Metrics,
-    selection::Snapshot,
+    AcmeDefaults, Context, Reviewer, SidecarSettings, kube::Executor, metrics::Metrics, mutate::Snapshot,
 };
 
 fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {

@@ -3,9 +3,7 @@
 
 use std::sync::Arc;
 
-use sidecert_webhook::{
-    AcmeDefaults, Context, SidecarSettings, offline::inject_manifests, selection::Snapshot,
-};
+use sidecert_webhook::{AcmeDefaults, Context, SidecarSettings, mutate::Snapshot, offline::inject_manifests};
 
 fn ctx() -> Context {
     Context {

@@ -20,11 +20,11 @@ use serde_json::json;
 use sidecert_e2e::{Plane, create_until, wait_for};
 
 mod common;
-use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
+use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, in_own_runtime, pki, webhook_config};
 use sidecert_webhook::{
     config::{NativeSidecars, ServeArgs},
+    mutate::container::default_mutation_args,
     server::serve,
-    sidecar::default_mutation_args,
 };
 
 fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
@@ -66,13 +66,8 @@ async fn webhook_against_the_plane() {
         mutation,
     };
     // `serve` runs until a signal; its own thread and runtime end with the test process.
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        if let Err(e) = rt.block_on(serve(args)) {
+    in_own_runtime(move || async move {
+        if let Err(e) = serve(args).await {
             eprintln!("webhook: {e}");
         }
     });

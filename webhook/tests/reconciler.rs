@@ -9,7 +9,6 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
-use clap::Parser;
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
@@ -23,14 +22,13 @@ use kube::{
 };
 use serde_json::json;
 use sidecert_e2e::{Plane, TestNamespace, wait_for};
-use sidecert_webhook::{
-    config::{Cli, Command},
-    server::serve_until,
-};
+use sidecert_webhook::server::serve_until;
 use tokio::sync::oneshot;
 
 mod common;
-use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, pki, webhook_config};
+use common::{
+    INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, in_own_runtime, pki, serve_args, webhook_config,
+};
 
 /// A replica running in its own thread and runtime. `kill` drops the runtime at once (no
 /// graceful shutdown, no Lease release: like a killed Pod).
@@ -42,33 +40,13 @@ struct Replica {
 
 impl Replica {
     fn start(args: Vec<String>, port: u16, metrics_port: u16) -> Self {
-        if std::env::var_os("RUST_LOG").is_some() {
-            sidecert_webhook::config::init_tracing(&sidecert_webhook::config::LogFormat::Text);
-        }
-        let cli = Cli::try_parse_from(
-            ["sidecert-webhook", "serve"]
-                .into_iter()
-                .map(str::to_owned)
-                .chain(args),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let Command::Serve(serve_args) = cli.command else {
-            panic!("not serve")
-        };
+        let serve_args = serve_args(args);
         let (kill, killed) = oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                tokio::select! {
-                    r = serve_until(*serve_args, std::future::pending()) => if let Err(e) = r { eprintln!("webhook: {e}") },
-                    _ = killed => {}
-                }
-            });
-            rt.shutdown_background();
+        in_own_runtime(move || async move {
+            tokio::select! {
+                r = serve_until(serve_args, std::future::pending()) => if let Err(e) = r { eprintln!("webhook: {e}") },
+                _ = killed => {}
+            }
         });
         Self {
             port,

@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser;
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     core::v1::{Namespace, Pod, Secret},
@@ -24,38 +23,17 @@ use kube::{
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::json;
 use sidecert_e2e::{Plane, TestNamespace, create_until, wait_for};
-use sidecert_webhook::{
-    config::{Cli, Command},
-    server::serve,
-};
+use sidecert_webhook::server::serve;
 
 mod common;
-use common::{PODS, TEST_LABEL, free_port, has_sidecar, webhook_config};
+use common::{PODS, TEST_LABEL, free_port, has_sidecar, in_own_runtime, serve_args, webhook_config};
 
 /// Starts `sidecert-webhook serve <args>` in its own thread and runtime (it ends with the
 /// test process), from a real command line so the flags are exercised too.
 fn start(args: &[String]) {
-    // Logs only when asked for (RUST_LOG=sidecert_webhook=info).
-    if std::env::var_os("RUST_LOG").is_some() {
-        sidecert_webhook::config::init_tracing(&sidecert_webhook::config::LogFormat::Text);
-    }
-    let cli = Cli::try_parse_from(
-        ["sidecert-webhook", "serve"]
-            .into_iter()
-            .map(str::to_owned)
-            .chain(args.iter().cloned()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let Command::Serve(serve_args) = cli.command else {
-        panic!("not serve")
-    };
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        if let Err(e) = rt.block_on(serve(*serve_args)) {
+    let serve_args = serve_args(args.iter().cloned());
+    in_own_runtime(move || async move {
+        if let Err(e) = serve(serve_args).await {
             eprintln!("webhook: {e}");
         }
     });

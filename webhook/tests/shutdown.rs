@@ -11,16 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::Parser;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use sidecert_e2e::{Plane, wait_for};
-use sidecert_webhook::{
-    config::{Cli, Command},
-    server::serve_until,
-};
+use sidecert_webhook::server::serve_until;
 
 mod common;
-use common::{free_port, pki};
+use common::{free_port, in_own_runtime, pki, serve_args};
 
 type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -81,15 +77,10 @@ fn closed(tls: &mut Tls) -> Instant {
 async fn shutdown_drains_then_closes_idle_connections() {
     let plane = Plane::get().await.expect("local plane");
     sidecert_webhook::install_crypto_provider();
-    if std::env::var_os("RUST_LOG").is_some() {
-        sidecert_webhook::config::init_tracing(&sidecert_webhook::config::LogFormat::Text);
-    }
     let ip = plane.gateway();
     let (ca_pem, dir) = pki(ip, "shutdown");
     let (port, metrics_port) = (free_port(ip), free_port(Ipv4Addr::LOCALHOST));
-    let cli = Cli::try_parse_from([
-        "sidecert-webhook".to_owned(),
-        "serve".to_owned(),
+    let args = serve_args([
         format!("--listen={ip}:{port}"),
         format!("--metrics-listen=127.0.0.1:{metrics_port}"),
         format!("--tls-cert-file={}", dir.join("tls.crt").display()),
@@ -98,22 +89,14 @@ async fn shutdown_drains_then_closes_idle_connections() {
         "--reconcile=false".to_owned(),
         "--shutdown-delay=2s".to_owned(),
         "--workers=1".to_owned(),
-    ])
-    .unwrap();
-    let Command::Serve(args) = cli.command else {
-        panic!()
-    };
+    ]);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done) = tokio::sync::oneshot::channel::<Instant>();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let _ = rt.block_on(serve_until(*args, async move {
+    in_own_runtime(move || async move {
+        let _ = serve_until(args, async move {
             let _ = stopped.await;
-        }));
+        })
+        .await;
         let _ = done_tx.send(Instant::now());
     });
     let addr = SocketAddr::from((ip, port));

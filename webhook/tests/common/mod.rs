@@ -2,7 +2,9 @@
 //! the url MutatingWebhookConfiguration that points the API server at an in-process webhook.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, future::Future, net::Ipv4Addr, path::PathBuf, thread::JoinHandle};
+
+use clap::Parser;
 
 use k8s_openapi::{
     ByteString,
@@ -15,6 +17,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use sidecert_webhook::config::{Cli, Command, LogFormat, ServeArgs, init_tracing};
 
 /// The namespace label that confines a configuration to one test run's namespaces.
 pub const TEST_LABEL: &str = "sidecert-webhook-test";
@@ -124,4 +127,38 @@ pub fn webhook_config(
         },
         webhooks: Some(rules.iter().map(hook).collect()),
     }
+}
+
+/// `sidecert-webhook serve <args>` parsed from a real command line, so the flags are
+/// exercised too. Sets up logging when asked for (`RUST_LOG=sidecert_webhook=info`).
+pub fn serve_args(args: impl IntoIterator<Item = String>) -> ServeArgs {
+    if std::env::var_os("RUST_LOG").is_some() {
+        init_tracing(&LogFormat::Text);
+    }
+    let cli = Cli::try_parse_from(
+        ["sidecert-webhook", "serve"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(args),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let Command::Serve(args) = cli.command else {
+        panic!("not serve")
+    };
+    *args
+}
+
+/// Runs what `task` makes (a webhook: actix's servers are not `Send`) on a runtime of its
+/// own, with one worker, in a thread of its own; it ends with the test process unless the
+/// task ends first.
+pub fn in_own_runtime<F: Future<Output = ()>>(task: impl FnOnce() -> F + Send + 'static) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(task());
+        rt.shutdown_background();
+    })
 }

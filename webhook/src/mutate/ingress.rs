@@ -1,4 +1,6 @@
-//! Ingress mutation: HTTP-01 routes to solver Services, temporary Secrets.
+//! The Ingress decision (CREATE and UPDATE): HTTP-01 routes to solver Services, temporary
+//! Secrets; and what sidecert reads from an Ingress ([`plan`]), which the selection of Pods
+//! and the reconciler share.
 
 use std::collections::BTreeMap;
 
@@ -17,10 +19,12 @@ use sidecert_contract::{ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations,
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
-use crate::{Context, Outcome, SkipReason, add, effects::Effect, to_json};
-
-/// Name of the solver Service's port (→ target port `sidecert-http`).
-pub const SOLVER_PORT_NAME: &str = "http";
+use crate::mutate::{
+    context::Context,
+    effect::Effect,
+    objects::SOLVER_PORT_NAME,
+    outcome::{Outcome, SkipReason, add, to_json},
+};
 
 /// Whether an Ingress carries `sidecert.io/issue-temporary-certificate: "true"`.
 pub fn is_annotated(ingress: &Ingress) -> bool {

@@ -17,7 +17,7 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -27,19 +27,18 @@ fn provider() -> Arc<CryptoProvider> {
 pub fn certified_key(cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey> {
     let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("certificate PEM: {e}")))?;
+        .map_err(|e| Error::tls("certificate PEM", e))?;
     if chain.is_empty() {
         return Err(Error::Tls("no certificate in the certificate file".to_owned()));
     }
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::Tls(format!("private key PEM: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| Error::tls("private key PEM", e))?;
     let signing = provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| Error::Tls(format!("private key: {e}")))?;
+        .map_err(|e| Error::tls("private key", e))?;
     let ck = CertifiedKey::new(chain, signing);
     ck.keys_match()
-        .map_err(|e| Error::Tls(format!("key does not match the certificate: {e}")))?;
+        .map_err(|e| Error::tls("key does not match the certificate", e))?;
     Ok(ck)
 }
 
@@ -151,7 +150,7 @@ impl ResolvesServerCert for MemoryResolver {
 pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(|e| Error::tls("protocol versions", e))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];

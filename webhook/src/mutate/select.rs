@@ -1,127 +1,19 @@
 //! Which certificates a Pod's sidecar owns: from annotated Ingresses (through the Services
-//! backing their TLS hosts) or from the Pod's own annotations.
+//! backing their TLS hosts) or from the Pod's own annotations. Also the one decision of
+//! whether the answer of the watch caches must be checked against the API server
+//! ([`recheck`]); the live check feeds fresh objects back into this same [`select`] as
+//! another [`Lookup`].
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
-};
 use sidecert_contract::{CertificateSpec, annotations};
 
-use crate::{
+use crate::mutate::{
+    container::Overrides,
     ingress::{is_annotated, plan, solver_service_name},
-    sidecar::Overrides,
+    lookup::Lookup,
 };
-
-/// Where Ingresses and Services are looked up. The server uses a watch-backed cache
-/// ([`Cache`]); tests and the offline commands use a [`Snapshot`].
-pub trait Lookup: Send + Sync {
-    /// The Ingresses of a namespace.
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>>;
-    /// One Service.
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
-    /// The Services of a namespace.
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>>;
-}
-
-/// A fixed set of objects (possibly empty: no cluster).
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub ingresses: Vec<Arc<Ingress>>,
-    pub services: Vec<Arc<Service>>,
-}
-
-/// The objects of `items` in `namespace`.
-fn in_namespace<K: kube::Resource>(items: &[Arc<K>], namespace: &str) -> Vec<Arc<K>> {
-    items
-        .iter()
-        .filter(|o| o.meta().namespace.as_deref() == Some(namespace))
-        .cloned()
-        .collect()
-}
-
-impl Lookup for Snapshot {
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
-        in_namespace(&self.ingresses, namespace)
-    }
-
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.services
-            .iter()
-            .find(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
-            })
-            .cloned()
-    }
-
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
-        in_namespace(&self.services, namespace)
-    }
-}
-
-/// Reflector stores of all Ingresses and Services, kept current by watches.
-#[derive(Clone)]
-pub struct Cache {
-    ingresses: Store<Ingress>,
-    services: Store<Service>,
-}
-
-impl Cache {
-    /// Starts the watches (tasks on the current runtime) and returns the cache at once; see
-    /// [`Cache::wait_until_ready`].
-    pub fn start(client: Client) -> Self {
-        let (ingresses, iw) = reflector::store();
-        let (services, sw) = reflector::store();
-        let watch_i = reflector(
-            iw,
-            watcher(Api::<Ingress>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|e| async move {
-            if let Err(e) = e {
-                tracing::warn!(error = %e, "Ingress watch");
-            }
-        });
-        let watch_s = reflector(
-            sw,
-            watcher(Api::<Service>::all(client), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(|e| async move {
-            if let Err(e) = e {
-                tracing::warn!(error = %e, "Service watch");
-            }
-        });
-        tokio::spawn(watch_i);
-        tokio::spawn(watch_s);
-        Self { ingresses, services }
-    }
-
-    /// Resolves when both stores have their first full list.
-    pub async fn wait_until_ready(&self) -> bool {
-        self.ingresses.wait_until_ready().await.is_ok() && self.services.wait_until_ready().await.is_ok()
-    }
-}
-
-impl Lookup for Cache {
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
-        self.ingresses
-            .state_filter(|i| i.metadata.namespace.as_deref() == Some(namespace))
-    }
-
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.services
-            .get(&reflector::ObjectRef::new(name).within(namespace))
-    }
-
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
-        self.services
-            .state_filter(|s| s.metadata.namespace.as_deref() == Some(namespace))
-    }
-}
 
 /// Whether a Service in `namespace` selects a Pod with these labels: only then can an
 /// Ingress select the Pod (through that Service as its backend).
@@ -272,4 +164,25 @@ pub fn select(
         sel.invalid = false;
     }
     sel
+}
+
+/// The caches' answer for a Pod may be stale: the watch caches lag the API server by a
+/// moment, so a Pod created right after its Ingress (one `kubectl apply`, a Deployment's
+/// first Pods) may be missed. A live re-check lists the namespace's Ingresses and, only when
+/// its annotated ones differ from [`Recheck::known`], its Services; the Pod decision is then
+/// made again over those fresh objects, and that answer (at least as fresh) wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recheck {
+    pub namespace: String,
+    /// The cached annotated Ingresses of the namespace (uid → resourceVersion).
+    pub known: BTreeMap<String, String>,
+}
+
+/// Whether a Pod that the caches did not select must be re-checked live: a cached Service
+/// selects it (so an Ingress could, through that Service), though no cached Ingress does.
+pub fn recheck(namespace: &str, labels: &BTreeMap<String, String>, lookup: &dyn Lookup) -> Option<Recheck> {
+    has_selecting_service(namespace, labels, lookup).then(|| Recheck {
+        namespace: namespace.to_owned(),
+        known: annotated_versions(&lookup.ingresses(namespace)),
+    })
 }

@@ -1,4 +1,10 @@
-//! Pod mutation (CREATE only): the sidecar container and the status annotations.
+//! The Pod decision (CREATE only): the sidecar container, the status annotations, the
+//! temporary Secrets and RBAC it needs, and when the caches' answer must be re-checked live.
+//!
+//! [`decide_pod`] is the whole decision as the server makes it: [`mutate_pod`] over the
+//! watch caches, plus a [`Recheck`] when a cached Service selects the Pod but no cached
+//! Ingress does. The server then lists the namespace ([`crate::kube::live`]) and calls
+//! [`mutate_pod`] again over those fresh objects; the live answer wins.
 
 use std::collections::BTreeMap;
 
@@ -10,12 +16,12 @@ use sidecert_contract::{
     lease_name,
 };
 
-use crate::{
-    Context, Outcome, SkipReason, add,
-    effects::Effect,
-    selection::select,
-    sidecar::{container, sidecar_config},
-    to_json,
+use crate::mutate::{
+    container::{container, sidecar_config},
+    context::Context,
+    effect::Effect,
+    outcome::{Outcome, SkipReason, add, to_json},
+    select::{Recheck, recheck, select},
 };
 
 /// Whether a Pod already carries the sidecar (status annotation or a `sidecert` container).
@@ -36,7 +42,7 @@ pub fn is_injected(pod: &Pod) -> bool {
 }
 
 /// Mutates a Pod on CREATE: adds the sidecar when the Pod is selected (see
-/// [`crate::selection::select`]); asks for its temporary Secrets and RBAC.
+/// [`crate::mutate::select::select`]); asks for its temporary Secrets and RBAC.
 pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
     if req.operation != Operation::Create {
         return Outcome::skip(SkipReason::Operation);
@@ -45,6 +51,35 @@ pub fn mutate_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> Outcome {
         return Outcome::skip(SkipReason::NoObject);
     };
     mutate_pod_in(pod, pod_namespace(req), ctx)
+}
+
+/// A Pod decision made over the watch caches.
+#[derive(Debug, Clone)]
+pub struct PodDecision {
+    /// The answer of the caches.
+    pub outcome: Outcome,
+    /// `Some` when the caches may have missed an Ingress that selects this Pod: decide again
+    /// over live objects.
+    pub recheck: Option<Recheck>,
+}
+
+/// The Pod decision: [`mutate_pod`], and whether a live look must confirm a "not selected"
+/// (see [`crate::mutate::select::recheck`]).
+pub fn decide_pod(req: &AdmissionRequest<Pod>, ctx: &Context) -> PodDecision {
+    let outcome = mutate_pod(req, ctx);
+    let unselected = matches!(
+        outcome.skipped,
+        Some(SkipReason::NotSelected | SkipReason::InvalidAnnotations)
+    );
+    let recheck = match req.object.as_ref() {
+        Some(pod) if unselected => {
+            let no_labels = BTreeMap::new();
+            let labels = pod.metadata.labels.as_ref().unwrap_or(&no_labels);
+            recheck(pod_namespace(req), labels, ctx.lookup.as_ref())
+        }
+        _ => None,
+    };
+    PodDecision { outcome, recheck }
 }
 
 /// The namespace a Pod is created in: the review's, else the object's, else `default`.
@@ -164,4 +199,87 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         leases: certificates.iter().map(|c| lease_name(&c.secret_name)).collect(),
     });
     out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Service;
+    use kube::core::admission::AdmissionReview;
+    use serde_json::json;
+
+    use super::*;
+    use crate::mutate::{
+        container::{AcmeDefaults, SidecarSettings},
+        lookup::Snapshot,
+    };
+
+    fn request(annotations: serde_json::Value) -> AdmissionRequest<Pod> {
+        let review: AdmissionReview<Pod> = serde_json::from_value(json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "u-1", "operation": "CREATE", "namespace": "shop", "userInfo": {},
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "object": {"apiVersion": "v1", "kind": "Pod",
+                           "metadata": {"labels": {"app": "web"}, "annotations": annotations},
+                           "spec": {"containers": [{"name": "app", "image": "example/app"}]}}
+            }
+        }))
+        .unwrap();
+        review.try_into().unwrap()
+    }
+
+    fn context(services: Vec<Service>) -> Context {
+        Context {
+            sidecar: SidecarSettings::default(),
+            acme: AcmeDefaults::default(),
+            lookup: Arc::new(Snapshot {
+                ingresses: Vec::new(),
+                services: services.into_iter().map(Arc::new).collect(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_cached_service_without_a_cached_ingress_asks_for_a_live_recheck() {
+        let web: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}}
+        }))
+        .unwrap();
+        let d = decide_pod(&request(json!({})), &context(vec![web.clone()]));
+        assert_eq!(d.outcome.skipped, Some(SkipReason::NotSelected));
+        assert_eq!(
+            d.recheck,
+            Some(Recheck {
+                namespace: "shop".into(),
+                known: BTreeMap::new()
+            })
+        );
+        // No Service selects the Pod: no Ingress can, nothing to re-check.
+        assert!(
+            decide_pod(&request(json!({})), &context(Vec::new()))
+                .recheck
+                .is_none()
+        );
+        // Opted out, or selected by its own annotations: the caches' answer stands.
+        let out = decide_pod(
+            &request(json!({"sidecert.io/inject": "false"})),
+            &context(vec![web.clone()]),
+        );
+        assert_eq!(out.outcome.skipped, Some(SkipReason::OptedOut));
+        assert!(out.recheck.is_none());
+        let own = decide_pod(
+            &request(
+                json!({"sidecert.io/inject": "true", "sidecert.io/domains": "web.shop.example",
+                            "sidecert.io/secret-name": "web-tls"}),
+            ),
+            &context(vec![web]),
+        );
+        assert!(!own.outcome.patch.is_empty());
+        assert!(own.recheck.is_none());
+    }
 }

@@ -15,8 +15,8 @@ use sidecert_contract::{
 };
 
 use crate::{
-    Error, Result,
-    config::{MutationArgs, NativeSidecars},
+    config::MutationArgs,
+    error::{Error, Result},
 };
 
 /// The non-root user the sidecar runs as (distroless `nonroot`).
@@ -97,21 +97,7 @@ impl Default for SidecarSettings {
 
 /// The flags' defaults, for tests and library users.
 pub fn default_mutation_args() -> MutationArgs {
-    MutationArgs {
-        sidecar_image: "ghcr.io/sidecert/sidecar:0.1.0".into(),
-        sidecar_image_pull_policy: "IfNotPresent".into(),
-        sidecar_cpu_request: "10m".into(),
-        sidecar_memory_request: "16Mi".into(),
-        sidecar_cpu_limit: String::new(),
-        sidecar_memory_limit: "64Mi".into(),
-        native_sidecars: NativeSidecars::Auto,
-        acme_server: "letsencrypt".into(),
-        acme_email: None,
-        acme_profile: None,
-        key_algorithm: KeyAlgorithm::default(),
-        eab_secret: None,
-        acme_ca_bundle_file: None,
-    }
+    MutationArgs::default()
 }
 
 impl AcmeDefaults {

@@ -1,0 +1,134 @@
+//! The review itself, shared by the server, the offline commands and the tests: the pure
+//! decision, then (when it has a cluster) the live re-check the Pod decision asks for and the
+//! side effects (unless dry run), then the response.
+
+use std::time::{Duration, Instant};
+
+use crate::{
+    admission::codec::{Request, operation_label, parse, respond},
+    error::Result,
+    kube::{executor::Executor, live::LiveCheck},
+    metrics::Metrics,
+    mutate::{
+        context::Context,
+        ingress::mutate_ingress,
+        outcome::{Outcome, SkipReason},
+        pod::{PodDecision, decide_pod, mutate_pod},
+    },
+};
+
+/// Serves reviews: pure mutation, then (unless dry run, and when it has a cluster) the side
+/// effects, then the response.
+#[derive(Clone)]
+pub struct Reviewer {
+    pub ctx: Context,
+    pub metrics: Metrics,
+    pub executor: Option<Executor>,
+    /// The live re-check of Pods the caches may have missed (paused after a failure).
+    live: LiveCheck,
+}
+
+/// Time budget for the live check of one Pod.
+pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Reviewer {
+    pub fn new(ctx: Context, metrics: Metrics, executor: Option<Executor>) -> Self {
+        Self {
+            ctx,
+            metrics,
+            executor,
+            live: LiveCheck::default(),
+        }
+    }
+
+    /// The pure part of a review.
+    pub fn mutate(&self, request: &Request) -> Outcome {
+        match request {
+            Request::Pod(r) => mutate_pod(r, &self.ctx),
+            Request::Ingress(r) => mutate_ingress(r, &self.ctx),
+            Request::Other { warning, .. } => Outcome::skip(SkipReason::UnknownKind).warn(warning.clone()),
+        }
+    }
+
+    /// Reviews a body and returns the serialised AdmissionReview response. `Err` means the
+    /// body is not an AdmissionReview ([`crate::Error::InvalidReview`], [`crate::Error::UndecodableReview`],
+    /// [`crate::Error::TooLarge`]).
+    pub async fn review(&self, body: &[u8]) -> Result<Vec<u8>> {
+        let mut timer = self.metrics.timer();
+        let request = parse(body)?;
+        timer.kind = request.kind_label();
+        timer.operation = operation_label(request.operation());
+        // One budget for the review's API calls: the live check, then the side effects.
+        let deadline = self.executor.as_ref().map(|e| Instant::now() + e.budget());
+        let mut outcome = match (&request, &self.executor) {
+            (Request::Pod(pod), Some(exec)) => {
+                let PodDecision { outcome, recheck } = decide_pod(pod, &self.ctx);
+                match recheck {
+                    // The caches may have missed an Ingress: decide again over live objects.
+                    Some(recheck) => {
+                        let budget = exec.budget().min(LIVE_LOOKUP_TIMEOUT);
+                        self.live
+                            .recheck(
+                                pod,
+                                &self.ctx,
+                                exec.client(),
+                                &self.metrics,
+                                recheck,
+                                budget,
+                                outcome,
+                            )
+                            .await
+                    }
+                    None => outcome,
+                }
+            }
+            _ => self.mutate(&request),
+        };
+        let run_effects = !request.dry_run() && !outcome.effects.is_empty();
+        if let Some(exec) = self.executor.as_ref().filter(|_| run_effects) {
+            let left = deadline.map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()));
+            for (effect, err) in exec.apply(&outcome.effects, left).await {
+                tracing::warn!(uid = request.uid(), effect = effect.label(), error = %err, "side effect failed");
+                self.metrics
+                    .side_effect_failures
+                    .with_label_values(&[effect.label(), err.metric_label()])
+                    .inc();
+                outcome.warnings.push(format!(
+                    "sidecert: could not create {} ({err}); admitted anyway, the next admission retries",
+                    effect.describe()
+                ));
+            }
+        }
+        self.count(&request, &outcome);
+        timer.result = if outcome.patch.is_empty() {
+            "unchanged"
+        } else {
+            "mutated"
+        };
+        let body = match &request {
+            Request::Pod(r) => respond(r.as_ref(), outcome),
+            Request::Ingress(r) => respond(r.as_ref(), outcome),
+            Request::Other { request, .. } => respond(request.as_ref(), outcome),
+        };
+        if body.is_err() {
+            timer.result = "error";
+        }
+        body
+    }
+
+    fn count(&self, request: &Request, outcome: &Outcome) {
+        let kind = request.kind_label();
+        if !outcome.patch.is_empty() {
+            self.metrics.injections.with_label_values(&[kind]).inc();
+        }
+        if let Some(reason) = outcome.skipped {
+            self.metrics.skips.with_label_values(&[reason.as_str()]).inc();
+        }
+        if !outcome.warnings.is_empty() {
+            self.metrics
+                .warnings
+                .with_label_values(&[kind])
+                .inc_by(outcome.warnings.len() as u64);
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Carries out the [`Effect`]s of admission against the API server: temporary Secrets,
+//! solver Services, least-privilege RBAC. All are create-if-absent and idempotent; an
+//! existing Secret is never touched.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Secret, Service},
+        rbac::v1::{Role, RoleBinding},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+
+use crate::{
+    error::{Error, Result},
+    mutate::{
+        effect::Effect,
+        lookup::Lookup,
+        objects::{
+            is_managed, merge_role, rbac_name, role, role_binding, solver_repair, solver_service,
+            temporary_secret,
+        },
+    },
+};
+
+/// Carries out [`Effect`]s against the API server.
+#[derive(Clone)]
+pub struct Executor {
+    client: Client,
+    lookup: Arc<dyn Lookup>,
+    timeout: Duration,
+}
+
+pub(crate) fn already_exists(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_already_exists())
+}
+
+pub(crate) fn conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.is_conflict())
+}
+
+impl Executor {
+    pub fn new(client: Client, lookup: Arc<dyn Lookup>, timeout: Duration) -> Self {
+        Self {
+            client,
+            lookup,
+            timeout,
+        }
+    }
+
+    /// The client the executor calls the API server with.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The time budget of one review's API calls.
+    pub fn budget(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Carries out every effect within `budget`; returns the failures (the review still
+    /// succeeds).
+    pub async fn apply(&self, effects: &[Effect], budget: Duration) -> Vec<(Effect, Error)> {
+        let runs = effects.iter().map(|effect| async move {
+            match tokio::time::timeout(budget, self.apply_one(effect)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some((effect.clone(), e)),
+                Err(_) => Some((effect.clone(), Error::Timeout(budget))),
+            }
+        });
+        futures::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Carries out one effect.
+    pub async fn apply_one(&self, effect: &Effect) -> Result<()> {
+        match effect {
+            Effect::TemporarySecret {
+                namespace,
+                name,
+                domains,
+            } => self.ensure_secret(namespace, name, domains).await,
+            Effect::SolverService {
+                namespace,
+                name,
+                backend,
+                owner,
+            } => self.ensure_solver(namespace, name, backend, owner.as_ref()).await,
+            Effect::Rbac {
+                namespace,
+                service_account,
+                secrets,
+                leases,
+            } => {
+                self.ensure_rbac(namespace, service_account, secrets, leases)
+                    .await
+            }
+        }
+    }
+
+    async fn ensure_secret(&self, namespace: &str, name: &str, domains: &[String]) -> Result<()> {
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        // Look first (cheap, and most reviews find it); a create that races another answers
+        // 409 and leaves the existing Secret untouched.
+        if api.get_metadata_opt(name).await?.is_some() {
+            return Ok(());
+        }
+        let secret = temporary_secret(namespace, name, domains)?;
+        match api.create(&PostParams::default(), &secret).await {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, "created temporary Secret");
+                Ok(())
+            }
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ensure_solver(
+        &self,
+        namespace: &str,
+        name: &str,
+        backend: &str,
+        owner: Option<&OwnerReference>,
+    ) -> Result<()> {
+        let api = Api::<Service>::namespaced(self.client.clone(), namespace);
+        if let Some(existing) = api.get_metadata_opt(name).await? {
+            return self.adopt(&api, &existing.metadata, owner).await;
+        }
+        let selector = self.backend_selector(namespace, backend).await?;
+        let svc = solver_service(namespace, name, selector, owner.cloned());
+        match api.create(&PostParams::default(), &svc).await {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, "created solver Service");
+                Ok(())
+            }
+            Err(e) if already_exists(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The backend Service's selector, from the cache or the API server.
+    pub(crate) async fn backend_selector(
+        &self,
+        namespace: &str,
+        backend: &str,
+    ) -> Result<BTreeMap<String, String>> {
+        let backend_svc = match self.lookup.service(namespace, backend) {
+            Some(s) => Some((*s).clone()),
+            None => {
+                Api::<Service>::namespaced(self.client.clone(), namespace)
+                    .get_opt(backend)
+                    .await?
+            }
+        };
+        backend_svc
+            .and_then(|s| s.spec)
+            .and_then(|s| s.selector)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Error::MissingBackend {
+                namespace: namespace.to_owned(),
+                name: backend.to_owned(),
+            })
+    }
+
+    /// The reconciler's version of [`Effect::SolverService`]: creates the solver Service if
+    /// absent; on one sidecert made, adds the owner if missing and puts the backend's selector
+    /// back if it drifted. Returns what it changed (`None`: nothing). A Service of that name
+    /// that sidecert did not make is left alone.
+    pub async fn sync_solver(
+        &self,
+        namespace: &str,
+        name: &str,
+        backend: &str,
+        owner: Option<&OwnerReference>,
+    ) -> Result<Option<&'static str>> {
+        let api = Api::<Service>::namespaced(self.client.clone(), namespace);
+        let selector = self.backend_selector(namespace, backend).await?;
+        let Some(existing) = api.get_opt(name).await? else {
+            let svc = solver_service(namespace, name, selector, owner.cloned());
+            return match api.create(&PostParams::default(), &svc).await {
+                Ok(_) => {
+                    tracing::info!(%namespace, %name, "created solver Service");
+                    Ok(Some("solver_created"))
+                }
+                Err(e) if already_exists(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let Some(patch) = solver_repair(&existing, &selector, owner) else {
+            return Ok(None);
+        };
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(%namespace, %name, "repaired solver Service (selector, publishNotReadyAddresses or owner)");
+        Ok(Some("solver_repaired"))
+    }
+
+    /// Adds the Ingress as owner of a solver Service sidecert created without one.
+    async fn adopt(
+        &self,
+        api: &Api<Service>,
+        meta: &ObjectMeta,
+        owner: Option<&OwnerReference>,
+    ) -> Result<()> {
+        let Some(owner) = owner else { return Ok(()) };
+        let ours = is_managed(meta);
+        let mut owners = meta.owner_references.clone().unwrap_or_default();
+        if !ours || owners.iter().any(|o| o.uid == owner.uid) {
+            return Ok(());
+        }
+        owners.push(owner.clone());
+        let patch = serde_json::json!({
+            "metadata": { "ownerReferences": owners, "resourceVersion": meta.resource_version }
+        });
+        let name = meta.name.as_deref().unwrap_or_default();
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if conflict(&e) => Ok(()), // someone else changed it; the next review heals
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn ensure_rbac(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        secrets: &[String],
+        leases: &[String],
+    ) -> Result<()> {
+        let roles = Api::<Role>::namespaced(self.client.clone(), namespace);
+        let wanted = role(namespace, service_account, secrets, leases);
+        let name = rbac_name(service_account);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let result = match roles.get_opt(&name).await? {
+                None => roles.create(&PostParams::default(), &wanted).await.map(drop),
+                Some(existing) => match merge_role(&existing, &wanted) {
+                    None => Ok(()),
+                    Some(merged) => roles
+                        .replace(&name, &PostParams::default(), &merged)
+                        .await
+                        .map(drop),
+                },
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if (already_exists(&e) || conflict(&e)) && attempts < 5 => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let bindings = Api::<RoleBinding>::namespaced(self.client.clone(), namespace);
+        if bindings.get_metadata_opt(&name).await?.is_none() {
+            match bindings
+                .create(&PostParams::default(), &role_binding(namespace, service_account))
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if already_exists(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

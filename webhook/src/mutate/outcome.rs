@@ -1,0 +1,86 @@
+//! What a decision returns: patch operations, warnings, side effects, or why nothing
+//! changed; and the helpers that build patch operations.
+
+use json_patch::{AddOperation, PatchOperation};
+use jsonptr::{PointerBuf, Token};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::mutate::effect::Effect;
+
+/// Why a review produced no patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Pods are mutated on CREATE only; Ingresses on CREATE and UPDATE.
+    Operation,
+    /// The review carries no object (or a subresource).
+    NoObject,
+    /// `sidecert.io/inject: "false"`.
+    OptedOut,
+    /// `sidecert.io/status: injected` or a `sidecert` container already present.
+    AlreadyInjected,
+    /// Neither an annotated Ingress nor the Pod's own annotations select it.
+    NotSelected,
+    /// The Pod's annotations ask for injection but are invalid.
+    InvalidAnnotations,
+    /// The Ingress is not annotated `sidecert.io/issue-temporary-certificate: "true"`.
+    NotAnnotated,
+    /// Nothing left to change (an Ingress already mutated).
+    Unchanged,
+    /// Not a Pod or an Ingress, or an object that could not be decoded.
+    UnknownKind,
+}
+
+impl SkipReason {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Operation => "operation",
+            Self::NoObject => "no_object",
+            Self::OptedOut => "opted_out",
+            Self::AlreadyInjected => "already_injected",
+            Self::NotSelected => "not_selected",
+            Self::InvalidAnnotations => "invalid_annotations",
+            Self::NotAnnotated => "not_annotated",
+            Self::Unchanged => "unchanged",
+            Self::UnknownKind => "unknown_kind",
+        }
+    }
+}
+
+/// The result of a mutation: patch operations, warnings, side effects to carry out.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub patch: Vec<PatchOperation>,
+    pub warnings: Vec<String>,
+    pub effects: Vec<Effect>,
+    pub skipped: Option<SkipReason>,
+}
+
+impl Outcome {
+    pub(crate) fn skip(reason: SkipReason) -> Self {
+        Self {
+            skipped: Some(reason),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn warn(mut self, warning: impl Into<String>) -> Self {
+        self.warnings.push(warning.into());
+        self
+    }
+}
+
+/// An `add` operation at the pointer made of `tokens`.
+pub(crate) fn add<'t>(tokens: impl IntoIterator<Item: Into<Token<'t>>>, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens),
+        value,
+    })
+}
+
+/// Serialises a Kubernetes type. These types hold only strings, numbers, maps and lists,
+/// which serde_json always serialises.
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or_default()
+}

@@ -1,0 +1,343 @@
+//! What every reconcile shares (client, executor, Event recorder, settings, metrics), the
+//! Events it records, and the two halves of a reconcile: `Reconciler::ensure` for an
+//! annotated Ingress, `Reconciler::remove` for one that lost the annotation.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, ObjectReference, Service},
+    networking::v1::Ingress,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+    },
+};
+use serde_json::json;
+use sidecert_contract::{
+    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, NEVER_MUTATED_NAMESPACES, annotations,
+};
+
+use crate::{
+    error::Result,
+    kube::executor::Executor,
+    metrics::Metrics,
+    mutate::{
+        effect::Effect,
+        ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
+        lookup::Lookup,
+    },
+    reconciler::{
+        plan::{Removal, guarded, restart_key, solver_removal},
+        settings::{CONTROLLER_NAME, Settings},
+    },
+};
+
+/// What every reconcile shares.
+pub struct Reconciler {
+    pub(super) client: Client,
+    pub(super) executor: Executor,
+    pub(super) namespaces: Store<Namespace>,
+    recorder: Recorder,
+    pub(super) settings: Settings,
+    pub(super) metrics: Metrics,
+    /// Consecutive failures per Ingress (`ns/name`), for the backoff.
+    pub(super) failures: Mutex<HashMap<String, u32>>,
+    /// The last warning Event per Ingress uid, so a standing problem is reported once.
+    reported: Mutex<HashMap<String, String>>,
+}
+
+impl Reconciler {
+    pub fn new(
+        client: Client,
+        lookup: Arc<dyn Lookup>,
+        namespaces: Store<Namespace>,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.to_owned(),
+                instance: Some(settings.identity.clone()),
+            },
+        );
+        Self {
+            executor: Executor::new(client.clone(), lookup, Duration::from_secs(10)),
+            client,
+            namespaces,
+            recorder,
+            settings,
+            metrics,
+            failures: Mutex::default(),
+            reported: Mutex::default(),
+        }
+    }
+
+    pub(super) fn namespace_enabled(&self, ns: &str) -> bool {
+        ns != self.settings.own_namespace
+            && !NEVER_MUTATED_NAMESPACES.contains(&ns)
+            && self.namespaces.get(&ObjectRef::new(ns)).is_some()
+    }
+
+    pub(super) fn action(&self, action: &str) {
+        self.metrics.reconciler_actions.with_label_values(&[action]).inc();
+    }
+
+    pub(super) async fn event(
+        &self,
+        ingress: &Ingress,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        secondary: Option<ObjectReference>,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &ingress.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot record an Event");
+        }
+    }
+
+    /// A warning Event, unless the same one was the last for this Ingress.
+    pub(super) async fn warn_once(&self, ingress: &Ingress, reason: &str, note: String) {
+        let uid = ingress.uid().unwrap_or_default();
+        let fresh = {
+            let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
+            reported.insert(uid, note.clone()).as_ref() != Some(&note)
+        };
+        if fresh {
+            self.event(ingress, EventType::Warning, reason, "Check", note, None)
+                .await;
+        }
+    }
+
+    /// Brings an annotated Ingress's world in line.
+    pub(super) async fn ensure(&self, ingress: &Ingress, ns: &str) -> Result<()> {
+        let name = ingress.name_any();
+        let plan = plan(ingress);
+        let mut generation_source = ingress.clone();
+        let patch = route_patch(&plan);
+        if !patch.is_empty() {
+            let api = Api::<Ingress>::namespaced(self.client.clone(), ns);
+            let hosts: Vec<&str> = plan
+                .routes
+                .iter()
+                .filter(|r| !r.routed)
+                .map(|r| r.host.as_str())
+                .collect();
+            generation_source = api
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
+                )
+                .await?;
+            self.action("route_added");
+            tracing::info!(namespace = ns, ingress = %name, "added the HTTP-01 path");
+            self.event(
+                ingress,
+                EventType::Normal,
+                "ChallengeRouteAdded",
+                "Reconcile",
+                format!(
+                    "added the HTTP-01 path {ACME_CHALLENGE_PATH} for {} (the admission webhook had not \
+                     mutated this Ingress)",
+                    hosts.join(", ")
+                ),
+                None,
+            )
+            .await;
+        }
+
+        let mut first_error = None;
+        for effect in effects(ingress, ns, &plan) {
+            let result = match &effect {
+                Effect::SolverService {
+                    namespace,
+                    name,
+                    backend,
+                    owner,
+                } => self
+                    .executor
+                    .sync_solver(namespace, name, backend, owner.as_ref())
+                    .await
+                    .map(|done| {
+                        if let Some(action) = done {
+                            self.action(action);
+                        }
+                    }),
+                other => self.executor.apply_one(other).await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(namespace = ns, ingress = %name, effect = effect.describe(), error = %e, "reconcile");
+                first_error.get_or_insert(e);
+            }
+        }
+
+        let backends: BTreeSet<&str> = plan.routes.iter().map(|r| r.backend.as_str()).collect();
+        let mut selectors = Vec::new();
+        for backend in backends {
+            match self.executor.backend_selector(ns, backend).await {
+                Ok(s) => selectors.push(s),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.roll(ingress, ns, &selectors, &restart_key(&generation_source))
+            .await?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Takes sidecert's additions off an Ingress that lost the annotation. Secrets stay.
+    pub(super) async fn remove(&self, ingress: &Ingress, ns: &str) -> Result<()> {
+        let name = ingress.name_any();
+        let routed = routed_solvers(ingress);
+        let patch = route_removal_patch(ingress);
+        if !patch.is_empty() {
+            Api::<Ingress>::namespaced(self.client.clone(), ns)
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
+                )
+                .await?;
+            self.action("route_removed");
+            tracing::info!(namespace = ns, ingress = %name, "removed the HTTP-01 path");
+            self.event(
+                ingress,
+                EventType::Normal,
+                "ChallengeRouteRemoved",
+                "Reconcile",
+                format!(
+                    "removed the HTTP-01 path {ACME_CHALLENGE_PATH}: the Ingress is no longer annotated {}; \
+                     its Secrets are left alone",
+                    annotations::ISSUE_TEMPORARY_CERTIFICATE
+                ),
+                None,
+            )
+            .await;
+        }
+        remove_solvers(&self.client, ns, ingress.uid().as_deref(), &routed)
+            .await?
+            .into_iter()
+            .for_each(|svc| {
+                self.action("solver_deleted");
+                tracing::info!(namespace = ns, ingress = %name, service = svc, "deleted solver Service");
+            });
+        Ok(())
+    }
+}
+
+/// Deletes (or disowns) the solver Services of an Ingress that lost the annotation; returns
+/// the names deleted.
+pub async fn remove_solvers(
+    client: &Client,
+    ns: &str,
+    ingress_uid: Option<&str>,
+    routed: &[String],
+) -> Result<Vec<String>> {
+    let api = Api::<Service>::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let mut deleted = Vec::new();
+    for svc in api.list(&lp).await?.items {
+        let name = svc.name_any();
+        match solver_removal(&svc, ingress_uid, routed) {
+            Removal::Keep => {}
+            Removal::Delete => {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: svc.uid(),
+                        resource_version: svc.resource_version(),
+                    }),
+                    ..DeleteParams::default()
+                };
+                match api.delete(&name, &dp).await {
+                    Ok(_) => deleted.push(name),
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Removal::Disown(owners) => {
+                let patch = json!({"metadata": {
+                    "ownerReferences": owners,
+                    "resourceVersion": svc.resource_version(),
+                }});
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await?;
+            }
+        }
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use http::{Method, StatusCode};
+    use serde_json::json;
+
+    use super::*;
+    use crate::testing::{client, next, owner, solver};
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn removal_deletes_owned_solvers_and_disowns_shared_ones() {
+        let (client, mut handle) = client();
+        let task = tokio::spawn(async move {
+            remove_solvers(&client, "shop", Some("u-1"), &["web-sidecert-solver".to_owned()]).await
+        });
+        let mut shared = serde_json::to_value(solver(json!([owner("u-1"), owner("u-2")]), true)).unwrap();
+        shared["metadata"]["name"] = "api-sidecert-solver".into();
+        let list = json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {},
+            "items": [serde_json::to_value(solver(json!([owner("u-1")]), true)).unwrap(), shared]});
+        let q = next(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/services",
+            StatusCode::OK,
+            list,
+        )
+        .await;
+        assert!(
+            q["query"]
+                .as_str()
+                .unwrap()
+                .contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dsidecert"),
+            "{q}"
+        );
+        let body = next(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/shop/services/web-sidecert-solver",
+            StatusCode::OK,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+        )
+        .await;
+        assert_eq!(body["preconditions"]["uid"], "s-1");
+        let body = next(
+            &mut handle,
+            Method::PATCH,
+            "/api/v1/namespaces/shop/services/api-sidecert-solver",
+            StatusCode::OK,
+            serde_json::to_value(solver(json!([owner("u-2")]), true)).unwrap(),
+        )
+        .await;
+        assert_eq!(body["metadata"]["ownerReferences"], json!([owner("u-2")]));
+        assert_eq!(body["metadata"]["resourceVersion"], "9");
+        assert_eq!(task.await.unwrap().unwrap(), ["web-sidecert-solver"]);
+    }
+}

@@ -1,0 +1,136 @@
+//! The controller wiring: the Ingress controller, the Namespace and Service watches that
+//! requeue Ingresses, one reconcile, and the retry policy.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    networking::v1::Ingress,
+};
+use kube::{
+    Api, ResourceExt,
+    runtime::{
+        controller::{Action, Controller},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use sidecert_runtime::Backoff;
+
+use crate::{
+    error::{Error, Result},
+    mutate::ingress::is_annotated,
+    reconciler::{context::Reconciler, plan::ingresses_for_service},
+};
+
+/// The requeue after failed reconciles of one Ingress: 2 s, 4 s, 8 s ... up to 5 minutes.
+pub const RETRY: Backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(300));
+
+async fn reconcile(ingress: Arc<Ingress>, ctx: Arc<Reconciler>) -> Result<Action> {
+    let ns = ingress.namespace().unwrap_or_default();
+    if !ctx.namespace_enabled(&ns) {
+        return Ok(Action::await_change());
+    }
+    let key = format!("{ns}/{}", ingress.name_any());
+    // The cached Ingress can lag behind (a Service event may come first): act on the current
+    // one, so a stale view never removes what a fresh annotation just asked for.
+    let fresh = Api::<Ingress>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&ingress.name_any())
+        .await;
+    let ingress = match fresh {
+        Ok(Some(i)) => Arc::new(i),
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => {
+            let e = Error::from(e);
+            ctx.metrics
+                .reconciles
+                .with_label_values(&[e.metric_label()])
+                .inc();
+            return Err(e);
+        }
+    };
+    let result = if is_annotated(&ingress) {
+        ctx.ensure(&ingress, &ns)
+            .await
+            .map(|()| Action::requeue(ctx.settings.interval))
+    } else {
+        ctx.remove(&ingress, &ns).await.map(|()| Action::await_change())
+    };
+    let label = match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            "ok"
+        }
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.reconciles.with_label_values(&[label]).inc();
+    result
+}
+
+fn error_policy(ingress: Arc<Ingress>, error: &Error, ctx: Arc<Reconciler>) -> Action {
+    let key = format!(
+        "{}/{}",
+        ingress.namespace().unwrap_or_default(),
+        ingress.name_any()
+    );
+    let n = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let wait = RETRY.delay(n);
+    tracing::warn!(ingress = key, error = %error, retry_in = ?wait, "reconcile failed");
+    Action::requeue(wait)
+}
+
+/// Runs the controller until `stop` resolves (then lets running reconciles finish).
+pub async fn run_controller(ctx: Arc<Reconciler>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let controller = Controller::new(Api::<Ingress>::all(client.clone()), watcher::Config::default());
+    let by_namespace = controller.store();
+    let by_service = controller.store();
+    controller
+        .watches(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default().labels(&ctx.settings.namespace_selector),
+            move |ns| {
+                let name = ns.name_any();
+                by_namespace
+                    .state()
+                    .into_iter()
+                    .filter(|i| i.metadata.namespace.as_deref() == Some(name.as_str()))
+                    .map(|i| ObjectRef::from_obj(i.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<Service>::all(client),
+            watcher::Config::default(),
+            move |svc| ingresses_for_service(&by_service.state(), &svc),
+        )
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "reconciler");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(RETRY.delay(1), Duration::from_secs(2));
+        assert_eq!(RETRY.delay(3), Duration::from_secs(8));
+        assert_eq!(RETRY.delay(40), Duration::from_secs(300));
+    }
+}

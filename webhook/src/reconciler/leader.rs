@@ -1,0 +1,179 @@
+//! The leader election: one replica reconciles, the holder of a Lease
+//! ([`sidecert_runtime::Election`]); it runs the controller while it leads, and stops
+//! reconciling and gives the Lease up on shutdown.
+
+use std::{
+    hash::{BuildHasher, Hasher},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+use sidecert_runtime::{Backoff, Election, LeaseSpec};
+use tokio::sync::{oneshot, watch};
+
+use crate::{
+    metrics::Metrics,
+    mutate::lookup::Lookup,
+    reconciler::{
+        context::Reconciler,
+        controller::run_controller,
+        settings::{CONTROLLER_NAME, Settings},
+    },
+};
+
+/// The wait before joining the election again: 1 s, 2 s, ... up to 30 s.
+pub const REJOIN: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+
+/// The Lease the replicas elect a leader on.
+#[derive(Debug, Clone)]
+pub struct LeaderSettings {
+    pub namespace: String,
+    pub lease_name: String,
+    pub duration: Duration,
+}
+
+/// `POD_NAME` or `HOSTNAME` (else `sidecert-webhook`) plus a random suffix: unique even for
+/// two replicas in one process, and a restarted Pod never mistakes an old lock for its own.
+pub fn default_identity() -> String {
+    let base = ["POD_NAME", "HOSTNAME"]
+        .into_iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .map(|v| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+        .unwrap_or_else(|| CONTROLLER_NAME.to_owned());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("{base}-{:06x}", h.finish() & 0xff_ffff)
+}
+
+/// A reflector store of the labelled namespaces, kept current until the task is aborted.
+fn namespace_store(client: Client, selector: &str) -> (Store<Namespace>, tokio::task::JoinHandle<()>) {
+    let (reader, writer) = reflector::store();
+    let watch = reflector::reflector(
+        writer,
+        watcher(
+            Api::<Namespace>::all(client),
+            watcher::Config::default().labels(selector),
+        ),
+    )
+    .default_backoff()
+    .for_each(|e| async move {
+        if let Err(e) = e {
+            tracing::warn!(error = %e, "Namespace watch");
+        }
+    });
+    (reader, tokio::spawn(watch))
+}
+
+/// Elects a leader on the Lease and runs the reconciler while this replica leads, until
+/// `shutdown` turns true; then stops reconciling and gives the Lease up.
+pub async fn run(
+    client: Client,
+    lookup: Arc<dyn Lookup>,
+    settings: Settings,
+    leader: LeaderSettings,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failures: u32 = 0;
+    'elect: loop {
+        let spec = LeaseSpec {
+            namespace: &leader.namespace,
+            name: &leader.lease_name,
+            identity: &settings.identity,
+            field_manager: format!("{CONTROLLER_NAME}-{}", settings.identity),
+            duration: leader.duration,
+            min: Duration::from_secs(2),
+            min_grace: Duration::from_secs(1),
+        };
+        let mut election = match Election::join(client.clone(), spec).await {
+            Ok(e) => e,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = REJOIN.delay(failures);
+                tracing::warn!(error = %e, lease = leader.lease_name, retry_in = ?wait, "cannot join the leader election");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        let is_leader = &mut election.leader;
+        tracing::info!(
+            identity = settings.identity,
+            lease = leader.lease_name,
+            "joined the leader election"
+        );
+        let stopping = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break true,
+                r = is_leader.wait_for(|l| *l) => if r.is_err() { break false },
+            }
+            tracing::info!(
+                identity = settings.identity,
+                "leader: starting the Ingress reconciler"
+            );
+            metrics.leader.set(1);
+            let (namespaces, ns_watch) = namespace_store(client.clone(), &settings.namespace_selector);
+            let ready = tokio::select! {
+                r = namespaces.wait_until_ready() => r.is_ok(),
+                _ = shutdown.wait_for(|s| *s) => false,
+            };
+            let ctx = Arc::new(Reconciler::new(
+                client.clone(),
+                lookup.clone(),
+                namespaces,
+                settings.clone(),
+                metrics.clone(),
+            ));
+            let (stop_tx, stop_rx) = oneshot::channel::<()>();
+            let controller = run_controller(ctx, stop_rx.map(drop));
+            tokio::pin!(controller);
+            let outcome = if ready {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => Some(true),
+                    r = is_leader.wait_for(|l| !*l) => Some(r.is_err()),
+                    () = &mut controller => None,
+                }
+            } else {
+                Some(true)
+            };
+            let _ = stop_tx.send(());
+            if outcome.is_some()
+                && tokio::time::timeout(Duration::from_secs(5), &mut controller)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("reconciles still running after 5 s; leaving them");
+            }
+            ns_watch.abort();
+            metrics.leader.set(0);
+            match outcome {
+                Some(true) => break *shutdown.borrow(),
+                Some(false) => tracing::info!("lost the lead: reconciler stopped"),
+                None => tracing::warn!("the reconciler ended; restarting it"),
+            }
+        };
+        election.release().await;
+        if stopping || *shutdown.borrow() {
+            break 'elect;
+        }
+        let wait = REJOIN.delay(failures);
+        tracing::warn!(retry_in = ?wait, "leader election ended; joining again");
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,32 @@
+//! The Ingress reconciler: keeps the cluster in line with the annotated Ingresses of the
+//! labelled namespaces, for what admission alone cannot guarantee (an Ingress admitted while
+//! the webhook was down with `failurePolicy: Ignore`, Pods that ran before the annotation, a
+//! deleted solver Service, an annotation taken off).
+//!
+//! For an annotated Ingress:
+//! - the HTTP-01 path is on every TLS host's rule ([`crate::mutate::ingress::route_patch`]);
+//! - the temporary Secrets exist where no Secret does (an existing Secret is never touched);
+//! - the solver Services exist, are owned by the Ingress and carry their backend's selector;
+//! - Pods behind its backends that lack the sidecar get their workload restarted once per
+//!   Ingress generation (like `kubectl rollout restart`), with an Event on the Ingress; Pods
+//!   without a restartable owner are named in an Event, never deleted.
+//!
+//! For an Ingress without the annotation: the HTTP-01 paths and sidecert's solver Services go;
+//! Secrets stay.
+//!
+//! One replica reconciles: the holder of a Lease ([`run`]); every replica serves admission.
+
+pub mod context;
+pub mod controller;
+pub mod leader;
+pub mod plan;
+pub mod settings;
+pub mod workload;
+
+pub use context::{Reconciler, remove_solvers};
+pub use controller::run_controller;
+pub use leader::{LeaderSettings, default_identity, run};
+pub use plan::RESTARTED_AT;
+pub use settings::{CONTROLLER_NAME, Settings};
+pub use sidecert_contract::annotations::RESTARTED_FOR;
+pub use workload::restart_workload;
