@@ -1210,77 +1210,110 @@ async fn s5_dry_run(ctx: Ctx) -> Result<()> {
 /// impersonating the ServiceAccount with server-side dry runs: nothing is created.
 async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
     ctx.clone()
-        .in_namespaces(&[("e2e-s9", true), ("e2e-s9-off", false)], |namespaces| async move {
-            let (on, off) = (namespaces[0].name(), namespaces[1].name());
-            let as_webhook = format!(
-                "--as=system:serviceaccount:{}:{}",
-                ctx.release_ns,
-                ctx.webhook_deployment()
-            );
-            let refused = "sidecert's webhook may write";
-            let attempt = |ns: String, args: Vec<String>| {
-                let ctx = ctx.clone();
-                let as_webhook = as_webhook.clone();
-                async move {
-                    let mut all = vec![as_webhook, "-n".to_owned(), ns];
-                    all.extend(args);
-                    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-                    ctx.kubectl(&all, None).await
-                }
-            };
-            let secret = |name: &str| {
-                ["create", "secret", "generic", name, "--from-literal=k=v", "--dry-run=server"].map(str::to_owned).to_vec()
-            };
-            let role = ["create", "role", "s9-probe", "--verb=get", "--resource=secrets", "--dry-run=server"]
+        .in_namespaces(
+            &[("e2e-s9", true), ("e2e-s9-off", false)],
+            |namespaces| async move {
+                let (on, off) = (namespaces[0].name(), namespaces[1].name());
+                let as_webhook = format!(
+                    "--as=system:serviceaccount:{}:{}",
+                    ctx.release_ns,
+                    ctx.webhook_deployment()
+                );
+                let refused = "sidecert's webhook may write";
+                let attempt = |ns: String, args: Vec<String>| {
+                    let ctx = ctx.clone();
+                    let as_webhook = as_webhook.clone();
+                    async move {
+                        let mut all = vec![as_webhook, "-n".to_owned(), ns];
+                        all.extend(args);
+                        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+                        ctx.kubectl(&all, None).await
+                    }
+                };
+                let secret = |name: &str| {
+                    [
+                        "create",
+                        "secret",
+                        "generic",
+                        name,
+                        "--from-literal=k=v",
+                        "--dry-run=server",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
+                };
+                let role = [
+                    "create",
+                    "role",
+                    "s9-probe",
+                    "--verb=get",
+                    "--resource=secrets",
+                    "--dry-run=server",
+                ]
                 .map(str::to_owned)
                 .to_vec();
 
-            // Allowed where the namespace opted in: RBAC and the policy both let it through.
-            let out = attempt(on.to_owned(), secret("s9-probe")).await?;
-            ensure!(out.success, "a labelled namespace: {}", out.describe());
-            let out = attempt(on.to_owned(), role.clone()).await?;
-            ensure!(out.success, "a Role in a labelled namespace: {}", out.describe());
+                // Allowed where the namespace opted in: RBAC and the policy both let it through.
+                let out = attempt(on.to_owned(), secret("s9-probe")).await?;
+                ensure!(out.success, "a labelled namespace: {}", out.describe());
+                let out = attempt(on.to_owned(), role.clone()).await?;
+                ensure!(out.success, "a Role in a labelled namespace: {}", out.describe());
 
-            // Refused by the API server elsewhere, with the policy's message.
-            for (ns, args, what) in [
-                ("kube-system".to_owned(), secret("s9-probe"), "a Secret in kube-system"),
-                ("kube-system".to_owned(), role.clone(), "a Role in kube-system"),
-                (off.to_owned(), secret("s9-probe"), "a Secret in an unlabelled namespace"),
-                (ctx.release_ns.clone(), secret("s9-probe"), "a Secret of another name in the release namespace"),
-            ] {
-                let out = attempt(ns, args).await?;
-                ensure!(
-                    !out.success && out.stderr.contains(refused),
-                    "{what}: expected the namespace guard to refuse it: {}",
-                    out.describe()
-                );
-            }
+                // Refused by the API server elsewhere, with the policy's message.
+                for (ns, args, what) in [
+                    (
+                        "kube-system".to_owned(),
+                        secret("s9-probe"),
+                        "a Secret in kube-system",
+                    ),
+                    ("kube-system".to_owned(), role.clone(), "a Role in kube-system"),
+                    (
+                        off.to_owned(),
+                        secret("s9-probe"),
+                        "a Secret in an unlabelled namespace",
+                    ),
+                    (
+                        ctx.release_ns.clone(),
+                        secret("s9-probe"),
+                        "a Secret of another name in the release namespace",
+                    ),
+                ] {
+                    let out = attempt(ns, args).await?;
+                    ensure!(
+                        !out.success && out.stderr.contains(refused),
+                        "{what}: expected the namespace guard to refuse it: {}",
+                        out.describe()
+                    );
+                }
 
-            // A namespace that lost its label: sidecert may still delete what it made there,
-            // and nothing else.
-            for (name, managed) in [("s9-mine", true), ("s9-theirs", false)] {
-                let labels = if managed {
-                    json!({"app.kubernetes.io/managed-by": "sidecert"})
-                } else {
-                    json!({})
-                };
-                let svc = json!({
-                    "apiVersion": "v1", "kind": "Service",
-                    "metadata": {"name": name, "labels": labels},
-                    "spec": {"ports": [{"port": 80}]}
-                });
-                ctx.kubectl_ok(&["-n", off, "apply", "-f", "-"], Some(&svc.to_string()))
-                    .await?;
-                let args = ["delete", "service", name, "--dry-run=server"].map(str::to_owned).to_vec();
-                let out = attempt(off.to_owned(), args).await?;
-                ensure!(
-                    out.success == managed,
-                    "deleting {name} (managed-by sidecert: {managed}) in an unlabelled namespace: {}",
-                    out.describe()
-                );
-            }
-            Ok(())
-        })
+                // A namespace that lost its label: sidecert may still delete what it made there,
+                // and nothing else.
+                for (name, managed) in [("s9-mine", true), ("s9-theirs", false)] {
+                    let labels = if managed {
+                        json!({"app.kubernetes.io/managed-by": "sidecert"})
+                    } else {
+                        json!({})
+                    };
+                    let svc = json!({
+                        "apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": name, "labels": labels},
+                        "spec": {"ports": [{"port": 80}]}
+                    });
+                    ctx.kubectl_ok(&["-n", off, "apply", "-f", "-"], Some(&svc.to_string()))
+                        .await?;
+                    let args = ["delete", "service", name, "--dry-run=server"]
+                        .map(str::to_owned)
+                        .to_vec();
+                    let out = attempt(off.to_owned(), args).await?;
+                    ensure!(
+                        out.success == managed,
+                        "deleting {name} (managed-by sidecert: {managed}) in an unlabelled namespace: {}",
+                        out.describe()
+                    );
+                }
+                Ok(())
+            },
+        )
         .await
 }
 
