@@ -135,7 +135,8 @@ impl CertInfo {
 
 /// The certificates of a PEM bundle, in order.
 pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
-    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
+    use rustls::pki_types::pem::PemObject;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| Error::certificate_from("PEM", e))?;
     if certs.is_empty() {
@@ -149,11 +150,11 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
 /// private key. A PKCS#1 or SEC1 key (another tool's format; the sidecar writes PKCS#8) is
 /// not compared and counts as matching.
 pub fn key_matches(info: &CertInfo, key_pem: &str) -> bool {
-    use rustls::pki_types::PrivateKeyDer;
-    let der = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
-        Ok(Some(PrivateKeyDer::Pkcs8(der))) => der,
-        Ok(Some(_)) => return true,
-        _ => return false,
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    let der = match PrivateKeyDer::from_pem_slice(key_pem.as_bytes()) {
+        Ok(PrivateKeyDer::Pkcs8(der)) => der,
+        Ok(_) => return true,
+        Err(_) => return false,
     };
     KeyPair::try_from(&der).is_ok_and(|key| info.public_key == key.public_key_raw())
 }
