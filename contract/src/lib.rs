@@ -390,6 +390,24 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
     })
 }
 
+/// A generated object name of at most `max` bytes (for `max` of 10 or more), whatever
+/// `name` holds: `name` itself when it fits, else its longest prefix that ends on a character boundary and fits beside a `-`
+/// and eight hex digits of a hash of the whole name (trailing `-` and `.` dropped), so two
+/// long names that share a prefix still get two names. Never panics, even when byte `max`
+/// falls inside a multi-byte character.
+pub fn bounded_name(name: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_owned();
+    }
+    let hash = format!("{:08x}", fnv1a64(name.as_bytes()) & 0xffff_ffff);
+    let mut cut = max.saturating_sub(hash.len() + 1).min(name.len());
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let prefix = name.get(..cut).unwrap_or_default().trim_end_matches(['-', '.']);
+    format!("{prefix}-{hash}")
+}
+
 fn truncate_name(mut s: String) -> String {
     if s.len() > 253 {
         s.truncate(253);
@@ -548,6 +566,28 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn bounded_names_fit_and_never_collide_or_panic() {
+        assert_eq!(bounded_name("web-sidecert-solver", 63), "web-sidecert-solver");
+        let long_a = format!("{}-a-sidecert-solver", "x".repeat(60));
+        let long_b = format!("{}-b-sidecert-solver", "x".repeat(60));
+        let (a, b) = (bounded_name(&long_a, 63), bounded_name(&long_b, 63));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b, "same 54-byte prefix, different names");
+        assert!(validate_service_name(&a).is_ok(), "{a}");
+        // Byte 54 (and 63) inside a two-byte character: cut before it, no panic.
+        for pad in 50..70 {
+            let name = format!("{}{}", "a".repeat(pad), "é".repeat(20));
+            let got = bounded_name(&name, 63);
+            assert!(got.len() <= 63, "{got}");
+            assert!(got.ends_with(&format!("{:08x}", fnv1a64(name.as_bytes()) & 0xffff_ffff)));
+        }
+        // A prefix of dashes and dots leaves no trailing separator before the hash.
+        let got = bounded_name(&format!("a{}", "-.".repeat(200)), 63);
+        assert!(got.starts_with("a-") && got.len() == 10, "{got}");
+        assert!(bounded_name("ééééé", 3).len() <= 9);
+    }
 
     /// The env the webhook would inject for `cfg`, by name.
     fn env_map(cfg: &SidecarConfig) -> HashMap<String, String> {

@@ -14,7 +14,10 @@ use kube::{
     Resource,
     core::admission::{AdmissionRequest, Operation},
 };
-use sidecert_contract::{ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, validate_domain};
+use sidecert_contract::{
+    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, validate_domain,
+    validate_secret_name, validate_service_name,
+};
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
@@ -36,16 +39,11 @@ pub fn is_annotated(ingress: &Ingress) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
-/// The solver Service for a backend Service (a DNS-1035 label, at most 63 characters).
+/// The solver Service for a backend Service: at most 63 characters, with a hash of the whole
+/// name in place of the end when `<backend>-sidecert-solver` is longer (so two long backends
+/// never share a solver), whatever the backend's name holds.
 pub fn solver_service_name(backend: &str) -> String {
-    let mut name = format!("{backend}{SOLVER_SERVICE_SUFFIX}");
-    if name.len() > 63 {
-        name.truncate(63);
-        while name.ends_with('-') {
-            name.pop();
-        }
-    }
-    name
+    bounded_name(&format!("{backend}{SOLVER_SERVICE_SUFFIX}"), 63)
 }
 
 /// One TLS Secret of an Ingress and the HTTP-01-capable hosts it covers.
@@ -110,6 +108,13 @@ pub fn plan(ingress: &Ingress) -> Plan {
             ));
             continue;
         };
+        if let Err(e) = validate_secret_name(secret) {
+            plan.warnings.push(format!(
+                "sidecert: spec.tls[{i}] ({}): {e}; no certificate is issued for it",
+                hosts.join(", ")
+            ));
+            continue;
+        }
         let mut domains = Vec::new();
         for host in hosts {
             let host = host.trim().to_ascii_lowercase();
@@ -174,6 +179,13 @@ pub fn plan(ingress: &Ingress) -> Plan {
             ));
             continue;
         };
+        if validate_service_name(backend).is_err() {
+            plan.warnings.push(format!(
+                "sidecert: rule for {host}: backend Service {backend:?} is not a valid Service name \
+                 (DNS-1035 label); its HTTP-01 challenge cannot be routed"
+            ));
+            continue;
+        }
         let solver = solver_service_name(backend);
         let routed = http.paths.iter().any(|p| {
             p.path.as_deref() == Some(ACME_CHALLENGE_PATH)
@@ -361,4 +373,68 @@ pub fn owner_reference(ingress: &Ingress) -> Option<OwnerReference> {
         controller: Some(false),
         block_owner_deletion: Some(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::{mutate::objects::rbac_name, testing::ingress};
+
+    #[test]
+    fn generated_names_fit_whatever_the_input() {
+        assert_eq!(solver_service_name("web"), "web-sidecert-solver");
+        // Mutating admission runs before the API server validates the Ingress: a backend
+        // whose name puts a multi-byte character across byte 63 (or the hash's cut) made
+        // String::truncate panic, which aborted the webhook.
+        for backend in [
+            format!("{}é", "a".repeat(62)),
+            format!("{}é", "a".repeat(53)),
+            format!("{}é", "a".repeat(47)),
+            "é".repeat(100),
+            "x".repeat(300),
+        ] {
+            let name = solver_service_name(&backend);
+            assert!(name.len() <= 63, "{name}");
+        }
+        let (one, two) = (
+            solver_service_name(&format!("{}-one", "b".repeat(60))),
+            solver_service_name(&format!("{}-two", "b".repeat(60))),
+        );
+        assert_ne!(one, two, "two long backends never share a solver Service");
+        assert!(validate_service_name(&one).is_ok(), "{one}");
+        for sa in [format!("{}é", "s".repeat(243)), "é".repeat(200)] {
+            assert!(rbac_name(&sa).len() <= 253);
+        }
+        assert_eq!(rbac_name("default"), "sidecert-default");
+    }
+
+    #[test]
+    fn invalid_backend_or_secret_names_are_warned_about_and_get_no_route() {
+        let mut bad_backend = ingress(true, false);
+        let spec = bad_backend.spec.as_mut().unwrap();
+        let path = &mut spec.rules.as_mut().unwrap()[0].http.as_mut().unwrap().paths[0];
+        path.backend.service.as_mut().unwrap().name = format!("Wéb{}", "a".repeat(70));
+        let p = plan(&bad_backend);
+        assert!(p.routes.is_empty(), "{p:?}");
+        assert!(
+            p.warnings.iter().any(|w| w.contains("not a valid Service name")),
+            "{:?}",
+            p.warnings
+        );
+
+        let mut bad_secret = ingress(true, false);
+        bad_secret.spec.as_mut().unwrap().tls.as_mut().unwrap()[0].secret_name = Some("Web_TLS".into());
+        let p = plan(&bad_secret);
+        assert!(p.secrets.is_empty() && p.routes.is_empty(), "{p:?}");
+        assert!(
+            p.warnings.iter().any(|w| w.contains("invalid Secret name")),
+            "{:?}",
+            p.warnings
+        );
+
+        let good = plan(&ingress(true, false));
+        assert_eq!(good.routes.len(), 1);
+        assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+    }
 }

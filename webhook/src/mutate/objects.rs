@@ -16,7 +16,7 @@ use k8s_openapi::{
     },
 };
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
-use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations};
+use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations, bounded_name};
 
 use crate::error::Result;
 
@@ -161,9 +161,7 @@ pub fn solver_repair(
 
 /// Name of the Role and RoleBinding for a ServiceAccount.
 pub fn rbac_name(service_account: &str) -> String {
-    let mut name = format!("sidecert-{service_account}");
-    name.truncate(253);
-    name
+    bounded_name(&format!("sidecert-{service_account}"), 253)
 }
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: Option<&[String]>) -> PolicyRule {
