@@ -187,9 +187,10 @@ pub struct ReconcilerArgs {
     /// Identity on the Lease (default: `POD_NAME` or the host name, plus a random suffix).
     #[arg(long, env = "SIDECERT_WEBHOOK_LEADER_IDENTITY")]
     pub leader_identity: Option<String>,
-    /// Label selector of the namespaces reconciled (keep it in step with the
-    /// MutatingWebhookConfiguration's namespaceSelector). kube-system, kube-public,
-    /// kube-node-lease and the release namespace are never reconciled.
+    /// Label selector of the namespaces sidecert serves, in admission and in the reconciler
+    /// (keep it in step with the MutatingWebhookConfiguration's namespaceSelector): a review
+    /// for any other namespace changes nothing, whatever it says. kube-system, kube-public,
+    /// kube-node-lease and the release namespace are never served.
     #[arg(
         long,
         env = "SIDECERT_WEBHOOK_RECONCILE_NAMESPACE_SELECTOR",

@@ -16,6 +16,7 @@ use crate::{
         cache::Cache,
         client::{client, native_sidecars},
         executor::Executor,
+        namespaces::NamespaceGate,
     },
     metrics::Metrics,
     mutate::{
@@ -97,6 +98,13 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
     };
     let metrics = Metrics::new()?;
     let executor = Executor::new(client.clone(), lookup.clone(), args.side_effect_timeout);
+    // The release namespace is never served; unknown (certificate files, outside a Pod, no
+    // --namespace) leaves only the system namespaces and the opt-in label.
+    let namespaces = NamespaceGate::start(
+        client.clone(),
+        &args.reconciler.reconcile_namespace_selector,
+        &release_namespace(&args).unwrap_or_default(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reconciler = if args.reconciler.enabled {
         let namespace = release_namespace(&args)?;
@@ -134,10 +142,11 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
     let ready = Readiness::new(false, matches!(serving, Serving::Files(..)));
     {
         let ready = ready.clone();
+        let gate = namespaces.clone();
         tokio::spawn(async move {
-            if cache.wait_until_ready().await {
+            if cache.wait_until_ready().await && gate.wait_until_ready().await {
                 ready.set_caches(true);
-                tracing::info!("Ingress and Service caches ready");
+                tracing::info!("Ingress, Service and Namespace caches ready");
             }
         });
     }
@@ -179,7 +188,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
     };
 
     let state = web::Data::new(AppState {
-        reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)),
+        reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
         ready: ready.clone(),
     });
     let shutdown_secs = args.shutdown_timeout.as_secs().max(1);

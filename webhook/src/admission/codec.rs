@@ -101,6 +101,16 @@ impl Request {
             Self::Other { request, .. } => &request.uid,
         }
     }
+
+    /// The request's namespace (empty for a cluster-scoped object).
+    pub fn namespace(&self) -> &str {
+        let ns = match self {
+            Self::Pod(r) => &r.namespace,
+            Self::Ingress(r) => &r.namespace,
+            Self::Other { request, .. } => &request.namespace,
+        };
+        ns.as_deref().unwrap_or_default()
+    }
 }
 
 /// The operation as a metric label.

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use crate::{
     admission::codec::{Request, operation_label, parse, respond},
     error::Result,
-    kube::{executor::Executor, live::LiveCheck},
+    kube::{executor::Executor, live::LiveCheck, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
         context::Context,
         ingress::mutate_ingress,
+        namespace::not_served_warning,
         outcome::{Outcome, SkipReason},
         pod::{PodDecision, decide_pod, mutate_pod},
     },
@@ -26,6 +27,9 @@ pub struct Reviewer {
     pub executor: Option<Executor>,
     /// The live re-check of Pods the caches may have missed (paused after a failure).
     live: LiveCheck,
+    /// Which namespaces opted in, asked of the API server (the server sets it; offline
+    /// commands and tests without it trust the review's namespace).
+    namespaces: Option<NamespaceGate>,
 }
 
 /// Time budget for the live check of one Pod.
@@ -38,7 +42,43 @@ impl Reviewer {
             metrics,
             executor,
             live: LiveCheck::default(),
+            namespaces: None,
         }
+    }
+
+    /// Applies the namespace rules to every review before anything else: a Pod or Ingress in
+    /// a namespace that did not opt in (as the API server says), a system namespace or
+    /// sidecert's own is left unchanged, with no side effect, whatever the review says.
+    pub fn with_namespace_gate(mut self, gate: NamespaceGate) -> Self {
+        self.namespaces = Some(gate);
+        self
+    }
+
+    /// `Some(outcome)` when the namespace rules leave this review unchanged.
+    async fn refused(&self, request: &Request, deadline: Option<Instant>) -> Option<Outcome> {
+        let gate = self.namespaces.as_ref()?;
+        if matches!(request, Request::Other { .. }) {
+            return None;
+        }
+        let ns = request.namespace();
+        let budget = deadline.map_or(LIVE_LOOKUP_TIMEOUT, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let result = match gate.serves(ns, budget.min(LIVE_LOOKUP_TIMEOUT)).await {
+            Ok(true) => return None,
+            Ok(false) => "not_served",
+            Err(e) => {
+                tracing::warn!(uid = request.uid(), namespace = ns, error = %e, "cannot tell whether the namespace opted in");
+                e.metric_label()
+            }
+        };
+        tracing::info!(
+            uid = request.uid(),
+            namespace = ns,
+            result,
+            "review for a namespace sidecert does not serve: unchanged"
+        );
+        Some(Outcome::skip(SkipReason::NamespaceNotServed).warn(not_served_warning(ns)))
     }
 
     /// The pure part of a review.
@@ -60,8 +100,10 @@ impl Reviewer {
         timer.operation = operation_label(request.operation());
         // One budget for the review's API calls: the live check, then the side effects.
         let deadline = self.executor.as_ref().map(|e| Instant::now() + e.budget());
-        let mut outcome = match (&request, &self.executor) {
-            (Request::Pod(pod), Some(exec)) => {
+        let refused = self.refused(&request, deadline).await;
+        let mut outcome = match (&request, &self.executor, refused) {
+            (_, _, Some(refused)) => refused,
+            (Request::Pod(pod), Some(exec), None) => {
                 let PodDecision { outcome, recheck } = decide_pod(pod, &self.ctx);
                 match recheck {
                     // The caches may have missed an Ingress: decide again over live objects.

@@ -7,6 +7,7 @@
 //! - [`select`]: which Ingress (through which Service) selects a Pod, and when to re-check live;
 //! - [`lookup`]: where Ingresses and Services are looked up ([`Lookup`], [`Snapshot`]);
 //! - [`container`]: the injected container and its configuration;
+//! - [`namespace`]: the namespaces sidecert never acts in;
 //! - [`effect`]: the side effects a decision asks for, as data;
 //! - [`objects`]: the objects those effects create (temporary Secret, solver Service, Role);
 //! - [`context`] and [`outcome`]: what every decision reads and returns.
@@ -16,6 +17,7 @@ pub mod context;
 pub mod effect;
 pub mod ingress;
 pub mod lookup;
+pub mod namespace;
 pub mod objects;
 pub mod outcome;
 pub mod pod;

@@ -29,6 +29,8 @@ pub enum SkipReason {
     Unchanged,
     /// Not a Pod or an Ingress, or an object that could not be decoded.
     UnknownKind,
+    /// The namespace did not opt in, or is a system namespace or sidecert's own.
+    NamespaceNotServed,
 }
 
 impl SkipReason {
@@ -44,6 +46,7 @@ impl SkipReason {
             Self::NotAnnotated => "not_annotated",
             Self::Unchanged => "unchanged",
             Self::UnknownKind => "unknown_kind",
+            Self::NamespaceNotServed => "namespace_not_served",
         }
     }
 }

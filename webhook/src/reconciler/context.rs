@@ -21,9 +21,7 @@ use kube::{
     },
 };
 use serde_json::json;
-use sidecert_contract::{
-    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, NEVER_MUTATED_NAMESPACES, annotations,
-};
+use sidecert_contract::{ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations};
 
 use crate::{
     error::Result,
@@ -33,6 +31,7 @@ use crate::{
         effect::Effect,
         ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
         lookup::Lookup,
+        namespace::may_serve,
     },
     reconciler::{
         plan::{Removal, guarded, restart_key, solver_removal},
@@ -82,9 +81,7 @@ impl Reconciler {
     }
 
     pub(super) fn namespace_enabled(&self, ns: &str) -> bool {
-        ns != self.settings.own_namespace
-            && !NEVER_MUTATED_NAMESPACES.contains(&ns)
-            && self.namespaces.get(&ObjectRef::new(ns)).is_some()
+        may_serve(ns, &self.settings.own_namespace) && self.namespaces.get(&ObjectRef::new(ns)).is_some()
     }
 
     pub(super) fn action(&self, action: &str) {

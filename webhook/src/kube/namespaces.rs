@@ -1,0 +1,77 @@
+//! Whether a namespace opted in, asked of the API server: a watch cache of the labelled
+//! namespaces, and on a miss (a namespace labelled a moment ago) one live list by name and
+//! label. Admission applies it before anything else, so a review forged for `kube-system`
+//! or an unlabelled namespace, sent straight to the webhook's port, changes nothing.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
+};
+
+use crate::{error::Error, mutate::namespace::may_serve};
+
+/// The labelled namespaces, from a watch, with a live fallback.
+#[derive(Clone)]
+pub struct NamespaceGate {
+    store: Store<Namespace>,
+    client: Client,
+    selector: String,
+    own: String,
+}
+
+impl NamespaceGate {
+    /// Starts the watch of the namespaces `selector` selects (a task on the current runtime).
+    /// `own` is the release namespace (empty when unknown), never served.
+    pub fn start(client: Client, selector: &str, own: &str) -> Self {
+        let (store, writer) = reflector::store();
+        let watch = reflector(
+            writer,
+            watcher(
+                Api::<Namespace>::all(client.clone()),
+                watcher::Config::default().labels(selector),
+            ),
+        )
+        .default_backoff()
+        .for_each(|e| async move {
+            if let Err(e) = e {
+                tracing::warn!(error = %e, "Namespace watch");
+            }
+        });
+        tokio::spawn(watch);
+        Self {
+            store,
+            client,
+            selector: selector.to_owned(),
+            own: own.to_owned(),
+        }
+    }
+
+    /// Resolves when the watch has its first full list.
+    pub async fn wait_until_ready(&self) -> bool {
+        self.store.wait_until_ready().await.is_ok()
+    }
+
+    /// Whether sidecert serves `namespace`: never a system namespace or its own; else the
+    /// watch cache, and on a miss the API server, within `budget`.
+    pub async fn serves(&self, namespace: &str, budget: Duration) -> Result<bool, Error> {
+        if !may_serve(namespace, &self.own) {
+            return Ok(false);
+        }
+        if self.store.get(&reflector::ObjectRef::new(namespace)).is_some() {
+            return Ok(true);
+        }
+        let params = ListParams::default()
+            .labels(&self.selector)
+            .fields(&format!("metadata.name={namespace}"));
+        let api = Api::<Namespace>::all(self.client.clone());
+        match tokio::time::timeout(budget, api.list_metadata(&params)).await {
+            Ok(list) => Ok(!list?.items.is_empty()),
+            Err(_) => Err(Error::Timeout(budget)),
+        }
+    }
+}

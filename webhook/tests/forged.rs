@@ -1,0 +1,165 @@
+//! Admission is not trusted input: a review sent straight to the webhook's port, forged for
+//! `kube-system` or a namespace that did not opt in, changes nothing and creates nothing.
+//! The webhook asks the API server which namespaces opted in (a watch, and a live list when
+//! a namespace was labelled a moment ago), against the real API server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Namespace, Secret},
+    rbac::v1::Role,
+};
+use kube::{Api, api::PostParams};
+use serde_json::{Value, json};
+use sidecert_e2e::Plane;
+use sidecert_webhook::{
+    AcmeDefaults, Context, Reviewer, SidecarSettings,
+    kube::{Executor, NamespaceGate},
+    metrics::Metrics,
+    mutate::Snapshot,
+};
+
+const OWN: &str = "sidecert-forged-test-release";
+
+fn pod_review(namespace: &str, secret: &str, host: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "5eedce27-0000-4000-8000-0000000f0a9e",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": false,
+            "object": {
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"generateName": "p-", "annotations": {
+                    "sidecert.io/inject": "true", "sidecert.io/domains": host,
+                    "sidecert.io/secret-name": secret}},
+                "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
+            }
+        }
+    }))
+    .unwrap()
+}
+
+fn ingress_review(namespace: &str, secret: &str, host: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "5eedce27-0000-4000-8000-0000000f0a9f",
+            "kind": {"group": "networking.k8s.io", "version": "v1", "kind": "Ingress"},
+            "resource": {"group": "networking.k8s.io", "version": "v1", "resource": "ingresses"},
+            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": false,
+            "object": {
+                "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                "metadata": {"name": "forged", "namespace": namespace,
+                    "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+                "spec": {
+                    "tls": [{"hosts": [host], "secretName": secret}],
+                    "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                        "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]
+                }
+            }
+        }
+    }))
+    .unwrap()
+}
+
+async fn respond(reviewer: &Reviewer, body: &[u8]) -> Value {
+    let out: Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
+    assert_eq!(out["response"]["allowed"], true, "{out}");
+    out["response"].clone()
+}
+
+fn refused(response: &Value) -> bool {
+    response["patch"].is_null()
+        && response["warnings"].as_array().is_some_and(|w| {
+            w.iter()
+                .any(|w| w.as_str().unwrap_or("").contains("is not one sidecert serves"))
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let labelled = plane.namespace("forged-on", true).await.unwrap();
+    let unlabelled = plane.namespace("forged-off", false).await.unwrap();
+    let cache = Arc::new(Snapshot::default());
+    let ctx = Context {
+        sidecar: SidecarSettings::default(),
+        acme: AcmeDefaults::default(),
+        lookup: cache.clone(),
+    };
+    let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", OWN);
+    assert!(gate.wait_until_ready().await);
+    let executor = Executor::new(client.clone(), cache, Duration::from_secs(4));
+    let reviewer = Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor)).with_namespace_gate(gate);
+
+    // Forged for kube-system, an unlabelled namespace and the release namespace: no patch,
+    // a warning, and nothing written there (before the gate: a Secret and a Role).
+    for ns in ["kube-system", unlabelled.name(), OWN] {
+        let pod = respond(&reviewer, &pod_review(ns, "forged-pod-tls", "pod.forged.example")).await;
+        assert!(refused(&pod), "Pod in {ns}: {pod}");
+        let ingress = respond(
+            &reviewer,
+            &ingress_review(ns, "forged-ing-tls", "ing.forged.example"),
+        )
+        .await;
+        assert!(refused(&ingress), "Ingress in {ns}: {ingress}");
+    }
+    for ns in ["kube-system", unlabelled.name()] {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+        for name in ["forged-pod-tls", "forged-ing-tls"] {
+            assert!(
+                secrets.get_opt(name).await.unwrap().is_none(),
+                "{ns}/{name} was created"
+            );
+        }
+        let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+        assert!(
+            roles.get_opt("sidecert-default").await.unwrap().is_none(),
+            "a Role in {ns}"
+        );
+    }
+
+    // Where the namespace opted in, the same review is served, side effects included.
+    let pod = respond(
+        &reviewer,
+        &pod_review(labelled.name(), "real-tls", "pod.real.example"),
+    )
+    .await;
+    assert!(pod["patch"].is_string(), "{pod}");
+    assert!(
+        labelled
+            .api::<Secret>()
+            .get_opt("real-tls")
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    // Labelled a moment ago: the watch may not have it yet; the live list answers.
+    let late = plane.namespace("forged-late", false).await.unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let mut ns = namespaces.get(late.name()).await.unwrap();
+    ns.metadata
+        .labels
+        .get_or_insert_default()
+        .insert("sidecert.io/injection".into(), "enabled".into());
+    namespaces
+        .replace(late.name(), &PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let pod = respond(
+        &reviewer,
+        &pod_review(late.name(), "late-tls", "pod.late.example"),
+    )
+    .await;
+    assert!(pod["patch"].is_string(), "{pod}");
+
+    for ns in [labelled, unlabelled, late] {
+        ns.cleanup().await.unwrap();
+    }
+}
