@@ -1286,31 +1286,38 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     );
                 }
 
-                // A namespace that lost its label: sidecert may still delete what it made there,
-                // and nothing else.
-                for (name, managed) in [("s9-mine", true), ("s9-theirs", false)] {
-                    let labels = if managed {
-                        json!({"app.kubernetes.io/managed-by": "sidecert"})
-                    } else {
-                        json!({})
-                    };
-                    let svc = json!({
-                        "apiVersion": "v1", "kind": "Service",
-                        "metadata": {"name": name, "labels": labels},
-                        "spec": {"ports": [{"port": 80}]}
-                    });
-                    ctx.kubectl_ok(&["-n", off, "apply", "-f", "-"], Some(&svc.to_string()))
-                        .await?;
-                    let args = ["delete", "service", name, "--dry-run=server"]
-                        .map(str::to_owned)
-                        .to_vec();
-                    let out = attempt(off.to_owned(), args).await?;
-                    ensure!(
-                        out.success == managed,
-                        "deleting {name} (managed-by sidecert: {managed}) in an unlabelled namespace: {}",
-                        out.describe()
-                    );
+            // In a labelled namespace, only the writes sidecert makes: no Secret update, no
+            // change to a workload's Pod spec, no binding of a Role that is not its own.
+            let admin = |args: &[&str], stdin: Option<String>| {
+                let ctx = ctx.clone();
+                let args: Vec<String> = ["-n", on].iter().chain(args).map(|s| (*s).to_owned()).collect();
+                async move {
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    ctx.kubectl_ok(&args, stdin.as_deref()).await
                 }
+            };
+            admin(&["create", "secret", "generic", "s9-theirs", "--from-literal=k=v"], None).await?;
+            admin(&["create", "role", "s9-other", "--verb=get", "--resource=secrets"], None).await?;
+            admin(&["create", "role", "sidecert-s9", "--verb=get", "--resource=secrets"], None).await?;
+            admin(&["create", "deployment", "s9-app", "--image=example/app:1.0", "--replicas=0"], None).await?;
+            let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+            let restart = r#"{"spec":{"template":{"metadata":{"annotations":{"sidecert.io/restarted-for":"s9"}}}}}"#;
+            for (args, allowed, what) in [
+                (owned(&["annotate", "secret", "s9-theirs", "x=y", "--dry-run=server"]), false, "updating a Secret"),
+                (owned(&["set", "image", "deployment/s9-app", "app=evil.example/x", "--dry-run=server"]), false, "changing a workload's image"),
+                (owned(&["patch", "deployment", "s9-app", "-p", restart, "--dry-run=server"]), true, "a rollout restart"),
+                (owned(&["create", "rolebinding", "s9-b", "--role=s9-other", &format!("--serviceaccount={on}:default"), "--dry-run=server"]), false, "binding another Role"),
+                (owned(&["create", "rolebinding", "s9-c", "--role=sidecert-s9", "--serviceaccount=kube-system:default", "--dry-run=server"]), false, "binding its Role to another namespace's ServiceAccount"),
+                (owned(&["create", "rolebinding", "s9-d", "--role=sidecert-s9", &format!("--serviceaccount={on}:default"), "--dry-run=server"]), true, "binding its Role in the namespace"),
+            ] {
+                let out = attempt(on.to_owned(), args).await?;
+                ensure!(
+                    out.success == allowed && (allowed || out.stderr.contains("sidecert's webhook")),
+                    "{what} in a labelled namespace: expected {}: {}",
+                    if allowed { "allowed" } else { "refused by the policy" },
+                    out.describe()
+                );
+            }
                 Ok(())
             },
         )
