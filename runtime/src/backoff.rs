@@ -25,7 +25,10 @@ impl Backoff {
     /// never shorter than half, so no tight loop even with bad luck).
     pub fn jittered(&self, failures: u32, u: f64) -> Duration {
         let u = if u.is_nan() { 1.0 } else { u.clamp(0.0, 1.0) };
-        self.delay(failures).mul_f64(0.5 + 0.5 * u)
+        let delay = self.delay(failures);
+        // `mul_f64` panics when the product rounds past Duration::MAX (a base or cap of
+        // centuries, from a flag): keep the unjittered delay then.
+        Duration::try_from_secs_f64(delay.as_secs_f64() * (0.5 + 0.5 * u)).unwrap_or(delay)
     }
 }
 
@@ -53,5 +56,7 @@ mod tests {
         assert_eq!(b.jittered(u32::MAX, 0.0), Duration::from_secs(1800));
         assert_eq!(b.jittered(1, -1.0), Duration::from_secs(30));
         assert_eq!(b.jittered(1, f64::NAN), Duration::from_secs(60));
+        let huge = Backoff::new(Duration::MAX, Duration::MAX);
+        assert_eq!(huge.jittered(u32::MAX, 1.0), Duration::MAX);
     }
 }

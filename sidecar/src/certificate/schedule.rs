@@ -26,12 +26,12 @@ impl Lifetime {
 
     /// When one third of the lifetime is left.
     pub fn one_third_left(&self) -> OffsetDateTime {
-        self.not_after - self.length() / 3
+        self.not_after.saturating_sub(self.length() / 3)
     }
 
     /// When one twentieth of the lifetime is left: past this, renew whatever ARI says.
     pub fn emergency(&self) -> OffsetDateTime {
-        self.not_after - self.length() / 20
+        self.not_after.saturating_sub(self.length() / 20)
     }
 }
 
@@ -69,12 +69,17 @@ pub struct Plan {
 /// that replicas of many Pods do not renew in lockstep. Either way the moment is never later
 /// than the emergency point (1/20 of the lifetime left).
 pub fn plan(lifetime: Lifetime, ari: Option<Window>, now: OffsetDateTime, u: f64) -> Plan {
-    let u = u.clamp(0.0, 1.0);
+    let u = if u.is_nan() { 1.0 } else { u.clamp(0.0, 1.0) };
     let emergency = lifetime.emergency();
     let (at, reason) = match ari {
-        Some(w) if w.end >= w.start => ((w.start + (w.end - w.start) * u).max(now), Reason::Ari),
+        Some(w) if w.end >= w.start => (
+            w.start.saturating_add((w.end - w.start) * u).max(now),
+            Reason::Ari,
+        ),
         _ => (
-            lifetime.one_third_left() - lifetime.length() / 30 * u,
+            lifetime
+                .one_third_left()
+                .saturating_sub(lifetime.length() / 30 * u),
             Reason::OneThird,
         ),
     };
@@ -112,13 +117,13 @@ pub fn order_retry_at(
     retry_after: Option<OffsetDateTime>,
     now: OffsetDateTime,
 ) -> OffsetDateTime {
-    let at = now + backoff.jittered(failures, u);
+    let at = after(now, backoff.jittered(failures, u));
     retry_after.map_or(at, |r| at.max(r))
 }
 
 /// When the next order may start after a successful one (see [`min_reorder_interval`]).
 pub fn reorder_not_before(lifetime: Lifetime, now: OffsetDateTime) -> OffsetDateTime {
-    now + min_reorder_interval(lifetime)
+    after(now, min_reorder_interval(lifetime))
 }
 
 /// The backoff between attempts to write an issued certificate into the Secret.
@@ -126,7 +131,7 @@ pub const WRITE_BACKOFF: Backoff = Backoff::new(Duration::from_secs(2), Duration
 
 /// When the next write of an issued certificate is tried after `write_failures` failed ones.
 pub fn write_retry_at(write_failures: u32, u: f64, now: OffsetDateTime) -> OffsetDateTime {
-    now + WRITE_BACKOFF.jittered(write_failures, u)
+    after(now, WRITE_BACKOFF.jittered(write_failures, u))
 }
 
 /// The backoff between restarts of a certificate's loop (its watches or its Lease failed).
@@ -171,7 +176,7 @@ pub fn restore_allowed(last_write: Option<OffsetDateTime>, now: OffsetDateTime) 
 
 /// When to look again at a Secret that lost the certificate while the guard holds.
 pub fn restore_wake(last_write: OffsetDateTime) -> OffsetDateTime {
-    last_write + RESTORE_GUARD + Duration::from_millis(100)
+    after(last_write, RESTORE_GUARD + Duration::from_millis(100))
 }
 
 /// The holder wakes at least this often, whatever the renewal moment.
@@ -191,9 +196,9 @@ pub fn wake_at(
     now: OffsetDateTime,
 ) -> OffsetDateTime {
     let at = if leader {
-        due.min(now + LEADER_MAX_SLEEP)
+        due.min(after(now, LEADER_MAX_SLEEP))
     } else {
-        now + FOLLOWER_SLEEP
+        after(now, FOLLOWER_SLEEP)
     };
     let at = restore.map_or(at, |r| at.min(r));
     match ari_recheck {
@@ -204,7 +209,10 @@ pub fn wake_at(
 
 /// When to ask for the ARI window again: the CA's `Retry-After`, within 10 s and 6 h.
 pub fn ari_recheck_at(retry_after: Duration, now: OffsetDateTime) -> OffsetDateTime {
-    now + retry_after.clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600))
+    after(
+        now,
+        retry_after.clamp(Duration::from_secs(10), Duration::from_secs(6 * 3600)),
+    )
 }
 
 /// Let's Encrypt allows 5 failed validations per account, hostname and hour.
@@ -264,9 +272,17 @@ impl ValidationLimiter {
             .into_iter()
             .filter_map(|d| self.failures.get(d))
             .filter(|q| q.len() >= MAX_FAILED_VALIDATIONS_PER_HOUR)
-            .filter_map(|q| q.front().map(|oldest| *oldest + hour))
+            .filter_map(|q| q.front().map(|oldest| oldest.saturating_add(hour)))
             .fold(now, OffsetDateTime::max)
     }
+}
+
+/// `t + d`, saturating at the last moment `time` can hold instead of panicking: the moments
+/// here come from input (a certificate in the Secret, the CA's ARI window, the failure record
+/// on the Lease, which any container sharing the Pod's ServiceAccount may write) and the
+/// durations from flags.
+pub fn after(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    t.saturating_add(time::Duration::try_from(d).unwrap_or(time::Duration::MAX))
 }
 
 /// Converts a wall-clock moment into a delay from `now` (zero if it is past).
@@ -407,5 +423,34 @@ mod tests {
     fn delays_never_go_negative() {
         assert_eq!(delay_until(T0, T0 + TD::seconds(5)), Duration::ZERO);
         assert_eq!(delay_until(T0 + TD::seconds(5), T0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn moments_at_the_edge_of_time_saturate_instead_of_panicking() {
+        let end = OffsetDateTime::new_utc(time::Date::MAX, time::Time::MAX);
+        let start = OffsetDateTime::new_utc(time::Date::MIN, time::Time::MIDNIGHT);
+        // A failure record forged on the Lease with the last representable moment.
+        let mut l = ValidationLimiter::default();
+        for _ in 0..MAX_FAILED_VALIDATIONS_PER_HOUR {
+            l.record_failure("a.example", end);
+        }
+        let d = ["a.example".to_owned()];
+        assert_eq!(l.allowed_at(&d, T0), end);
+        // Absurd backoffs and moments near the end of time.
+        let huge = retry_backoff(Duration::from_secs(1), Duration::MAX);
+        assert_eq!(order_retry_at(huge, u32::MAX, 1.0, None, end), end);
+        assert_eq!(write_retry_at(u32::MAX, 1.0, end), end);
+        assert_eq!(restore_wake(end), end);
+        assert_eq!(ari_recheck_at(Duration::MAX, end), end);
+        assert_eq!(wake_at(false, end, None, None, end), end);
+        // A certificate (from the Secret) valid from the first to the last moment, an ARI
+        // window as wide, a NaN draw.
+        let l = Lifetime {
+            not_before: start,
+            not_after: end,
+        };
+        let _ = plan(l, Some(Window { start, end }), T0, f64::NAN);
+        let _ = plan(l, None, T0, f64::NAN);
+        let _ = reorder_not_before(l, end);
     }
 }
