@@ -337,10 +337,6 @@ pub struct MutationArgs {
     /// Sidecar memory limit (empty: none).
     #[arg(long, env = "SIDECERT_WEBHOOK_SIDECAR_MEMORY_LIMIT", default_value = defaults::SIDECAR_MEMORY_LIMIT)]
     pub sidecar_memory_limit: String,
-    /// Native sidecar (init container with restartPolicy Always). `auto`: when the API server
-    /// is 1.29 or newer (asked once at start; offline without a cluster: native).
-    #[arg(long, env = "SIDECERT_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
-    pub native_sidecars: NativeSidecars,
     /// Default ACME server: letsencrypt, letsencrypt-staging or a directory URL.
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_SERVER", default_value = defaults::ACME_SERVER)]
     pub acme_server: String,
@@ -371,7 +367,6 @@ impl Default for MutationArgs {
             sidecar_memory_request: defaults::SIDECAR_MEMORY_REQUEST.to_owned(),
             sidecar_cpu_limit: defaults::SIDECAR_CPU_LIMIT.to_owned(),
             sidecar_memory_limit: defaults::SIDECAR_MEMORY_LIMIT.to_owned(),
-            native_sidecars: NativeSidecars::Auto,
             acme_server: defaults::ACME_SERVER.to_owned(),
             acme_email: None,
             acme_profile: None,
@@ -380,13 +375,6 @@ impl Default for MutationArgs {
             acme_ca_bundle_file: None,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum NativeSidecars {
-    Auto,
-    Always,
-    Never,
 }
 
 /// Sets up logging on stderr (stdout carries the offline commands' output).
@@ -441,7 +429,6 @@ mod tests {
         assert_eq!(args.mutation.sidecar_memory_request, d.sidecar_memory_request);
         assert_eq!(args.mutation.sidecar_cpu_limit, d.sidecar_cpu_limit);
         assert_eq!(args.mutation.sidecar_memory_limit, d.sidecar_memory_limit);
-        assert_eq!(args.mutation.native_sidecars, d.native_sidecars);
         assert_eq!(args.mutation.acme_server, d.acme_server);
         assert_eq!(args.mutation.key_algorithm, d.key_algorithm);
         assert_eq!(

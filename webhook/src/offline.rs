@@ -23,7 +23,7 @@ use crate::{
     },
     config::{InjectArgs, MutationArgs, ReviewArgs},
     error::{Error, Result},
-    kube::client::{client, native_sidecars},
+    kube::client::client,
     metrics::Metrics,
     mutate::{
         container::{AcmeDefaults, SidecarSettings},
@@ -58,9 +58,9 @@ fn write_stdout(bytes: &[u8]) -> Result<()> {
 }
 
 /// A context for offline use.
-pub fn offline_context(args: &MutationArgs, native: bool, lookup: Arc<dyn Lookup>) -> Result<Context> {
+pub fn offline_context(args: &MutationArgs, lookup: Arc<dyn Lookup>) -> Result<Context> {
     Ok(Context {
-        sidecar: SidecarSettings::from_args(args, native),
+        sidecar: SidecarSettings::from_args(args),
         acme: AcmeDefaults::from_args(args)?,
         lookup,
     })
@@ -71,8 +71,8 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
     let body = read_input(args.file.as_deref())?;
     // Parse first: a body the server would answer with 400/413 fails the same way here.
     let request = parse(&body)?;
-    let (lookup, client): (Arc<dyn Lookup>, _) = match &args.kubeconfig {
-        None => (Arc::new(Snapshot::default()), None),
+    let lookup: Arc<dyn Lookup> = match &args.kubeconfig {
+        None => Arc::new(Snapshot::default()),
         Some(path) => {
             let client = client(Some(path)).await?;
             let ns = match &request {
@@ -90,11 +90,10 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
                 ingresses: ingresses.items.into_iter().map(Arc::new).collect(),
                 services: services.items.into_iter().map(Arc::new).collect(),
             };
-            (Arc::new(snapshot), Some(client))
+            Arc::new(snapshot)
         }
     };
-    let native = native_sidecars(args.mutation.native_sidecars, client.as_ref()).await;
-    let ctx = offline_context(&args.mutation, native, lookup)?;
+    let ctx = offline_context(&args.mutation, lookup)?;
     let reviewer = Reviewer::new(ctx, Metrics::new()?, None);
     let mut out = reviewer.review(&body).await?;
     out.push(b'\n');
@@ -105,8 +104,7 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
 pub async fn inject(args: InjectArgs) -> Result<()> {
     let input = read_input(Some(&args.file))?;
     let text = String::from_utf8(input).map_err(|e| Error::config("input is not UTF-8", e))?;
-    let native = native_sidecars(args.mutation.native_sidecars, None).await;
-    let ctx = offline_context(&args.mutation, native, Arc::new(Snapshot::default()))?;
+    let ctx = offline_context(&args.mutation, Arc::new(Snapshot::default()))?;
     let (out, warnings) = inject_manifests(&text, &ctx)?;
     for w in warnings {
         eprintln!("warning: {w}");

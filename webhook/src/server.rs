@@ -12,12 +12,7 @@ use crate::{
     },
     config::{ServeArgs, TlsSource},
     error::{Error, Result},
-    kube::{
-        cache::Cache,
-        client::{client, native_sidecars},
-        executor::Executor,
-        namespaces::NamespaceGate,
-    },
+    kube::{cache::Cache, client::client, executor::Executor, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
         container::{AcmeDefaults, SidecarSettings},
@@ -88,11 +83,10 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         TlsSource::SelfSigned(ss) => Serving::SelfSigned(tls::Settings::from_args(&ss)?),
     };
     let client = client(args.kubeconfig.as_deref()).await?;
-    let native = native_sidecars(args.mutation.native_sidecars, Some(&client)).await;
     let cache = Cache::start(client.clone());
     let lookup: Arc<dyn Lookup> = Arc::new(cache.clone());
     let ctx = Context {
-        sidecar: SidecarSettings::from_args(&args.mutation, native),
+        sidecar: SidecarSettings::from_args(&args.mutation),
         acme: AcmeDefaults::from_args(&args.mutation)?,
         lookup: lookup.clone(),
     };
@@ -223,7 +217,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
     .bind(args.metrics_listen)
     .map_err(|e| Error::io(args.metrics_listen.to_string(), e))?
     .run();
-    tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, native, "serving");
+    tracing::info!(listen = %args.listen, metrics = %args.metrics_listen, "serving");
 
     let (https_handle, plain_handle) = (https.handle(), plain.handle());
     let mut https = pin!(https);

@@ -37,12 +37,9 @@ fn cluster() -> Snapshot {
     snap
 }
 
-fn context(native: bool) -> Context {
+fn context() -> Context {
     Context {
-        sidecar: SidecarSettings {
-            native,
-            ..SidecarSettings::default()
-        },
+        sidecar: SidecarSettings::default(),
         acme: AcmeDefaults {
             email: Some("ops@shop.example".into()),
             ..AcmeDefaults::default()
@@ -51,8 +48,8 @@ fn context(native: bool) -> Context {
     }
 }
 
-fn reviewer(native: bool) -> Reviewer {
-    Reviewer::new(context(native), Metrics::new().unwrap(), None)
+fn reviewer() -> Reviewer {
+    Reviewer::new(context(), Metrics::new().unwrap(), None)
 }
 
 /// Reviews `review`; returns the response and the object with the patch applied.
@@ -290,7 +287,7 @@ fn ingress_warnings(resp: &Value, ing: &Value) {
 async fn fixture(#[case] name: &str, #[case] check: fn(&Value, &Value)) {
     let review: Value =
         serde_json::from_slice(&std::fs::read(data(&format!("{name}.json"))).unwrap()).unwrap();
-    let reviewer = reviewer(true);
+    let reviewer = reviewer();
     let (resp, mutated) = run(&reviewer, &review).await;
     check(&resp, &mutated);
 
@@ -305,20 +302,27 @@ async fn fixture(#[case] name: &str, #[case] check: fn(&Value, &Value)) {
     assert_eq!(mutated2, mutated);
 }
 
+/// Every supported Kubernetes release (1.35+) has native sidecars: the sidecar is always the
+/// first init container with `restartPolicy: Always`, never a regular container (the
+/// `--native-sidecars` choice served releases before 1.29).
 #[tokio::test]
-async fn regular_container_without_native_sidecars() {
+async fn the_sidecar_is_always_a_native_init_container() {
     let review: Value = serde_json::from_slice(&std::fs::read(data("pod-direct.json")).unwrap()).unwrap();
-    let (_, pod) = run(&reviewer(false), &review).await;
-    assert!(pod["spec"].get("initContainers").is_none());
+    let (_, pod) = run(&reviewer(), &review).await;
+    let inits = pod["spec"]["initContainers"].as_array().unwrap();
+    assert_eq!(inits[0]["name"], "sidecert");
+    assert_eq!(inits[0]["restartPolicy"], "Always");
     let containers = pod["spec"]["containers"].as_array().unwrap();
-    assert_eq!(containers[1]["name"], "sidecert");
-    assert!(containers[1].get("restartPolicy").is_none());
+    assert!(
+        containers.iter().all(|c| c["name"] != "sidecert"),
+        "{containers:?}"
+    );
 }
 
 #[test]
 fn effects_of_a_pod() {
     let body = std::fs::read(data("pod-ingress-selected.json")).unwrap();
-    let reviewer = reviewer(true);
+    let reviewer = reviewer();
     let outcome = reviewer.mutate(&parse(&body).unwrap());
     assert_eq!(
         outcome.effects,
@@ -346,7 +350,7 @@ fn effects_of_a_pod() {
 
 #[test]
 fn effects_of_an_ingress() {
-    let reviewer = reviewer(true);
+    let reviewer = reviewer();
     let created = reviewer.mutate(&parse(&std::fs::read(data("ingress-create.json")).unwrap()).unwrap());
     assert!(created.effects.contains(&Effect::SolverService {
         namespace: "shop".into(),

@@ -21,11 +21,7 @@ use sidecert_e2e::{Plane, create_until, wait_for};
 
 mod common;
 use common::{INGRESSES, PODS, TEST_LABEL, free_port, has_sidecar, in_own_runtime, pki, webhook_config};
-use sidecert_webhook::{
-    config::{NativeSidecars, ServeArgs},
-    mutate::container::default_mutation_args,
-    server::serve,
-};
+use sidecert_webhook::{config::ServeArgs, mutate::container::default_mutation_args, server::serve};
 
 fn pod(name: &str, labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
     serde_json::from_value(json!({
@@ -47,7 +43,6 @@ async fn webhook_against_the_plane() {
     let run = format!("r{}", std::process::id());
 
     let mut mutation = default_mutation_args();
-    mutation.native_sidecars = NativeSidecars::Auto;
     mutation.acme_server = plane.pebble_directory().to_owned();
     mutation.acme_ca_bundle_file = Some(plane.pebble_ca_file().to_owned());
     let args = ServeArgs {

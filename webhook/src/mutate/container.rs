@@ -28,8 +28,6 @@ pub struct SidecarSettings {
     pub image: String,
     pub pull_policy: String,
     pub resources: ResourceRequirements,
-    /// Native sidecar: an init container with `restartPolicy: Always`.
-    pub native: bool,
 }
 
 /// ACME settings used when neither the Ingress nor the Pod overrides them.
@@ -59,8 +57,8 @@ impl Default for AcmeDefaults {
 }
 
 impl SidecarSettings {
-    /// Settings from flags; `native` is the answer to `--native-sidecars` already resolved.
-    pub fn from_args(args: &MutationArgs, native: bool) -> Self {
+    /// Settings from flags.
+    pub fn from_args(args: &MutationArgs) -> Self {
         let quantities = |pairs: [(&str, &str); 2]| {
             let map: BTreeMap<String, Quantity> = pairs
                 .into_iter()
@@ -83,7 +81,6 @@ impl SidecarSettings {
                 ]),
                 ..Default::default()
             },
-            native,
         }
     }
 }
@@ -91,7 +88,7 @@ impl SidecarSettings {
 impl Default for SidecarSettings {
     fn default() -> Self {
         let args = default_mutation_args();
-        Self::from_args(&args, true)
+        Self::from_args(&args)
     }
 }
 
@@ -247,7 +244,9 @@ pub fn container(settings: &SidecarSettings, config: &SidecarConfig) -> Containe
         readiness_probe: Some(probe("/readyz")),
         liveness_probe: Some(probe("/healthz")),
         resources: Some(settings.resources.clone()),
-        restart_policy: settings.native.then(|| "Always".to_owned()),
+        // A native sidecar (every supported Kubernetes release has them): it starts before
+        // the app's containers, runs beside them, and does not keep a Job from completing.
+        restart_policy: Some("Always".to_owned()),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_UID),
@@ -267,32 +266,5 @@ pub fn container(settings: &SidecarSettings, config: &SidecarConfig) -> Containe
         }),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Default::default()
-    }
-}
-
-/// Parses an API server `/version` (`major: "1"`, `minor: "33+"`) and answers whether it
-/// supports native sidecars (1.29+).
-pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
-    let num = |s: &str| {
-        s.trim_end_matches(|c: char| !c.is_ascii_digit())
-            .parse::<u32>()
-            .ok()
-    };
-    match (num(major), num(minor)) {
-        (Some(maj), Some(min)) => (maj, min) >= (1, 29),
-        _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn versions() {
-        assert!(supports_native_sidecars("1", "29"));
-        assert!(supports_native_sidecars("1", "33+"));
-        assert!(!supports_native_sidecars("1", "28"));
-        assert!(!supports_native_sidecars("", ""));
     }
 }

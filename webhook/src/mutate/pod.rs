@@ -138,15 +138,10 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     );
     let sidecar = to_json(&container(&ctx.sidecar, &config));
 
-    // The sidecar first among the init containers, so that it runs alongside the others;
-    // a regular container goes last.
-    out.patch.push(if ctx.sidecar.native {
-        match &spec.init_containers {
-            Some(_) => add(["spec", "initContainers", "0"], sidecar),
-            None => add(["spec", "initContainers"], Value::Array(vec![sidecar])),
-        }
-    } else {
-        add(["spec", "containers", "-"], sidecar)
+    // The sidecar first among the init containers, so that it runs alongside the others.
+    out.patch.push(match &spec.init_containers {
+        Some(_) => add(["spec", "initContainers", "0"], sidecar),
+        None => add(["spec", "initContainers"], Value::Array(vec![sidecar])),
     });
     let encoded = encode_certificates(&certificates);
     if pod.metadata.annotations.is_none() {
