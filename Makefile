@@ -42,6 +42,10 @@ test: lint tools build chart-test manifests-check ## every test: unit, integrati
 e2e: tools build ## only the end-to-end scenarios (chart installed with helm), on a local plane it starts and stops
 	$(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
 
+.PHONY: fuzz
+fuzz: ## property tests of the review path with many cases (SIDECERT_FUZZ_CASES, default 20000); prints the slowest case
+	SIDECERT_FUZZ_CASES=$${SIDECERT_FUZZ_CASES:-20000} $(CARGO) test -p sidecert-webhook --test fuzz -- --nocapture
+
 .PHONY: unit
 unit: ## only the tests that need no plane
 	$(CARGO) test --workspace --lib --bins

@@ -4,6 +4,10 @@
 //! container); the sidecar reads it. Both sides link this crate, so the encoding has one
 //! definition. See `DESIGN.md`, "The contract".
 
+// Input reaches almost every function here: no slicing or indexing that can panic (`get`
+// instead); tests may index.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
+
 use std::{collections::BTreeSet, fmt, str::FromStr};
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};

@@ -3,6 +3,10 @@
 //!
 //! The sidecar links this crate but not the webhook: nothing here knows about admission.
 
+// Input reaches almost every function here: no slicing or indexing that can panic (`get`
+// instead); tests may index.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod backoff;
 pub mod duration;
 pub mod election;

@@ -8,6 +8,10 @@
 //! commands ([`run`], [`issue`], [`cli`]). `main.rs` only parses the command line and calls
 //! [`cli::main`].
 
+// Input reaches almost every function here: no slicing or indexing that can panic (`get`
+// instead); tests may index.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod acme;
 pub mod certificate;
 pub mod challenge;

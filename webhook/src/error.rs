@@ -12,6 +12,9 @@ pub enum Error {
     /// The request body is not an AdmissionReview (HTTP 400).
     #[error("request body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
     InvalidReview(String),
+    /// `inject`'s input is not a manifest it reads.
+    #[error("manifest: {0}")]
+    InvalidManifest(String),
     /// The request body is not JSON of an AdmissionReview's shape (HTTP 400).
     #[error("request body is not an admission.k8s.io/v1 AdmissionReview: {0}")]
     UndecodableReview(#[source] serde_json::Error),
@@ -69,6 +72,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::InvalidReview(_) | Self::UndecodableReview(_) => "invalid_review",
+            Self::InvalidManifest(_) => "invalid_manifest",
             Self::TooLarge(_) => "too_large",
             Self::Kube(kube::Error::Api(s)) if s.is_forbidden() => "forbidden",
             Self::Kube(kube::Error::Api(s)) if s.is_conflict() => "conflict",

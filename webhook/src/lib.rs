@@ -14,6 +14,10 @@
 //!   reconciler on the elected leader), [`tls`] (the serving certificate);
 //! - [`server`], [`offline`] and [`cli`] at the top.
 
+// Input reaches almost every function here: no slicing or indexing that can panic (`get`
+// instead); tests may index.
+#![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
+
 pub mod admission;
 pub mod cli;
 pub mod config;

@@ -43,3 +43,34 @@ fn injects_pod_templates_and_leaves_the_rest() {
     let (again, _) = inject_manifests(&out, &ctx()).unwrap();
     assert_eq!(again, out);
 }
+
+#[test]
+fn nesting_deeper_than_any_manifest_is_refused_before_parsing() {
+    // The YAML parser's cost grows with the square of the depth (100,000 levels: 49 s).
+    for deep in [
+        format!(
+            "kind: Pod\nspec: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        ),
+        format!(
+            "kind: Pod\nspec: {}{}\n",
+            "{a: ".repeat(50_000),
+            "}".repeat(50_000)
+        ),
+        (0..2_000).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect(),
+        (0..2_000).map(|i| format!("{}- \n", "  ".repeat(i))).collect(),
+    ] {
+        let err = inject_manifests(&deep, &ctx()).unwrap_err().to_string();
+        assert!(err.contains("levels deep"), "{err}");
+    }
+    // Brackets in strings and comments do not count; real manifests pass.
+    let quoted = format!(
+        "kind: ConfigMap\ndata:\n  a: \"{}\"\n  b: '{}'\n  # {}\n",
+        "[".repeat(1000),
+        "{".repeat(1000),
+        "[".repeat(1000)
+    );
+    assert!(sidecert_webhook::offline::yaml_depth(&quoted) < 10);
+    assert!(inject_manifests(&quoted, &ctx()).is_ok());
+}

@@ -2,7 +2,7 @@
 //! Secrets; and what sidecert reads from an Ingress ([`plan`]), which the selection of Pods
 //! and the reconciler share.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::{
     api::networking::v1::{
@@ -28,6 +28,15 @@ use crate::mutate::{
     objects::SOLVER_PORT_NAME,
     outcome::{Outcome, SkipReason, add, to_json},
 };
+
+/// Names in one certificate at most: what Let's Encrypt accepts in one order with its
+/// `classic` profile (its `tlsserver` and `shortlived` profiles take 25; the CA refuses those
+/// orders, and the sidecar reports it). More get a warning and no certificate.
+pub const MAX_NAMES_PER_ORDER: usize = 100;
+/// TLS entries and rules of one Ingress that sidecert reads: far more than any real Ingress
+/// has, and what keeps a review's cost bounded whatever a 3 MiB object holds.
+pub const MAX_TLS_ENTRIES: usize = 100;
+pub const MAX_RULES: usize = 1000;
 
 /// Whether an Ingress carries `sidecert.io/issue-temporary-certificate: "true"`.
 pub fn is_annotated(ingress: &Ingress) -> bool {
@@ -94,13 +103,40 @@ pub fn plan(ingress: &Ingress) -> Plan {
             .push(format!("sidecert: Ingress {name} has no spec; nothing to do"));
         return plan;
     };
-    let rules = spec.rules.as_deref().unwrap_or_default();
-    let rule_hosts: Vec<&str> = rules.iter().filter_map(|r| r.host.as_deref()).collect();
+    let mut rules = spec.rules.as_deref().unwrap_or_default();
+    if rules.len() > MAX_RULES {
+        plan.warnings.push(format!(
+            "sidecert: Ingress {name} has {} rules; sidecert reads the first {MAX_RULES}",
+            rules.len()
+        ));
+        rules = rules.get(..MAX_RULES).unwrap_or_default();
+    }
+    let rule_hosts: BTreeSet<String> = rules
+        .iter()
+        .filter_map(|r| r.host.as_deref())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let mut tls_entries = spec.tls.as_deref().unwrap_or_default();
+    if tls_entries.len() > MAX_TLS_ENTRIES {
+        plan.warnings.push(format!(
+            "sidecert: Ingress {name} has {} TLS entries; sidecert reads the first {MAX_TLS_ENTRIES}",
+            tls_entries.len()
+        ));
+        tls_entries = tls_entries.get(..MAX_TLS_ENTRIES).unwrap_or_default();
+    }
 
     // host -> secret, first TLS entry wins.
     let mut host_secret: BTreeMap<String, String> = BTreeMap::new();
-    for (i, tls) in spec.tls.iter().flatten().enumerate() {
+    for (i, tls) in tls_entries.iter().enumerate() {
         let hosts = tls.hosts.as_deref().unwrap_or_default();
+        if hosts.len() > MAX_NAMES_PER_ORDER {
+            plan.warnings.push(format!(
+                "sidecert: spec.tls[{i}] has {} hosts, more than an ACME CA accepts in one order \
+                 ({MAX_NAMES_PER_ORDER} at Let's Encrypt); no certificate is issued for it",
+                hosts.len()
+            ));
+            continue;
+        }
         let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
             plan.warnings.push(format!(
                 "sidecert: spec.tls[{i}] ({}) has no secretName; no certificate is issued for it",
@@ -128,7 +164,7 @@ pub fn plan(ingress: &Ingress) -> Plan {
                 plan.warnings.push(format!("sidecert: spec.tls[{i}]: {e}"));
                 continue;
             }
-            if !rule_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)) {
+            if !rule_hosts.contains(&host) {
                 plan.warnings.push(format!(
                     "sidecert: TLS host {host} has no rule; its HTTP-01 challenge cannot be routed"
                 ));
@@ -150,7 +186,18 @@ pub fn plan(ingress: &Ingress) -> Plan {
         s.domains.sort();
         s.domains.dedup();
     }
-    plan.secrets.retain(|s| !s.domains.is_empty());
+    plan.secrets.retain(|s| {
+        if s.domains.len() > MAX_NAMES_PER_ORDER {
+            plan.warnings.push(format!(
+                "sidecert: Secret {} would hold {} names, more than an ACME CA accepts in one order \
+                 ({MAX_NAMES_PER_ORDER} at Let's Encrypt); no certificate is issued for it",
+                s.secret_name,
+                s.domains.len()
+            ));
+            return false;
+        }
+        !s.domains.is_empty()
+    });
 
     let default_backend = spec.default_backend.as_ref().and_then(service_of);
     for (i, rule) in rules.iter().enumerate() {

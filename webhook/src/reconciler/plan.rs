@@ -47,7 +47,7 @@ pub fn restarted_for(existing: Option<&str>, key: &str) -> Option<String> {
     }
     keys.push(key);
     let skip = keys.len().saturating_sub(RESTART_KEYS_KEPT);
-    Some(keys[skip..].join(","))
+    Some(keys.get(skip..).unwrap_or_default().join(","))
 }
 
 /// The merge patch `kubectl rollout restart` sends, plus [`RESTARTED_FOR`].
