@@ -265,6 +265,10 @@ pub fn validate_secret_name(name: &str) -> Result<(), ContractError> {
 
 /// Parses a comma-separated `sidecert.io/domains` value: trimmed, lower-cased,
 /// deduplicated, sorted, each validated.
+/// Names in one certificate at most: what Let's Encrypt accepts in one order with its
+/// `classic` profile (its `tlsserver` and `shortlived` profiles take 25).
+pub const MAX_NAMES_PER_ORDER: usize = 100;
+
 pub fn parse_domains(value: &str) -> Result<Vec<String>, ContractError> {
     let set: BTreeSet<String> = value
         .split(',')
@@ -273,6 +277,15 @@ pub fn parse_domains(value: &str) -> Result<Vec<String>, ContractError> {
         .collect();
     if set.is_empty() {
         return Err(ContractError::Missing("domains"));
+    }
+    if set.len() > MAX_NAMES_PER_ORDER {
+        return Err(ContractError::Invalid {
+            name: "domains",
+            reason: format!(
+                "{} names, more than an ACME CA accepts in one order ({MAX_NAMES_PER_ORDER} at Let's Encrypt)",
+                set.len()
+            ),
+        });
     }
     for d in &set {
         validate_domain(d)?;

@@ -15,8 +15,8 @@ use kube::{
     core::admission::{AdmissionRequest, Operation},
 };
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, validate_domain,
-    validate_secret_name, validate_service_name,
+    ACME_CHALLENGE_PATH, MAX_NAMES_PER_ORDER, SOLVER_SERVICE_SUFFIX, annotations, bounded_name,
+    validate_domain, validate_secret_name, validate_service_name,
 };
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
@@ -29,10 +29,6 @@ use crate::mutate::{
     outcome::{Outcome, SkipReason, add, to_json},
 };
 
-/// Names in one certificate at most: what Let's Encrypt accepts in one order with its
-/// `classic` profile (its `tlsserver` and `shortlived` profiles take 25; the CA refuses those
-/// orders, and the sidecar reports it). More get a warning and no certificate.
-pub const MAX_NAMES_PER_ORDER: usize = 100;
 /// TLS entries and rules of one Ingress that sidecert reads: far more than any real Ingress
 /// has, and what keeps a review's cost bounded whatever a 3 MiB object holds.
 pub const MAX_TLS_ENTRIES: usize = 100;

@@ -24,6 +24,31 @@ use crate::mutate::{
     select::{Recheck, recheck, select},
 };
 
+/// Whether `url` is an `http://` or `https://` URL on the Pod's own loopback: the sidecar
+/// calls it after each new certificate, so anything else would let a Pod's author make the
+/// sidecar send requests elsewhere in the cluster.
+pub fn is_loopback_url(url: &str) -> bool {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, port)) if port.is_empty() || port.starts_with(':') => h,
+            _ => return false,
+        },
+        None => authority.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Whether a Pod already carries the sidecar (status annotation or a `sidecert` container).
 pub fn is_injected(pod: &Pod) -> bool {
     let status = pod
@@ -94,15 +119,25 @@ pub fn pod_namespace(req: &AdmissionRequest<Pod>) -> &str {
 pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     let empty = BTreeMap::new();
     let pod_annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    if pod_annotations
-        .get(annotations::INJECT)
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"))
-    {
-        return Outcome::skip(SkipReason::OptedOut);
+    match pod_annotations.get(annotations::INJECT).map(|v| v.trim()) {
+        Some(v) if v.eq_ignore_ascii_case("false") => return Outcome::skip(SkipReason::OptedOut),
+        Some(v) if !v.eq_ignore_ascii_case("true") => {
+            return Outcome::skip(SkipReason::InvalidAnnotations).warn(format!(
+                "sidecert: not injected: {} must be \"true\" or \"false\", not {v:?}",
+                annotations::INJECT
+            ));
+        }
+        _ => {}
     }
-    if is_injected(pod) {
+    let marked = pod_annotations
+        .get(annotations::STATUS)
+        .is_some_and(|s| s == STATUS_INJECTED);
+    if marked {
         return Outcome::skip(SkipReason::AlreadyInjected);
     }
+    // A container of the sidecar's name without the status annotation: the author's own
+    // (or a look-alike); said below if the Pod is selected.
+    let named = is_injected(pod);
     let Some(spec) = pod.spec.as_ref() else {
         return Outcome::skip(SkipReason::NoObject);
     };
@@ -120,14 +155,35 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         };
     }
 
-    let mut out = Outcome {
-        warnings: selection.warnings,
-        ..Outcome::default()
-    };
+    if named {
+        return Outcome {
+            warnings: selection.warnings,
+            ..Outcome::skip(SkipReason::AlreadyInjected)
+        }
+        .warn(format!(
+            "sidecert: not injected: a container is already named {SIDECAR_CONTAINER_NAME:?}; \
+             rename it for sidecert to add its sidecar"
+        ));
+    }
     let reload_url = pod_annotations
         .get(annotations::RELOAD_URL)
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty());
+    if let Some(url) = reload_url.as_deref().filter(|u| !is_loopback_url(u)) {
+        return Outcome {
+            warnings: selection.warnings,
+            ..Outcome::skip(SkipReason::InvalidAnnotations)
+        }
+        .warn(format!(
+            "sidecert: not injected: {} must be an http:// or https:// URL on the Pod itself \
+             (127.0.0.1, [::1] or localhost), not {url:?}",
+            annotations::RELOAD_URL
+        ));
+    }
+    let mut out = Outcome {
+        warnings: selection.warnings,
+        ..Outcome::default()
+    };
     let certificates = selection.certificates;
     let config = sidecar_config(
         certificates.clone(),
@@ -276,5 +332,79 @@ mod tests {
         );
         assert!(!own.outcome.patch.is_empty());
         assert!(own.recheck.is_none());
+    }
+
+    #[test]
+    fn reload_urls_must_stay_on_the_pod() {
+        for ok in [
+            "http://127.0.0.1:8080/reload",
+            "https://localhost/-/reload",
+            "http://[::1]:9000/",
+            "http://127.0.0.2",
+        ] {
+            assert!(is_loopback_url(ok), "{ok}");
+        }
+        for bad in [
+            "http://10.0.0.1/reload",
+            "http://kubernetes.default.svc/api",
+            "http://127.0.0.1@evil.example/",
+            "http://localhost.evil.example/",
+            "ftp://127.0.0.1/",
+            "127.0.0.1:8080",
+            "http://[::1",
+            "http://[::1]evil/",
+            "",
+        ] {
+            assert!(!is_loopback_url(bad), "{bad}");
+        }
+    }
+
+    fn warned(out: &Outcome, text: &str) -> bool {
+        out.patch.is_empty() && out.warnings.iter().any(|w| w.contains(text))
+    }
+
+    #[test]
+    fn bad_annotations_get_a_warning_and_no_sidecar() {
+        let ctx = context(vec![]);
+        let direct = |extra: serde_json::Value| {
+            let mut a = json!({"sidecert.io/inject": "true", "sidecert.io/domains": "a.shop.example",
+                               "sidecert.io/secret-name": "a-tls"});
+            a.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            a
+        };
+        // An inject value that is neither true nor false (it was silently ignored).
+        let out = mutate_pod(&request(direct(json!({"sidecert.io/inject": "yes"}))), &ctx);
+        assert!(warned(&out, "must be \"true\" or \"false\""), "{out:?}");
+        assert_eq!(out.skipped, Some(SkipReason::InvalidAnnotations));
+        // A reload URL off the Pod (the sidecar would call it).
+        let out = mutate_pod(
+            &request(direct(json!({"sidecert.io/reload-url": "http://10.0.0.9/hook"}))),
+            &ctx,
+        );
+        assert!(warned(&out, "on the Pod itself"), "{out:?}");
+        // More names than a CA takes in one order.
+        let many: Vec<String> = (0..101).map(|i| format!("h{i}.shop.example")).collect();
+        let out = mutate_pod(
+            &request(direct(json!({"sidecert.io/domains": many.join(",")}))),
+            &ctx,
+        );
+        assert!(warned(&out, "more than an ACME CA accepts"), "{out:?}");
+        // A container of the sidecar's name that sidecert did not add (it was silently
+        // taken for an injected Pod).
+        let mut req = request(direct(json!({})));
+        let pod = req.object.as_mut().unwrap();
+        pod.spec.as_mut().unwrap().containers[0].name = SIDECAR_CONTAINER_NAME.to_owned();
+        let out = mutate_pod(&req, &ctx);
+        assert!(warned(&out, "already named"), "{out:?}");
+        // The same Pod, well formed, is injected; a loopback reload URL is fine.
+        let out = mutate_pod(
+            &request(direct(
+                json!({"sidecert.io/reload-url": "http://127.0.0.1:8080/-/reload"}),
+            )),
+            &ctx,
+        );
+        assert!(!out.patch.is_empty() && out.warnings.is_empty(), "{out:?}");
     }
 }
