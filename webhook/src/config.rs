@@ -340,6 +340,12 @@ pub struct MutationArgs {
     /// Default ACME server: letsencrypt, letsencrypt-staging or a directory URL.
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_SERVER", default_value = defaults::ACME_SERVER)]
     pub acme_server: String,
+    /// More ACME servers an Ingress or Pod may name in `sidecert.io/acme-server`, comma
+    /// separated (letsencrypt, letsencrypt-staging or directory URLs). Always allowed: Let's
+    /// Encrypt's production and staging directories and --acme-server. Any other gets a
+    /// warning and no certificate, so a tenant cannot point sidecars at a CA of its choice.
+    #[arg(long, env = "SIDECERT_WEBHOOK_ALLOWED_ACME_SERVERS", value_delimiter = ',')]
+    pub allowed_acme_servers: Vec<String>,
     /// Default ACME account email.
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_EMAIL")]
     pub acme_email: Option<String>,
@@ -368,6 +374,7 @@ impl Default for MutationArgs {
             sidecar_cpu_limit: defaults::SIDECAR_CPU_LIMIT.to_owned(),
             sidecar_memory_limit: defaults::SIDECAR_MEMORY_LIMIT.to_owned(),
             acme_server: defaults::ACME_SERVER.to_owned(),
+            allowed_acme_servers: Vec::new(),
             acme_email: None,
             acme_profile: None,
             key_algorithm: KeyAlgorithm::default(),

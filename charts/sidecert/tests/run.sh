@@ -146,10 +146,14 @@ check defaults '[x["verbs"] for x in one("ClusterRole")["rules"] if x["resources
 
 render overrides --set webhook.failurePolicy.pods=Ignore --set webhook.failurePolicy.ingresses=Fail --set webhook.timeoutSeconds=5 \
 	--set acme.email=ops@example.com --set acme.server=https://acme.example/dir --set acme.profile=shortlived \
+	--set 'acme.allowedServers={https://ca.example/dir,letsencrypt-staging}' \
 	--set certificates.servingValidity=10m --set sidecar.resources.limits.cpu=100m --set webhook.extraArgs[0]=--workers=2
 check overrides 'pods()["failurePolicy"] == "Ignore" and ingresses()["failurePolicy"] == "Fail"' "failurePolicy overrides"
 check overrides 'pods()["timeoutSeconds"] == ingresses()["timeoutSeconds"] == 5' "timeoutSeconds override"
 check overrides 'arg("--acme-email") == "ops@example.com" and arg("--acme-server") == "https://acme.example/dir" and arg("--acme-profile") == "shortlived"' "ACME flags"
+check overrides 'arg("--allowed-acme-servers") == "https://ca.example/dir,letsencrypt-staging"' "allowed ACME servers, comma separated"
+check defaults 'arg("--allowed-acme-servers") is None' "no extra ACME servers by default"
+refuse "an allowed ACME server that is not https" "allowedServers" --set 'acme.allowedServers={http://ca.example/dir}'
 check overrides 'arg("--serving-validity") == "10m" and arg("--sidecar-cpu-limit") == "100m" and args()[-1] == "--workers=2"' "certificate, sidecar and extra flags"
 
 render servicemonitor --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.labels.release=prom

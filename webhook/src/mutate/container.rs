@@ -41,6 +41,9 @@ pub struct AcmeDefaults {
     pub eab_secret: Option<String>,
     /// PEM, inlined into the sidecar's env.
     pub ca_bundle: Option<String>,
+    /// Directory URLs an `acme-server` annotation may name besides `server` and Let's
+    /// Encrypt's two.
+    pub allowed_servers: Vec<String>,
 }
 
 impl Default for AcmeDefaults {
@@ -52,6 +55,7 @@ impl Default for AcmeDefaults {
             key_algorithm: KeyAlgorithm::default(),
             eab_secret: None,
             ca_bundle: None,
+            allowed_servers: Vec::new(),
         }
     }
 }
@@ -114,7 +118,14 @@ impl AcmeDefaults {
             None => None,
         };
         let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        let allowed_servers = args
+            .allowed_acme_servers
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| resolve_acme_server(s))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
+            allowed_servers,
             server: resolve_acme_server(&args.acme_server)?,
             email: nonempty(&args.acme_email),
             profile: nonempty(&args.acme_profile),
@@ -122,6 +133,23 @@ impl AcmeDefaults {
             eab_secret: nonempty(&args.eab_secret),
             ca_bundle,
         })
+    }
+}
+
+impl AcmeDefaults {
+    /// Whether an `acme-server` annotation may name `value`: Let's Encrypt's production or
+    /// staging directory, the default server, or one of `--allowed-acme-servers`. A value
+    /// that does not resolve is allowed here (it falls back to the default with a warning).
+    pub fn allows_server(&self, value: &str) -> bool {
+        match resolve_acme_server(value) {
+            Ok(url) => {
+                url == self.server
+                    || url == sidecert_contract::LETSENCRYPT
+                    || url == sidecert_contract::LETSENCRYPT_STAGING
+                    || self.allowed_servers.contains(&url)
+            }
+            Err(_) => true,
+        }
     }
 }
 

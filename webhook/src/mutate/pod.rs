@@ -180,6 +180,23 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
             annotations::RELOAD_URL
         ));
     }
+    if let Some(server) = selection
+        .overrides
+        .acme_server
+        .as_deref()
+        .filter(|s| !ctx.acme.allows_server(s))
+    {
+        return Outcome {
+            warnings: selection.warnings,
+            ..Outcome::skip(SkipReason::InvalidAnnotations)
+        }
+        .warn(format!(
+            "sidecert: not injected: {} {server:?} is not an ACME server this cluster allows \
+             (Let's Encrypt, {}, or the webhook's --allowed-acme-servers)",
+            annotations::ACME_SERVER,
+            ctx.acme.server
+        ));
+    }
     let mut out = Outcome {
         warnings: selection.warnings,
         ..Outcome::default()
@@ -398,6 +415,33 @@ mod tests {
         pod.spec.as_mut().unwrap().containers[0].name = SIDECAR_CONTAINER_NAME.to_owned();
         let out = mutate_pod(&req, &ctx);
         assert!(warned(&out, "already named"), "{out:?}");
+        // An ACME server outside the allowed list (a tenant's own CA).
+        let out = mutate_pod(
+            &request(direct(
+                json!({"sidecert.io/acme-server": "https://ca.evil.example/dir"}),
+            )),
+            &ctx,
+        );
+        assert!(
+            warned(&out, "is not an ACME server this cluster allows"),
+            "{out:?}"
+        );
+        let mut allowing = context(vec![]);
+        allowing.acme.allowed_servers = vec!["https://ca.evil.example/dir".into()];
+        let out = mutate_pod(
+            &request(direct(
+                json!({"sidecert.io/acme-server": "https://ca.evil.example/dir"}),
+            )),
+            &allowing,
+        );
+        assert!(
+            !out.patch.is_empty(),
+            "allowed by --allowed-acme-servers: {out:?}"
+        );
+        for name in ["letsencrypt-staging", "letsencrypt"] {
+            let out = mutate_pod(&request(direct(json!({"sidecert.io/acme-server": name}))), &ctx);
+            assert!(!out.patch.is_empty(), "{name}: {out:?}");
+        }
         // The same Pod, well formed, is injected; a loopback reload URL is fine.
         let out = mutate_pod(
             &request(direct(
