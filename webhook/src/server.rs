@@ -6,11 +6,7 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
-    admission::{
-        http::AppState,
-        limits::{ConnectionLimiter, Limits},
-        reviewer::Reviewer,
-    },
+    admission::{http::AppState, limits::Limits, reviewer::Reviewer},
     config::{ServeArgs, TlsSource},
     error::{Error, Result},
     https::{HttpsSettings, serve_https},
@@ -210,7 +206,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         workers: args.workers,
         shutdown_timeout: args.shutdown_timeout,
     };
-    let https = serve_https(listener, tls, state, ConnectionLimiter::new(&limits), &settings)
+    let https = serve_https(listener, tls, state, limits.connection_limiter(), &settings)
         .map_err(|e| Error::io(args.listen.to_string(), e))?;
     let metrics_data = web::Data::new(metrics);
     let plain = HttpServer::new(move || {

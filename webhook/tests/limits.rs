@@ -50,7 +50,7 @@ fn start(tag: &str, limits: Limits) -> Running {
             .unwrap();
     let tls = sidecert_webhook::tls::resolver::server_config(Arc::new(resolver)).unwrap();
     let metrics = Metrics::new().unwrap();
-    let connections = ConnectionLimiter::new(&limits);
+    let connections = limits.connection_limiter();
     let (tx, rx) = std::sync::mpsc::channel();
     let (m, c) = (metrics.clone(), connections.clone());
     in_own_runtime(move || async move {
