@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    body::{MAX_RELOAD_RESPONSE, collect},
     error::{Error, Result},
     metrics::Metrics,
 };
@@ -248,9 +249,9 @@ async fn serve_limited<F>(
     }
 }
 
-/// A plain-HTTP GET with a timeout, returning status and body (self-check, reload calls).
+/// A plain-HTTP request with a timeout, returning status and body (self-check, reload calls);
+/// a body over [`MAX_RELOAD_RESPONSE`] is an error.
 pub async fn http_request(method: Method, url: &str) -> Result<(StatusCode, String)> {
-    use http_body_util::BodyExt;
     use hyper_util::client::legacy::Client;
     let client: Client<_, Full<Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let req = Request::builder()
@@ -261,12 +262,9 @@ pub async fn http_request(method: Method, url: &str) -> Result<(StatusCode, Stri
     let fut = async {
         let rsp = client.request(req).await.map_err(|e| Error::http_from(url, e))?;
         let status = rsp.status();
-        let body = rsp
-            .into_body()
-            .collect()
+        let body = collect(rsp.into_body(), MAX_RELOAD_RESPONSE)
             .await
-            .map_err(|e| Error::http_from(url, e))?
-            .to_bytes();
+            .map_err(|e| Error::http_from(url, e))?;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), fut)
