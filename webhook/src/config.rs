@@ -149,8 +149,10 @@ pub struct LimitArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_REQUEST_READ_TIMEOUT", default_value = defaults::REQUEST_READ_TIMEOUT, value_parser = parse_duration)]
     pub request_read_timeout: Duration,
     /// Open HTTPS connections, in total. A connection over the limit is closed as soon as it
-    /// is accepted, before the TLS handshake. Each costs some 50 KiB (TLS and HTTP buffers; up
-    /// to 128 KiB while a request head is being read), so 512 stay within 64 MiB.
+    /// is accepted, before the TLS handshake. An idle one costs a few KiB; at worst (a client
+    /// that sends but is not read: up to 128 KiB of unparsed request in actix, plus the TLS
+    /// and payload buffers) some 200 KiB, so 512 stay near 100 MiB. With the review slots'
+    /// 96 MiB that is the webhook's worst case, within the chart's 256Mi limit.
     #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
