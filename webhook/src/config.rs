@@ -142,7 +142,8 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct LimitArgs {
     /// How long a client may take for each step of a request: the TLS handshake, the request
-    /// head, and then the body (including any wait for a review slot). Keep it below the
+    /// head (the first of a connection; actix times no later one, whose size is bounded), and
+    /// then the body (including any wait for a review slot). Keep it below the
     /// webhook configuration's `timeoutSeconds` (chart default 10 s) minus
     /// `--side-effect-timeout`: the API server sends a review at once, so only a client that
     /// trickles its request is cut off (408 and the connection closed).
@@ -157,7 +158,7 @@ pub struct LimitArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// Open HTTPS connections from one source address (at most `--max-connections`). The API
-    /// server opens one connection per review in flight (HTTP/1.1), and keeps up to 25 idle.
+    /// server opens one connection per review in flight (the webhook speaks HTTP/1.1 only).
     #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = defaults::MAX_CONNECTIONS_PER_ADDRESS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections_per_address: u32,
