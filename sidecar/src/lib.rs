@@ -3,7 +3,7 @@
 //! Kubernetes Secret (and optionally a directory).
 //!
 //! The layers, from the bottom: [`certificate`]'s pure decisions (`state`, `schedule`,
-//! `x509`); the I/O around them ([`acme`], [`kube`], [`challenge`], [`dir`], [`reload`],
+//! `x509`); capped response bodies ([`body`]); the I/O around them ([`acme`], [`kube`], [`challenge`], [`dir`], [`reload`],
 //! [`metrics`]); the executor of one certificate's steps ([`certificate::task`]); the
 //! commands ([`run`], [`issue`], [`cli`]). `main.rs` only parses the command line and calls
 //! [`cli::main`].
@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), deny(clippy::indexing_slicing, clippy::string_slice))]
 
 pub mod acme;
+pub mod body;
 pub mod certificate;
 pub mod challenge;
 pub mod cli;

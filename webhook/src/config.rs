@@ -33,6 +33,11 @@ pub mod defaults {
     pub const SIDECAR_CPU_LIMIT: &str = "";
     pub const SIDECAR_MEMORY_LIMIT: &str = "64Mi";
     pub const ACME_SERVER: &str = "letsencrypt";
+    pub const REQUEST_READ_TIMEOUT: &str = "5s";
+    pub const MAX_CONNECTIONS: u32 = 512;
+    pub const MAX_CONNECTIONS_PER_ADDRESS: u32 = 128;
+    pub const MAX_CONCURRENT_REVIEWS: u32 = 32;
+    pub const MAX_CONCURRENT_REVIEWS_PER_ADDRESS: u32 = 16;
 }
 
 /// A duration default of [`defaults`] (checked by the tests: clap parses the same strings).
@@ -121,11 +126,69 @@ pub struct ServeArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub self_signed: SelfSignedArgs,
     #[command(flatten)]
     pub reconciler: ReconcilerArgs,
     #[command(flatten)]
     pub mutation: MutationArgs,
+}
+
+/// What one client may hold of the HTTPS server, so that a Pod that can reach port 8443 can
+/// neither exhaust the webhook's memory (chart limit 256Mi) nor crowd out the API server's
+/// own reviews. "Address" is the connection's source IP (an IPv4-mapped IPv6 address counts
+/// as its IPv4 address): in a cluster, each API server and each Pod has its own.
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct LimitArgs {
+    /// How long a client may take for each step of a request: the TLS handshake, the request
+    /// head (the first of a connection; actix times no later one, whose size is bounded), and
+    /// then the body (including any wait for a review slot). Keep it below the
+    /// webhook configuration's `timeoutSeconds` (chart default 10 s) minus
+    /// `--side-effect-timeout`: the API server sends a review at once, so only a client that
+    /// trickles its request is cut off (408 and the connection closed).
+    #[arg(long, env = "SIDECERT_WEBHOOK_REQUEST_READ_TIMEOUT", default_value = defaults::REQUEST_READ_TIMEOUT, value_parser = parse_duration)]
+    pub request_read_timeout: Duration,
+    /// Open HTTPS connections, in total. A connection over the limit is closed as soon as it
+    /// is accepted, before the TLS handshake. An idle one costs a few KiB; at worst (a client
+    /// that sends but is not read: up to 128 KiB of unparsed request in actix, plus the TLS
+    /// and payload buffers) some 200 KiB, so 512 stay near 100 MiB. With the review slots'
+    /// 96 MiB that is the webhook's worst case, within the chart's 256Mi limit.
+    #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONNECTIONS", default_value_t = defaults::MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Open HTTPS connections from one source address (at most `--max-connections`). The API
+    /// server opens one connection per review in flight (the webhook speaks HTTP/1.1 only).
+    #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = defaults::MAX_CONNECTIONS_PER_ADDRESS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_address: u32,
+    /// Reviews in flight, in total: a review holds its slot from before its body is read
+    /// until it is answered, and may buffer up to 3 MiB of body, so 32 slots bound the
+    /// bodies to 96 MiB. A review that finds no slot waits for one (first come, first
+    /// served) within `--request-read-timeout`, then gets 503.
+    #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONCURRENT_REVIEWS", default_value_t = defaults::MAX_CONCURRENT_REVIEWS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_reviews: u32,
+    /// Reviews in flight from one source address (at most `--max-concurrent-reviews`); over
+    /// it, a review waits within `--request-read-timeout`, then gets 429. A review takes well
+    /// under a millisecond unless it makes API calls, so 16 carry the API server's bursts,
+    /// while one client alone can hold at most half of the slots.
+    #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONCURRENT_REVIEWS_PER_ADDRESS", default_value_t = defaults::MAX_CONCURRENT_REVIEWS_PER_ADDRESS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_reviews_per_address: u32,
+}
+
+impl Default for LimitArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        Self {
+            request_read_timeout: default_duration(defaults::REQUEST_READ_TIMEOUT),
+            max_connections: defaults::MAX_CONNECTIONS,
+            max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS,
+            max_concurrent_reviews: defaults::MAX_CONCURRENT_REVIEWS,
+            max_concurrent_reviews_per_address: defaults::MAX_CONCURRENT_REVIEWS_PER_ADDRESS,
+        }
+    }
 }
 
 /// Where the serving certificate comes from, once the flags are checked.
@@ -505,6 +568,34 @@ mod tests {
                 .reconciler
                 .enabled
         );
+    }
+
+    #[test]
+    fn limit_flags_and_defaults() {
+        let args = serve(&["--self-signed"]).unwrap();
+        assert_eq!(args.limits, LimitArgs::default());
+        assert_eq!(args.limits.request_read_timeout, Duration::from_secs(5));
+        let args = serve(&[
+            "--self-signed",
+            "--request-read-timeout=2s",
+            "--max-connections=10",
+            "--max-connections-per-address=3",
+            "--max-concurrent-reviews=4",
+            "--max-concurrent-reviews-per-address=2",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.limits,
+            LimitArgs {
+                request_read_timeout: Duration::from_secs(2),
+                max_connections: 10,
+                max_connections_per_address: 3,
+                max_concurrent_reviews: 4,
+                max_concurrent_reviews_per_address: 2,
+            }
+        );
+        assert!(serve(&["--self-signed", "--max-connections=0"]).is_err());
+        assert!(serve(&["--self-signed", "--request-read-timeout=soon"]).is_err());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //!   executor of effects;
 //! - [`admission`] (codec, [`Reviewer`], HTTP handlers), [`reconciler`] (the Ingress
 //!   reconciler on the elected leader), [`tls`] (the serving certificate);
+//! - [`https`] (the HTTPS server: connection limits, TLS, HTTP/1.1, the admission routes);
 //! - [`server`], [`offline`] and [`cli`] at the top.
 
 // Input reaches almost every function here: no slicing or indexing that can panic (`get`
@@ -22,6 +23,7 @@ pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod https;
 pub mod kube;
 pub mod metrics;
 pub mod mutate;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Ingress reconciliations, by result (`ok`, or the error's metric label).
     pub reconciles: IntCounterVec,
+    /// Connections and requests the HTTPS server refused, by what (`connection`, `review`,
+    /// `body`) and reason (`per_address`, `total`, `timeout`, `too_large`, `error`).
+    pub refusals: IntCounterVec,
     /// Reconciler actions, by kind (`route_added`, `route_removed`, `solver_deleted`,
     /// `rollout_restart`, ...).
     pub reconciler_actions: IntCounterVec,
@@ -120,8 +123,14 @@ impl Metrics {
             "Changes the Ingress reconciler made, by kind",
             &["action"],
         )?;
+        let refusals = counter(
+            "refusals_total",
+            "Connections and requests the HTTPS server refused or cut off, by what and reason",
+            &["what", "reason"],
+        )?;
         Ok(Self {
             registry,
+            refusals,
             leader,
             reconciles,
             reconciler_actions,

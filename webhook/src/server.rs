@@ -2,16 +2,14 @@
 
 use std::{pin::pin, sync::Arc, time::Duration};
 
-use actix_web::{App, HttpResponse, HttpServer, middleware::from_fn, web};
+use actix_web::{App, HttpResponse, HttpServer, web};
 use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
-    admission::{
-        http::{AppState, close_when_draining, routes},
-        reviewer::Reviewer,
-    },
+    admission::{http::AppState, limits::Limits, reviewer::Reviewer},
     config::{ServeArgs, TlsSource},
     error::{Error, Result},
+    https::{HttpsSettings, serve_https},
     kube::{cache::Cache, client::client, executor::Executor, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
@@ -44,10 +42,19 @@ enum Serving {
     SelfSigned(tls::Settings),
 }
 
-/// How long an idle connection stays open. Longer than the API server's own idle timeout
-/// (Go's 90 s), so the client, not the server, closes idle connections: a server that closes
-/// one just as the client reuses it makes that review fail.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(120);
+pub use crate::https::KEEP_ALIVE;
+
+/// A listening socket as actix-web's `HttpServer::bind` makes it: address reuse, a backlog of
+/// 1024 (the kernel's default of 128 is short for a burst of new connections).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match addr {
+        std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
+}
 
 /// Runs the server until SIGTERM/SIGINT; see [`serve_until`].
 pub async fn serve(args: ServeArgs) -> Result<()> {
@@ -181,30 +188,20 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         }
     };
 
-    let state = web::Data::new(AppState {
-        reviewer: Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
-        ready: ready.clone(),
-    });
-    let shutdown_secs = args.shutdown_timeout.as_secs().max(1);
-    let mut https = HttpServer::new(move || {
-        App::new()
-            .wrap(from_fn(close_when_draining))
-            .configure(routes(state.clone()))
-    })
-    .disable_signals()
-    .keep_alive(KEEP_ALIVE)
-    // A review's answer is a few small TLS records; with Nagle's algorithm on, the last one
-    // waits for the client's delayed ACK (40 ms on Linux), which showed as a 33 ms p99 at a
-    // steady 500 requests/s in `make bench`. nginx sets TCP_NODELAY for the same reason.
-    .tcp_nodelay(true)
-    .shutdown_timeout(shutdown_secs);
-    if let Some(workers) = args.workers {
-        https = https.workers(workers.max(1));
-    }
-    let https = https
-        .bind_rustls_0_23(args.listen, tls)
-        .map_err(|e| Error::io(args.listen.to_string(), e))?
-        .run();
+    let limits = Limits::from_args(&args.limits);
+    let state = web::Data::new(AppState::new(
+        Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
+        ready.clone(),
+        &limits,
+    ));
+    let listener = listen(args.listen).map_err(|e| Error::io(args.listen.to_string(), e))?;
+    let settings = HttpsSettings {
+        limits,
+        workers: args.workers,
+        shutdown_timeout: args.shutdown_timeout,
+    };
+    let https = serve_https(listener, tls, state, limits.connection_limiter(), &settings)
+        .map_err(|e| Error::io(args.listen.to_string(), e))?;
     let metrics_data = web::Data::new(metrics);
     let plain = HttpServer::new(move || {
         App::new()

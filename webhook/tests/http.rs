@@ -7,7 +7,7 @@ use actix_web::{App, http::StatusCode, test, web};
 use serde_json::Value;
 use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
-    admission::{AppState, Readiness, routes},
+    admission::{AppState, Limits, Readiness, routes},
     metrics::Metrics,
     mutate::Snapshot,
 };
@@ -18,10 +18,11 @@ fn state(ready: bool) -> web::Data<AppState> {
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
     };
-    web::Data::new(AppState {
-        reviewer: Reviewer::new(ctx, Metrics::new().unwrap(), None),
-        ready: Readiness::new(ready, true),
-    })
+    web::Data::new(AppState::new(
+        Reviewer::new(ctx, Metrics::new().unwrap(), None),
+        Readiness::new(ready, true),
+        &Limits::default(),
+    ))
 }
 
 fn fixture(name: &str) -> Vec<u8> {

@@ -50,6 +50,7 @@ async fn webhook_against_the_plane() {
         metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         tls_cert_file: Some(dir.join("tls.crt")),
         tls_key_file: Some(dir.join("tls.key")),
+        limits: Default::default(),
         self_signed: Default::default(),
         reconciler: Default::default(),
         tls_reload_interval: Duration::from_secs(2),

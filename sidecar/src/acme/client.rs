@@ -18,6 +18,7 @@ use hyper_util::{
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient, Problem};
 
 use crate::{
+    body::{MAX_ACME_RESPONSE, collect},
     error::{Error, Result},
     metrics::{Metrics, acme_endpoint},
 };
@@ -115,18 +116,14 @@ impl HttpClient for AcmeHttp {
         let endpoint = acme_endpoint(req.method(), req.uri().path());
         let metrics = self.metrics.clone();
         let retry_after = self.retry_after.clone();
-        let fut = HttpClient::request(&self.inner, req);
+        let fut = self.inner.request(req);
         Box::pin(async move {
             let start = Instant::now();
             // The whole exchange, body included, is bounded: a CA that accepts the
             // connection and never answers must not hold an order (or shutdown) for ever.
             let exchange = async {
-                let mut r = fut.await?;
-                let body = r.body.into_bytes().await.map_err(instant_acme::Error::Other)?;
-                Ok(BytesResponse {
-                    parts: r.parts,
-                    body: Box::new(body),
-                })
+                let rsp = fut.await.map_err(|e| instant_acme::Error::Other(Box::new(e)))?;
+                read_response(rsp, MAX_ACME_RESPONSE).await
             };
             let rsp = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
                 .await
@@ -162,6 +159,22 @@ impl HttpClient for AcmeHttp {
     }
 }
 
+/// Reads an answer whole, at most `limit` bytes of body; more is an error that says so.
+async fn read_response<B>(rsp: http::Response<B>, limit: usize) -> Result<BytesResponse, instant_acme::Error>
+where
+    B: hyper::body::Body,
+    B::Error: Into<crate::body::BoxError>,
+{
+    let (parts, body) = rsp.into_parts();
+    let body = collect(body, limit).await.map_err(|e| {
+        instant_acme::Error::Other(format!("the ACME server's answer ({}): {e}", parts.status).into())
+    })?;
+    Ok(BytesResponse {
+        parts,
+        body: Box::new(body),
+    })
+}
+
 /// `Retry-After` as delay-seconds or as an HTTP-date (RFC 9110, 10.2.3), at most a day ahead.
 fn parse_retry_after(headers: &http::HeaderMap, now: SystemTime) -> Option<SystemTime> {
     let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
@@ -184,6 +197,28 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert(http::header::RETRY_AFTER, v.parse().unwrap());
         h
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_1_mib_is_an_error() {
+        let answer = |n: usize| {
+            http::Response::builder()
+                .status(200)
+                .body(http_body_util::Full::new(Bytes::from(vec![b'-'; n])))
+                .unwrap()
+        };
+        let mut ok = read_response(answer(MAX_ACME_RESPONSE), MAX_ACME_RESPONSE)
+            .await
+            .unwrap();
+        assert_eq!(ok.body.into_bytes().await.unwrap().len(), MAX_ACME_RESPONSE);
+        let err = read_response(answer(MAX_ACME_RESPONSE + 1), MAX_ACME_RESPONSE)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "the ACME server's answer (200 OK): response body over the limit of 1048576 bytes"
+        );
     }
 
     #[test]

@@ -18,10 +18,12 @@ use http_body_util::Full;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use sidecert_contract::ACME_CHALLENGE_PATH;
+use sidecert_runtime::ConnectionLimiter;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    body::{MAX_RELOAD_RESPONSE, collect},
     error::{Error, Result},
     metrics::Metrics,
 };
@@ -131,6 +133,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|e| Error::io(format!("listen address {addr}"), e))
 }
 
+/// Open connections a server of the sidecar keeps, in total. HTTP-01 requests come from the
+/// CA's validators (a few addresses at a time) through the ingress controller, and probes
+/// from the kubelet; a connection costs at most [`MAX_BUF`] of buffers plus hyper's own state,
+/// so 128 stay within a few MiB of the sidecar's 64Mi.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Open connections from one source address: an ingress controller's Pod proxies every
+/// validation, so this is well above what validation needs, and one client that floods the
+/// port holds at most a quarter of [`MAX_CONNECTIONS`].
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 32;
+/// How long a client may take to send a request head (on every request of a connection, and
+/// for the first: from the connection's start), so an idle or trickling connection ends.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// hyper's read buffer, the most a request head can take (hyper's minimum; its default is
+/// about 400 KiB): an HTTP-01 request is a GET with a short path.
+pub const MAX_BUF: usize = 8 * 1024;
+
 /// Serves the responder on `listener` until `shutdown`.
 pub fn serve_responder(
     listener: TcpListener,
@@ -164,9 +182,30 @@ async fn serve<F>(listener: TcpListener, shutdown: CancellationToken, handler: F
 where
     F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
 {
+    serve_limited(
+        listener,
+        shutdown,
+        handler,
+        ConnectionLimiter::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS),
+        HEADER_READ_TIMEOUT,
+    )
+    .await;
+}
+
+/// [`serve`] with `connections` counting (and capping) the open connections: one over a limit
+/// is closed as soon as it is accepted; and `header_read_timeout` for each request head.
+async fn serve_limited<F>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    handler: F,
+    connections: ConnectionLimiter,
+    header_read_timeout: std::time::Duration,
+) where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+{
     {
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(c) => c,
@@ -177,16 +216,27 @@ where
                     }
                 },
             };
+            let slot = match connections.admit(peer.ip()) {
+                Ok(slot) => slot,
+                Err(refused) => {
+                    tracing::debug!(%peer, reason = %refused, "connection refused");
+                    drop(stream);
+                    continue;
+                }
+            };
             let handler = handler.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                // Counted until the connection ends.
+                let _slot = slot;
                 let svc = service_fn(move |req| {
                     let rsp = handler(req);
                     async move { Ok::<_, Infallible>(rsp) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .header_read_timeout(header_read_timeout)
+                    .max_buf_size(MAX_BUF)
                     .serve_connection(TokioIo::new(stream), svc);
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
@@ -199,9 +249,9 @@ where
     }
 }
 
-/// A plain-HTTP GET with a timeout, returning status and body (self-check, reload calls).
+/// A plain-HTTP request with a timeout, returning status and body (self-check, reload calls);
+/// a body over [`MAX_RELOAD_RESPONSE`] is an error.
 pub async fn http_request(method: Method, url: &str) -> Result<(StatusCode, String)> {
-    use http_body_util::BodyExt;
     use hyper_util::client::legacy::Client;
     let client: Client<_, Full<Bytes>> = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
     let req = Request::builder()
@@ -212,12 +262,9 @@ pub async fn http_request(method: Method, url: &str) -> Result<(StatusCode, Stri
     let fut = async {
         let rsp = client.request(req).await.map_err(|e| Error::http_from(url, e))?;
         let status = rsp.status();
-        let body = rsp
-            .into_body()
-            .collect()
+        let body = collect(rsp.into_body(), MAX_RELOAD_RESPONSE)
             .await
-            .map_err(|e| Error::http_from(url, e))?
-            .to_bytes();
+            .map_err(|e| Error::http_from(url, e))?;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
     tokio::time::timeout(std::time::Duration::from_secs(10), fut)
@@ -278,6 +325,71 @@ mod tests {
         assert_eq!(get(base, "/readyz").await.0, StatusCode::OK);
         responder.store.set_scope("lease-a", HashMap::new());
         assert_eq!(get(base, &format!("{chal}tok1")).await.0, StatusCode::NOT_FOUND);
+        stop.cancel();
+    }
+
+    /// True when the server closed `stream` within `within`.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        matches!(
+            tokio::time::timeout(within, stream.read(&mut buf)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    async fn connect_from(src: [u8; 4], addr: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((src, 0))).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_are_capped_per_address_and_in_total_and_idle_ones_end() {
+        use std::time::Duration;
+        let responder = Responder::default();
+        responder.store.insert("lease-a", "tok1", "tok1.thumb");
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let connections = ConnectionLimiter::new(3, 2);
+        let header_timeout = Duration::from_millis(1500);
+        tokio::spawn(serve_limited(
+            listener,
+            stop.clone(),
+            move |req| responder.handle(&req),
+            connections.clone(),
+            header_timeout,
+        ));
+        let short = Duration::from_millis(500);
+
+        // Two idle connections from one address are kept; a third is closed at once.
+        let mut a1 = connect_from([127, 0, 0, 3], addr).await;
+        let mut a2 = connect_from([127, 0, 0, 3], addr).await;
+        let mut a3 = connect_from([127, 0, 0, 3], addr).await;
+        assert!(
+            closed_within(&mut a3, short).await,
+            "a third connection from one address"
+        );
+        // Another address gets the last of the total; a fourth address nothing.
+        let mut b1 = connect_from([127, 0, 0, 4], addr).await;
+        let mut c1 = connect_from([127, 0, 0, 5], addr).await;
+        assert!(closed_within(&mut c1, short).await, "a connection over the total");
+        assert!(!closed_within(&mut a1, Duration::from_millis(100)).await);
+        assert_eq!(connections.open(), 3);
+
+        // Idle connections (no request head) end at the header read timeout, and their
+        // slots are free again: a validator's GET is answered.
+        for s in [&mut a1, &mut a2, &mut b1] {
+            assert!(
+                closed_within(s, header_timeout * 3).await,
+                "an idle connection ends"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(connections.open(), 0);
+        let (s, b) = get(&format!("http://{addr}"), "/.well-known/acme-challenge/tok1").await;
+        assert_eq!((s, b.as_str()), (StatusCode::OK, "tok1.thumb"));
         stop.cancel();
     }
 }

@@ -1,18 +1,24 @@
 //! The HTTP side of admission: `/mutate`, `/healthz`, `/readyz`, what readiness waits for,
-//! and the draining middleware. The handlers are thin: a body in, [`Reviewer::review`], an
-//! answer out (never a 500).
+//! and the draining middleware. The handlers are thin: a review slot, the body (bounded in
+//! size and time), [`Reviewer::review`], an answer out (never a 500).
+
+use std::time::Duration;
 
 use actix_web::{
-    HttpResponse,
+    HttpRequest, HttpResponse, HttpResponseBuilder,
     body::MessageBody,
     dev::{ServiceRequest, ServiceResponse},
-    http::ConnectionType,
+    http::{ConnectionType, StatusCode, header},
     middleware::Next,
     web,
 };
+use tokio::time::Instant;
 
 use crate::{
-    admission::reviewer::Reviewer,
+    admission::{
+        limits::{BodyError, Limits, Refused, ReviewLimiter, read_body},
+        reviewer::Reviewer,
+    },
     error::{Error, MAX_BODY_BYTES},
     readiness::Readiness,
 };
@@ -21,9 +27,78 @@ use crate::{
 pub struct AppState {
     pub reviewer: Reviewer,
     pub ready: Readiness,
+    /// Review slots per source address and in total.
+    pub reviews: ReviewLimiter,
+    /// How long a review may wait for its slot and its body, together.
+    pub read_timeout: Duration,
 }
 
-async fn mutate(state: web::Data<AppState>, body: web::Bytes) -> HttpResponse {
+impl AppState {
+    /// The state with `limits`' review slots and read timeout.
+    pub fn new(reviewer: Reviewer, ready: Readiness, limits: &Limits) -> Self {
+        Self {
+            reviewer,
+            ready,
+            reviews: ReviewLimiter::new(limits),
+            read_timeout: limits.request_read_timeout,
+        }
+    }
+
+    fn refused(&self, what: &str, reason: &str) {
+        self.reviewer
+            .metrics
+            .refusals
+            .with_label_values(&[what, reason])
+            .inc();
+    }
+}
+
+/// A plain-text answer that closes the connection: what is left of the request (an unread
+/// or trickling body) is not waited for.
+fn closing(status: StatusCode, text: String) -> HttpResponse {
+    HttpResponseBuilder::new(status)
+        .content_type("text/plain")
+        .force_close()
+        .body(text)
+}
+
+async fn mutate(req: HttpRequest, state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
+    // One deadline for the slot and the body: the API server sends its review at once, so
+    // only a client that trickles (or a flood) meets it.
+    let deadline = Instant::now() + state.read_timeout;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let _slot = match state.reviews.acquire(peer, deadline).await {
+        Ok(slot) => slot,
+        Err(refused) => {
+            state.refused("review", refused.label());
+            let status = match refused {
+                Refused::PerAddress => StatusCode::TOO_MANY_REQUESTS,
+                Refused::Total => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            let mut rsp = closing(status, format!("no review slot free: {refused}"));
+            rsp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return rsp;
+        }
+    };
+    let expected = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let body = match read_body(payload, expected, MAX_BODY_BYTES, deadline).await {
+        Ok(body) => body,
+        Err(e) => {
+            let (reason, status) = match &e {
+                BodyError::Timeout => ("timeout", StatusCode::REQUEST_TIMEOUT),
+                BodyError::TooLarge(_) => ("too_large", StatusCode::PAYLOAD_TOO_LARGE),
+                BodyError::Payload(_) => ("error", StatusCode::BAD_REQUEST),
+            };
+            state.refused("body", reason);
+            tracing::debug!(peer = ?peer, error = %e, "request body refused");
+            return closing(status, e.to_string());
+        }
+    };
     match state.reviewer.review(&body).await {
         Ok(json) => HttpResponse::Ok().content_type("application/json").body(json),
         Err(e @ Error::TooLarge(_)) => HttpResponse::PayloadTooLarge()
@@ -76,7 +151,6 @@ pub async fn close_when_draining(
 pub fn routes(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(state)
-            .app_data(web::PayloadConfig::new(MAX_BODY_BYTES))
             .route("/mutate", web::post().to(mutate))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz));
