@@ -27,6 +27,15 @@ pub enum Error {
     Timeout(std::time::Duration),
     #[error("backend Service {namespace}/{name} not found")]
     MissingBackend { namespace: String, name: String },
+    /// An object of the name sidecert would write exists and is not sidecert's.
+    #[error(
+        "{kind} {namespace}/{name} exists and is not sidecert's (no app.kubernetes.io/managed-by=sidecert label); it is left alone"
+    )]
+    Foreign {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+    },
     #[error(transparent)]
     Contract(#[from] ContractError),
     #[error("certificate generation: {0}")]
@@ -80,6 +89,7 @@ impl Error {
             Self::Kube(_) => "api_unreachable",
             Self::Timeout(_) => "timeout",
             Self::MissingBackend { .. } => "missing_backend",
+            Self::Foreign { .. } => "foreign_object",
             Self::Contract(_) => "contract",
             Self::Certificate(_) => "certificate",
             Self::Tls(_) | Self::TlsCaused { .. } => "tls",

@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
     core::v1::{Namespace, Secret},
-    rbac::v1::Role,
+    rbac::v1::{Role, RoleBinding},
 };
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
@@ -159,7 +159,39 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
     .await;
     assert!(pod["patch"].is_string(), "{pod}");
 
-    for ns in [labelled, unlabelled, late] {
+    // A Role and a RoleBinding of the names sidecert uses, made by someone else: neither is
+    // adopted (before: sidecert merged its Secret names into the Role).
+    let taken = plane.namespace("forged-taken", true).await.unwrap();
+    let foreign_role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "sidecert-default"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]
+    }))
+    .unwrap();
+    taken
+        .api::<Role>()
+        .create(&PostParams::default(), &foreign_role)
+        .await
+        .unwrap();
+    let pod = respond(
+        &reviewer,
+        &pod_review(taken.name(), "taken-tls", "pod.taken.example"),
+    )
+    .await;
+    let warnings = pod["warnings"].to_string();
+    assert!(
+        warnings.contains("Role") && warnings.contains("is not sidecert's"),
+        "{pod}"
+    );
+    let role = taken.api::<Role>().get("sidecert-default").await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&role.rules).unwrap(),
+        json!([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]),
+        "the foreign Role is left as it was"
+    );
+    let bindings: Api<RoleBinding> = taken.api();
+    assert!(bindings.get_opt("sidecert-default").await.unwrap().is_none());
+
+    for ns in [labelled, unlabelled, late, taken] {
         ns.cleanup().await.unwrap();
     }
 }

@@ -247,6 +247,16 @@ impl Executor {
             attempts += 1;
             let result = match roles.get_opt(&name).await? {
                 None => roles.create(&PostParams::default(), &wanted).await.map(drop),
+                // A Role of that name someone else made is never adopted: merging names into
+                // it would grant its other rules' holders nothing new, but would make
+                // sidecert maintain rights it did not choose.
+                Some(existing) if !is_managed(&existing.metadata) => {
+                    return Err(Error::Foreign {
+                        kind: "Role",
+                        namespace: namespace.to_owned(),
+                        name,
+                    });
+                }
                 Some(existing) => match merge_role(&existing, &wanted) {
                     None => Ok(()),
                     Some(merged) => roles
@@ -262,15 +272,24 @@ impl Executor {
             }
         }
         let bindings = Api::<RoleBinding>::namespaced(self.client.clone(), namespace);
-        if bindings.get_metadata_opt(&name).await?.is_none() {
-            match bindings
+        match bindings.get_metadata_opt(&name).await? {
+            // Never adopted: it may bind another Role, or other subjects.
+            Some(existing) if !is_managed(&existing.metadata) => {
+                return Err(Error::Foreign {
+                    kind: "RoleBinding",
+                    namespace: namespace.to_owned(),
+                    name,
+                });
+            }
+            Some(_) => {}
+            None => match bindings
                 .create(&PostParams::default(), &role_binding(namespace, service_account))
                 .await
             {
                 Ok(_) => {}
                 Err(e) if already_exists(&e) => {}
                 Err(e) => return Err(e.into()),
-            }
+            },
         }
         Ok(())
     }
