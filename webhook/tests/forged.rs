@@ -20,49 +20,40 @@ use sidecert_webhook::{
     mutate::Snapshot,
 };
 
+mod common;
+use common::create_review;
+
 const OWN: &str = "sidecert-forged-test-release";
 
 fn pod_review(namespace: &str, secret: &str, host: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "5eedce27-0000-4000-8000-0000000f0a9e",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": false,
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"generateName": "p-", "annotations": {
-                    "sidecert.io/inject": "true", "sidecert.io/domains": host,
-                    "sidecert.io/secret-name": secret}},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
-            }
-        }
-    }))
-    .unwrap()
+    create_review(
+        namespace,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "p-", "annotations": {
+                "sidecert.io/inject": "true", "sidecert.io/domains": host,
+                "sidecert.io/secret-name": secret}},
+            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
+        }),
+        false,
+    )
 }
 
 fn ingress_review(namespace: &str, secret: &str, host: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "5eedce27-0000-4000-8000-0000000f0a9f",
-            "kind": {"group": "networking.k8s.io", "version": "v1", "kind": "Ingress"},
-            "resource": {"group": "networking.k8s.io", "version": "v1", "resource": "ingresses"},
-            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": false,
-            "object": {
-                "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-                "metadata": {"name": "forged", "namespace": namespace,
-                    "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
-                "spec": {
-                    "tls": [{"hosts": [host], "secretName": secret}],
-                    "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
-                        "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]
-                }
+    create_review(
+        namespace,
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": "forged", "namespace": namespace,
+                "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+            "spec": {
+                "tls": [{"hosts": [host], "secretName": secret}],
+                "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                    "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]
             }
-        }
-    }))
-    .unwrap()
+        }),
+        false,
+    )
 }
 
 async fn respond(reviewer: &Reviewer, body: &[u8]) -> Value {

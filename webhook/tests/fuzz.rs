@@ -164,42 +164,57 @@ fn apply(doc: &mut Value, m: &Mutation) {
     }
 }
 
-/// The property: an error, or a response for the request's uid.
-fn check(rt: &tokio::runtime::Runtime, reviewer: &Reviewer, body: &[u8], slowest: &Mutex<(Duration, usize)>) {
-    let started = Instant::now();
-    let result = rt.block_on(reviewer.review(body));
-    let took = started.elapsed();
-    {
-        let mut s = slowest.lock().unwrap();
-        if took > s.0 {
-            *s = (took, body.len());
-        }
-    }
-    let Ok(out) = result else { return };
-    let out: Value = serde_json::from_slice(&out).expect("the response is JSON");
-    assert_eq!(out["kind"], "AdmissionReview", "{out}");
-    let request: Value = serde_json::from_slice(body).unwrap_or_default();
-    if let Some(uid) = request["request"]["uid"].as_str() {
-        assert_eq!(out["response"]["uid"], uid, "{out}");
-    }
-    assert_eq!(out["response"]["allowed"], true, "{out}");
+/// The review path and the slowest case seen.
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    reviewer: Reviewer,
+    slowest: Mutex<(Duration, usize)>,
 }
 
-fn report(name: &str, slowest: &Mutex<(Duration, usize)>) {
-    let (took, len) = *slowest.lock().unwrap();
-    eprintln!("{name}: slowest case {took:?} ({len} bytes)");
+impl Harness {
+    fn new() -> Self {
+        Self {
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            reviewer: reviewer(),
+            slowest: Mutex::new((Duration::ZERO, 0)),
+        }
+    }
+
+    /// The property: an error, or a response for the request's uid.
+    fn check(&self, body: &[u8]) {
+        let started = Instant::now();
+        let result = self.rt.block_on(self.reviewer.review(body));
+        let took = started.elapsed();
+        {
+            let mut s = self.slowest.lock().unwrap();
+            if took > s.0 {
+                *s = (took, body.len());
+            }
+        }
+        let Ok(out) = result else { return };
+        let out: Value = serde_json::from_slice(&out).expect("the response is JSON");
+        assert_eq!(out["kind"], "AdmissionReview", "{out}");
+        let request: Value = serde_json::from_slice(body).unwrap_or_default();
+        if let Some(uid) = request["request"]["uid"].as_str() {
+            assert_eq!(out["response"]["uid"], uid, "{out}");
+        }
+        assert_eq!(out["response"]["allowed"], true, "{out}");
+    }
+
+    fn report(&self, name: &str) {
+        let (took, len) = *self.slowest.lock().unwrap();
+        eprintln!("{name}: slowest case {took:?} ({len} bytes)");
+    }
 }
 
 #[test]
 fn mutated_reviews_never_crash_and_keep_their_uid() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let reviewer = reviewer();
+    let h = Harness::new();
     let fixtures = fixtures();
     assert!(fixtures.len() >= 10, "the fixtures are there");
-    let slowest = Mutex::new((Duration::ZERO, 0));
     proptest!(Config::with_cases(cases(256)), |(
         which in any::<usize>(),
         mutations in prop::collection::vec(mutation(), 1..6),
@@ -208,19 +223,14 @@ fn mutated_reviews_never_crash_and_keep_their_uid() {
         for m in &mutations {
             apply(&mut doc, m);
         }
-        check(&rt, &reviewer, &serde_json::to_vec(&doc).unwrap(), &slowest);
+        h.check(&serde_json::to_vec(&doc).unwrap());
     });
-    report("mutated reviews", &slowest);
+    h.report("mutated reviews");
 }
 
 #[test]
 fn arbitrary_bodies_never_crash() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let reviewer = reviewer();
-    let slowest = Mutex::new((Duration::ZERO, 0));
+    let h = Harness::new();
     proptest!(Config::with_cases(cases(256)), |(
         body in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..512),
@@ -229,27 +239,22 @@ fn arbitrary_bodies_never_crash() {
             })).unwrap()),
         ]
     )| {
-        check(&rt, &reviewer, &body, &slowest);
+        h.check(&body);
     });
-    report("arbitrary bodies", &slowest);
+    h.report("arbitrary bodies");
 }
 
 /// The shapes that could make a review slow, at the API server's own size limit: nesting
 /// deeper than any object has, and as many hosts, rules and containers as 3 MiB holds.
 #[test]
 fn the_costliest_inputs_are_bounded() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let reviewer = reviewer();
-    let slowest = Mutex::new((Duration::ZERO, 0));
+    let h = Harness::new();
     let deep = format!(
         "{{\"apiVersion\":\"admission.k8s.io/v1\",\"kind\":\"AdmissionReview\",\"request\":{}{}}}",
         "[".repeat(100_000),
         "]".repeat(100_000)
     );
-    check(&rt, &reviewer, deep.as_bytes(), &slowest);
+    h.check(deep.as_bytes());
     let base = fixtures()
         .into_iter()
         .find(|f| {
@@ -271,7 +276,7 @@ fn the_costliest_inputs_are_bounded() {
     );
     let body = serde_json::to_vec(&many).unwrap();
     assert!(body.len() < 3 * 1024 * 1024, "{}", body.len());
-    check(&rt, &reviewer, &body, &slowest);
+    h.check(&body);
     // Just within every bound: 100 TLS entries of 100 hosts each, 1000 rules.
     let mut wide = base;
     let tls: Vec<Value> = (0..100)
@@ -289,6 +294,6 @@ fn the_costliest_inputs_are_bounded() {
     );
     let body = serde_json::to_vec(&wide).unwrap();
     assert!(body.len() < 3 * 1024 * 1024, "{}", body.len());
-    check(&rt, &reviewer, &body, &slowest);
-    report("costliest inputs", &slowest);
+    h.check(&body);
+    h.report("costliest inputs");
 }

@@ -19,6 +19,9 @@ use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings, kube::Executor, metrics::Metrics, mutate::Snapshot,
 };
 
+mod common;
+use common::create_review;
+
 fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
     let cache = Arc::new(cache);
     let ctx = Context {
@@ -31,21 +34,15 @@ fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
 }
 
 fn review(namespace: &str, labels: Value, annotations: Value, dry_run: bool) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "5eedce27-0000-4000-8000-00000000live",
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": dry_run,
-            "object": {
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"generateName": "p-", "labels": labels, "annotations": annotations},
-                "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
-            }
-        }
-    }))
-    .unwrap()
+    create_review(
+        namespace,
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "p-", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
+        }),
+        dry_run,
+    )
 }
 
 fn pod(namespace: &str, app: &str) -> Vec<u8> {

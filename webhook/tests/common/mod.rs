@@ -162,3 +162,32 @@ pub fn in_own_runtime<F: Future<Output = ()>>(task: impl FnOnce() -> F + Send + 
         rt.shutdown_background();
     })
 }
+
+/// An `admission.k8s.io/v1` AdmissionReview of a CREATE of `object` in `namespace`; its
+/// `apiVersion` and `kind` name the resource (Pods and Ingresses).
+pub fn create_review(namespace: &str, object: serde_json::Value, dry_run: bool) -> Vec<u8> {
+    let api_version = object["apiVersion"].as_str().unwrap_or("v1").to_owned();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", &api_version));
+    let kind = object["kind"].as_str().unwrap_or("Pod").to_owned();
+    let resource = match kind.as_str() {
+        "Ingress" => "ingresses".to_owned(),
+        k => format!("{}s", k.to_ascii_lowercase()),
+    };
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": format!("5eedce27-0000-4000-8000-{:012x}", rand_uid()),
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": resource},
+            "namespace": namespace, "operation": "CREATE", "userInfo": {}, "dryRun": dry_run,
+            "object": object,
+        }
+    }))
+    .unwrap()
+}
+
+fn rand_uid() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
