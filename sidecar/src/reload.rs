@@ -4,12 +4,15 @@
 use std::time::Duration;
 
 use http::Method;
+use sidecert_runtime::Backoff;
 
 use crate::challenge::responder::http_request;
 
+/// The pauses between calls of the reload URL: 1 s, doubling, at most 30 s.
+const RELOAD_RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+
 /// Calls `url` (POST) up to `attempts` times with doubling pauses; logs the outcome.
 pub async fn call_reload_url(url: &str, attempts: u32) -> bool {
-    let mut pause = Duration::from_secs(1);
     for attempt in 1..=attempts.max(1) {
         match http_request(Method::POST, url).await {
             Ok((status, _)) if status.is_success() => {
@@ -20,8 +23,7 @@ pub async fn call_reload_url(url: &str, attempts: u32) -> bool {
             Err(e) => tracing::warn!(url, error = %e, attempt, "reload URL failed"),
         }
         if attempt < attempts {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(30));
+            tokio::time::sleep(RELOAD_RETRY.delay(attempt)).await;
         }
     }
     false
