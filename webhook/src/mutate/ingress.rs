@@ -44,11 +44,13 @@ pub fn is_annotated(ingress: &Ingress) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
-/// The solver Service for a backend Service: at most 63 characters, with a hash of the whole
-/// name in place of the end when `<backend>-sidecert-solver` is longer (so two long backends
-/// never share a solver), whatever the backend's name holds.
+/// The solver Service for a backend Service: `<backend>-sidecert-solver`, at most 63
+/// characters whatever the backend's name holds; a long backend is cut and ends in a hash of
+/// its whole name (so two long backends never share a solver). The name always ends in the
+/// suffix: that is how [`plan`] tells a solver path from the backend's own.
 pub fn solver_service_name(backend: &str) -> String {
-    bounded_name(&format!("{backend}{SOLVER_SERVICE_SUFFIX}"), 63)
+    let keep = 63 - SOLVER_SERVICE_SUFFIX.len();
+    format!("{}{SOLVER_SERVICE_SUFFIX}", bounded_name(backend, keep))
 }
 
 /// One TLS Secret of an Ingress and the HTTP-01-capable hosts it covers.
@@ -446,10 +448,41 @@ mod tests {
         );
         assert_ne!(one, two, "two long backends never share a solver Service");
         assert!(validate_service_name(&one).is_ok(), "{one}");
+        assert!(one.ends_with(SOLVER_SERVICE_SUFFIX), "{one}");
         for sa in [format!("{}é", "s".repeat(243)), "é".repeat(200)] {
             assert!(rbac_name(&sa).len() <= 253);
         }
         assert_eq!(rbac_name("default"), "sidecert-default");
+    }
+
+    #[test]
+    fn a_long_backend_gets_one_solver_route_and_then_nothing_more() {
+        // The solver's name must stay recognisable: a hashed name without the suffix was
+        // taken for the backend on the next review, which added another route and another
+        // solver Service, without end.
+        for len in [40, 47, 48, 63] {
+            let backend = "b".repeat(len);
+            let mut ing = ingress(true, false);
+            let spec = ing.spec.as_mut().unwrap();
+            let path = &mut spec.rules.as_mut().unwrap()[0].http.as_mut().unwrap().paths[0];
+            path.backend.service.as_mut().unwrap().name = backend.clone();
+            let first = plan(&ing);
+            assert_eq!(first.routes.len(), 1);
+            assert_eq!(first.routes[0].backend, backend);
+            assert!(!first.routes[0].routed);
+            // Apply what admission adds: the challenge path first.
+            let solver = solver_service_name(&backend);
+            let paths = &mut ing.spec.as_mut().unwrap().rules.as_mut().unwrap()[0]
+                .http
+                .as_mut()
+                .unwrap()
+                .paths;
+            paths.insert(0, challenge_path(&solver));
+            let again = plan(&ing);
+            assert_eq!(again.routes.len(), 1, "{len}: {again:?}");
+            assert_eq!(again.routes[0].backend, backend, "{len}: the backend, not the solver");
+            assert!(again.routes[0].routed, "{len}: already routed, nothing to add");
+        }
     }
 
     #[test]
