@@ -21,8 +21,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => n * 86400.0,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
     };
+    if secs > MAX_SECONDS {
+        return Err(format!("{s:?} is longer than 100 years"));
+    }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
+
+/// The longest duration a flag takes: `Instant::now() + d` must not overflow (that panics),
+/// and no timeout or period here means anything near it.
+const MAX_SECONDS: f64 = 100.0 * 365.0 * 86400.0;
 
 /// Formats a duration the way [`parse_duration`] reads it back: the largest unit that
 /// divides it (`90s`, `5m`, `7d`, `1500ms`).
@@ -57,6 +64,12 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
         assert!(parse_duration("1e400s").is_err());
+        assert!(
+            parse_duration("200000000000000d")
+                .unwrap_err()
+                .contains("100 years")
+        );
+        assert!(parse_duration("36500d").is_ok());
     }
 
     #[test]

@@ -141,7 +141,7 @@ pub fn yaml_depth(text: &str) -> usize {
     let mut max = 0;
     let mut flow = 0usize;
     for line in text.lines() {
-        let indent = line.len() - line.trim_start_matches([' ', '-', '\t']).len();
+        let indent = line.len() - line.trim_start_matches([' ', '-', '?', '\t']).len();
         let mut quote: Option<char> = None;
         let mut escaped = false;
         let mut prev = ' ';
@@ -151,8 +151,10 @@ pub fn yaml_depth(text: &str) -> usize {
                 Some('"') if c == '\\' => escaped = true,
                 Some(q) if c == q => quote = None,
                 Some(_) => {}
+                // A quote opens a quoted scalar only where a token starts; inside a plain
+                // scalar (`it's`) it is a character like any other.
                 None => match c {
-                    '"' | '\'' => quote = Some(c),
+                    '"' | '\'' if prev.is_whitespace() || "[{,:-?".contains(prev) => quote = Some(c),
                     '#' if prev.is_whitespace() => break,
                     '[' | '{' => flow += 1,
                     ']' | '}' => flow = flow.saturating_sub(1),

@@ -60,6 +60,13 @@ fn nesting_deeper_than_any_manifest_is_refused_before_parsing() {
         ),
         (0..2_000).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect(),
         (0..2_000).map(|i| format!("{}- \n", "  ".repeat(i))).collect(),
+        // An apostrophe inside a plain scalar opens no quote.
+        format!(
+            "kind: Pod\nspec: [a', {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_001)
+        ),
+        format!("kind: Pod\nspec:\n{}x\n", "? ".repeat(2_000)),
     ] {
         let err = inject_manifests(&deep, &ctx()).unwrap_err().to_string();
         assert!(err.contains("levels deep"), "{err}");

@@ -480,7 +480,10 @@ mod tests {
             paths.insert(0, challenge_path(&solver));
             let again = plan(&ing);
             assert_eq!(again.routes.len(), 1, "{len}: {again:?}");
-            assert_eq!(again.routes[0].backend, backend, "{len}: the backend, not the solver");
+            assert_eq!(
+                again.routes[0].backend, backend,
+                "{len}: the backend, not the solver"
+            );
             assert!(again.routes[0].routed, "{len}: already routed, nothing to add");
         }
     }

@@ -7,7 +7,18 @@ use sidecert_contract::NEVER_MUTATED_NAMESPACES;
 /// False for the namespaces sidecert never mutates: the system namespaces, its own
 /// (`own`, empty when unknown), and a review without a namespace.
 pub fn may_serve(namespace: &str, own: &str) -> bool {
-    !namespace.is_empty() && namespace != own && !NEVER_MUTATED_NAMESPACES.contains(&namespace)
+    is_dns_label(namespace) && namespace != own && !NEVER_MUTATED_NAMESPACES.contains(&namespace)
+}
+
+/// A namespace name as Kubernetes allows it (an RFC 1123 label): a review that names
+/// anything else is forged, and its namespace must not reach a field selector or a URL.
+pub fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// The warning of a review for a namespace sidecert does not serve.
@@ -30,6 +41,10 @@ mod tests {
             "kube-node-lease",
             "sidecert-system",
             "",
+            "shop,status.phase!=x",
+            "shop/../kube-system",
+            "Shop",
+            "-shop",
         ] {
             assert!(!may_serve(ns, "sidecert-system"), "{ns:?}");
         }

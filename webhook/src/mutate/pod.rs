@@ -13,7 +13,7 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::{Value, json};
 use sidecert_contract::{
     SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations, encode_certificates,
-    lease_name,
+    lease_name, validate_secret_name,
 };
 
 use crate::mutate::{
@@ -253,6 +253,12 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         .or(spec.service_account.as_deref())
         .filter(|s| !s.is_empty())
         .unwrap_or("default");
+    // The API server refuses such a Pod later; its name must not reach a Role or a URL.
+    if validate_secret_name(service_account).is_err() {
+        return Outcome::skip(SkipReason::InvalidAnnotations).warn(format!(
+            "sidecert: not injected: serviceAccountName {service_account:?} is not a valid name"
+        ));
+    }
     let mut secrets: Vec<String> = certificates.iter().map(|c| c.secret_name.clone()).collect();
     secrets.push(account_secret_name(
         &config.acme_server,
@@ -442,6 +448,18 @@ mod tests {
             let out = mutate_pod(&request(direct(json!({"sidecert.io/acme-server": name}))), &ctx);
             assert!(!out.patch.is_empty(), "{name}: {out:?}");
         }
+        // A ServiceAccount name that is no name (it would reach a Role and a URL path).
+        let mut req = request(direct(json!({})));
+        req.object
+            .as_mut()
+            .unwrap()
+            .spec
+            .as_mut()
+            .unwrap()
+            .service_account_name = Some("default/../../x".into());
+        let out = mutate_pod(&req, &ctx);
+        assert!(warned(&out, "serviceAccountName"), "{out:?}");
+        assert!(out.effects.is_empty(), "{out:?}");
         // The same Pod, well formed, is injected; a loopback reload URL is fine.
         let out = mutate_pod(
             &request(direct(
