@@ -1219,7 +1219,7 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     ctx.release_ns,
                     ctx.webhook_deployment()
                 );
-                let refused = "sidecert's webhook may write";
+                let refused = "sidecert's webhook";
                 let attempt = |ns: String, args: Vec<String>| {
                     let ctx = ctx.clone();
                     let as_webhook = as_webhook.clone();
@@ -1253,11 +1253,34 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                 .map(str::to_owned)
                 .to_vec();
 
-                // Allowed where the namespace opted in: RBAC and the policy both let it through.
+                // Where the namespace opted in, only what sidecert writes: a temporary TLS
+                // Secret labelled as its own (not any Secret), its own Roles (not others).
                 let out = attempt(on.to_owned(), secret("s9-probe")).await?;
-                ensure!(out.success, "a labelled namespace: {}", out.describe());
+                ensure!(
+                    !out.success && out.stderr.contains("creates only temporary TLS Secrets"),
+                    "a generic Secret in a labelled namespace: {}",
+                    out.describe()
+                );
+                let temporary = json!({
+                    "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                    "metadata": {"name": "s9-temporary",
+                        "labels": {"app.kubernetes.io/managed-by": "sidecert"},
+                        "annotations": {"sidecert.io/temporary": "true"}},
+                    "data": {"tls.crt": "", "tls.key": ""}
+                });
+                let out = ctx
+                    .kubectl(
+                        &[&as_webhook, "-n", on, "create", "--dry-run=server", "-f", "-"],
+                        Some(&temporary.to_string()),
+                    )
+                    .await?;
+                ensure!(out.success, "a temporary TLS Secret in a labelled namespace: {}", out.describe());
                 let out = attempt(on.to_owned(), role.clone()).await?;
-                ensure!(out.success, "a Role in a labelled namespace: {}", out.describe());
+                ensure!(
+                    !out.success && out.stderr.contains("its own sidecar Roles"),
+                    "a Role of another name in a labelled namespace: {}",
+                    out.describe()
+                );
 
                 // Refused by the API server elsewhere, with the policy's message.
                 for (ns, args, what) in [
