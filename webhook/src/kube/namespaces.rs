@@ -12,8 +12,30 @@ use kube::{
     api::ListParams,
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
+use tokio::task::JoinHandle;
 
 use crate::{error::Error, mutate::namespace::may_serve};
+
+/// A reflector store of the namespaces `selector` selects, kept current until the task is
+/// aborted (admission's gate keeps it for the life of the process, the reconciler for a
+/// term as leader).
+pub fn namespace_store(client: Client, selector: &str) -> (Store<Namespace>, JoinHandle<()>) {
+    let (store, writer) = reflector::store();
+    let watch = reflector(
+        writer,
+        watcher(
+            Api::<Namespace>::all(client),
+            watcher::Config::default().labels(selector),
+        ),
+    )
+    .default_backoff()
+    .for_each(|e| async move {
+        if let Err(e) = e {
+            tracing::warn!(error = %e, "Namespace watch");
+        }
+    });
+    (store, tokio::spawn(watch))
+}
 
 /// The labelled namespaces, from a watch, with a live fallback.
 #[derive(Clone)]
@@ -28,21 +50,8 @@ impl NamespaceGate {
     /// Starts the watch of the namespaces `selector` selects (a task on the current runtime).
     /// `own` is the release namespace (empty when unknown), never served.
     pub fn start(client: Client, selector: &str, own: &str) -> Self {
-        let (store, writer) = reflector::store();
-        let watch = reflector(
-            writer,
-            watcher(
-                Api::<Namespace>::all(client.clone()),
-                watcher::Config::default().labels(selector),
-            ),
-        )
-        .default_backoff()
-        .for_each(|e| async move {
-            if let Err(e) = e {
-                tracing::warn!(error = %e, "Namespace watch");
-            }
-        });
-        tokio::spawn(watch);
+        // Runs for the life of the process: the task is not kept.
+        let (store, _watch) = namespace_store(client.clone(), selector);
         Self {
             store,
             client,

@@ -8,16 +8,13 @@ use std::{
     time::Duration,
 };
 
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
-};
+use futures::FutureExt;
+use kube::Client;
 use sidecert_runtime::{Backoff, Election, LeaseSpec};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
+    kube::namespaces::namespace_store,
     metrics::Metrics,
     mutate::lookup::Lookup,
     reconciler::{
@@ -54,25 +51,6 @@ pub fn default_identity() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("{base}-{:06x}", h.finish() & 0xff_ffff)
-}
-
-/// A reflector store of the labelled namespaces, kept current until the task is aborted.
-fn namespace_store(client: Client, selector: &str) -> (Store<Namespace>, tokio::task::JoinHandle<()>) {
-    let (reader, writer) = reflector::store();
-    let watch = reflector::reflector(
-        writer,
-        watcher(
-            Api::<Namespace>::all(client),
-            watcher::Config::default().labels(selector),
-        ),
-    )
-    .default_backoff()
-    .for_each(|e| async move {
-        if let Err(e) = e {
-            tracing::warn!(error = %e, "Namespace watch");
-        }
-    });
-    (reader, tokio::spawn(watch))
 }
 
 /// Elects a leader on the Lease and runs the reconciler while this replica leads, until
