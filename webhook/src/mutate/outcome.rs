@@ -68,6 +68,14 @@ impl Outcome {
         }
     }
 
+    /// A skip that carries the warnings gathered so far.
+    pub(crate) fn skip_with(reason: SkipReason, warnings: Vec<String>) -> Self {
+        Self {
+            warnings,
+            ..Self::skip(reason)
+        }
+    }
+
     pub(crate) fn warn(mut self, warning: impl Into<String>) -> Self {
         self.warnings.push(warning.into());
         self

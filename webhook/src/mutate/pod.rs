@@ -149,18 +149,11 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         } else {
             SkipReason::NotSelected
         };
-        return Outcome {
-            warnings: selection.warnings,
-            ..Outcome::skip(reason)
-        };
+        return Outcome::skip_with(reason, selection.warnings);
     }
 
     if named {
-        return Outcome {
-            warnings: selection.warnings,
-            ..Outcome::skip(SkipReason::AlreadyInjected)
-        }
-        .warn(format!(
+        return Outcome::skip_with(SkipReason::AlreadyInjected, selection.warnings).warn(format!(
             "sidecert: not injected: a container is already named {SIDECAR_CONTAINER_NAME:?}; \
              rename it for sidecert to add its sidecar"
         ));
@@ -170,11 +163,7 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty());
     if let Some(url) = reload_url.as_deref().filter(|u| !is_loopback_url(u)) {
-        return Outcome {
-            warnings: selection.warnings,
-            ..Outcome::skip(SkipReason::InvalidAnnotations)
-        }
-        .warn(format!(
+        return Outcome::skip_with(SkipReason::InvalidAnnotations, selection.warnings).warn(format!(
             "sidecert: not injected: {} must be an http:// or https:// URL on the Pod itself \
              (127.0.0.1, [::1] or localhost), not {url:?}",
             annotations::RELOAD_URL
@@ -186,11 +175,7 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         .as_deref()
         .filter(|s| !ctx.acme.allows_server(s))
     {
-        return Outcome {
-            warnings: selection.warnings,
-            ..Outcome::skip(SkipReason::InvalidAnnotations)
-        }
-        .warn(format!(
+        return Outcome::skip_with(SkipReason::InvalidAnnotations, selection.warnings).warn(format!(
             "sidecert: not injected: {} {server:?} is not an ACME server this cluster allows \
              (Let's Encrypt, {}, or the webhook's --allowed-acme-servers)",
             annotations::ACME_SERVER,
