@@ -1455,7 +1455,17 @@ async fn s6_upgrade(ctx: Ctx) -> Result<()> {
                                     .await;
                                 Ok(sidecar(&created).is_some())
                             }
-                            Err(e) => Err(e.to_string()),
+                            Err(e) => {
+                                // At once, with the time: a CI log cut short still shows why.
+                                eprintln!(
+                                    "scenario 6: {name} refused at unix {:.3}: {e}",
+                                    SystemTime::now()
+                                        .duration_since(UNIX_EPOCH)
+                                        .map(|d| d.as_secs_f64())
+                                        .unwrap_or_default()
+                                );
+                                Err(e.to_string())
+                            }
                         };
                         results.push((name, outcome));
                         tokio::time::sleep(Duration::from_millis(200)).await;
