@@ -102,10 +102,13 @@ manifests-check: manifests ## fail when manifests/ is not what the chart renders
 	  if [[ -n $$untracked ]]; then echo "not committed: $$untracked" >&2; exit 1; fi
 
 .PHONY: images
-images: ## build the webhook and sidecar images (needs a Docker engine)
+images: tools ## build the webhook and sidecar images with no container daemon: OCI archives in e2e/.cache/images
+	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) $(E2E)/images.sh webhook sidecar
+
+.PHONY: images-docker
+images-docker: ## the same images from the Dockerfiles, with a Docker engine
 	@if ! $(DOCKER) info >/dev/null 2>&1; then \
-	  echo 'make images: no container engine ("$(DOCKER) info" fails). Build the images where Docker runs.' >&2; \
-	  echo '  (The local plane needs no images: e2e/images.txt maps them to target/debug binaries.)' >&2; \
+	  echo 'make images-docker: no container engine ("$(DOCKER) info" fails); make images needs none.' >&2; \
 	  exit 1; fi
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f webhook/Dockerfile -t $(IMAGE_REGISTRY)/webhook:$(IMAGE_TAG) .
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f sidecar/Dockerfile -t $(IMAGE_REGISTRY)/sidecar:$(IMAGE_TAG) .

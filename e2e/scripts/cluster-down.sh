@@ -6,6 +6,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 [[ "${1:-}" == --keep-logs ]] || true
 
+# A real node first (kubelet, containers, containerd, kube-proxy, registry; a no-op without
+# one): its teardown also undoes what a killed run left.
+"$E2E/scripts/node.sh" down || say "the node's teardown failed; see above"
+
 # The kubelet stand-in first: it stops the Pods' processes and removes their namespaces.
 for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
   name=${COMPONENTS[$i]}

@@ -90,6 +90,8 @@ start kube-apiserver "$BIN/kube-apiserver" \
   --authorization-mode Node,RBAC \
   --service-cluster-ip-range "$SERVICE_CIDR" \
   --enable-aggregator-routing=true \
+  --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority "$PKI/ca.crt" --kubelet-preferred-address-types InternalIP \
   --allow-privileged=true \
   --profiling=false \
   --event-ttl 30m
@@ -173,11 +175,19 @@ export PEBBLE_MANAGEMENT="https://$GATEWAY:$PEBBLE_MGMT_PORT"
 export PEBBLE_HTTP_PORT=$PEBBLE_HTTP01_PORT
 export CHALLTESTSRV_URL="http://$CHALLTESTSRV_MGMT"
 export SIDECERT_PLANE_GATEWAY=$GATEWAY
+export SIDECERT_NODE=${SIDECERT_NODE:-standin}
 ENV
 
-start localnode "$localnode_bin" localnode --kubeconfig "$STATE/kubeconfig" --node-name sidecert-local \
+# SIDECERT_NODE=real (issue 11, in progress): a real kubelet on containerd (node.sh), and the
+# stand-in only keeps Pebble's DNS records. Default: the stand-in is the node.
+localnode_mode=()
+if [[ ${SIDECERT_NODE:-standin} == real ]]; then
+  "$E2E/scripts/node.sh" up
+  localnode_mode=(--dns-only)
+fi
+start localnode "$localnode_bin" localnode --kubeconfig "$STATE/kubeconfig" --node-name "$NODE_NAME" \
   --bridge "$BRIDGE" --gateway "$GATEWAY" --pod-cidr "$POD_CIDR" --api-server-port "$API_PORT" \
-  --challtestsrv "http://$CHALLTESTSRV_MGMT" --state-dir "$STATE" --images "$E2E/images.txt"
+  --challtestsrv "http://$CHALLTESTSRV_MGMT" --state-dir "$STATE" --images "$E2E/images.txt" "${localnode_mode[@]}"
 node_ready() {
   [[ "$(kubectl_admin get node sidecert-local -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
 }

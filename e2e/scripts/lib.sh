@@ -23,6 +23,7 @@ PEBBLE_HTTP01_PORT=8089
 CHALLTESTSRV_DNS=127.0.0.1:8053
 CHALLTESTSRV_MGMT=127.0.0.1:8055
 KCM_PORT=10257
+NODE_NAME=sidecert-local
 # Process order: started in this order, stopped in reverse.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager pebble-challtestsrv pebble localnode webhook)
 

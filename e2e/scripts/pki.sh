@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Makes the plane's certificates (once): the cluster CA, the API server's serving
-# certificate, client certificates for the admin and the controller-manager, the
-# service-account signing key, and a separate CA + serving certificate for Pebble's HTTPS.
+# certificate, client certificates for the admin, the controller-manager, the scheduler,
+# kube-proxy, the kubelet (system:node:*) and the API server's calls to the kubelet, the
+# kubelet's serving certificate, the service-account signing key, and a separate CA +
+# serving certificate for Pebble's HTTPS.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mkdir -p "$PKI"
 cd "$PKI"
-[[ -f .complete ]] && exit 0
+# The marker names the set: a plane state from before a certificate was added is remade.
+[[ -f .complete.2 ]] && exit 0
+rm -f ./*.crt ./*.key ./*.srl .complete
 command -v openssl >/dev/null || die "openssl is needed to make the plane's certificates (apt-get install openssl)"
 
 ca() { # name cn
@@ -29,10 +33,17 @@ leaf apiserver ca "/CN=kube-apiserver" "keyUsage=critical,digitalSignature" "ext
   "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,IP:10.214.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
 leaf admin ca "/O=system:masters/CN=sidecert-admin" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
 leaf controller-manager ca "/CN=system:kube-controller-manager" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+leaf scheduler ca "/CN=system:kube-scheduler" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+leaf kube-proxy ca "/CN=system:kube-proxy" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+leaf kubelet-client ca "/O=system:nodes/CN=system:node:$NODE_NAME" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+leaf kubelet ca "/CN=$NODE_NAME" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+  "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,DNS:$NODE_NAME,DNS:localhost"
+# system:masters is more than the kubelet API needs, but the plane's RBAC is not under test.
+leaf apiserver-kubelet-client ca "/O=system:masters/CN=kube-apiserver-kubelet-client" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
 openssl genrsa -out sa.key 2048 2>/dev/null
 openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 ca pebble-ca "sidecert-local pebble https ca"
 leaf pebble pebble-ca "/CN=pebble" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
   "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,DNS:localhost,DNS:pebble"
 chmod 600 ./*.key
-touch .complete
+touch .complete.2

@@ -152,6 +152,12 @@ impl Plane {
         &self.pebble_ca_file
     }
 
+    /// Whether a real kubelet on containerd runs the node (`SIDECERT_NODE=real make
+    /// cluster-up`, e2e/scripts/node.sh) instead of the stand-in.
+    pub fn real_node(&self) -> bool {
+        std::env::var("SIDECERT_NODE").is_ok_and(|v| v == "real")
+    }
+
     /// Pebble's management URL.
     pub fn pebble_management(&self) -> &str {
         &self.pebble_management

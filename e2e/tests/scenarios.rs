@@ -173,6 +173,13 @@ impl Ctx {
         ctx.remove_stale_releases().await?;
         ctx.refuse_other_installs().await?;
         let ca_file = plane.pebble_ca_file().display().to_string();
+        // The stand-in mounts no volumes: there the webhook reads Pebble's CA from the host's
+        // file. A real kubelet mounts the chart's ConfigMap, as on any cluster.
+        let (ca_flag, ca_value) = if plane.real_node() {
+            ("--set-file", format!("acme.caBundle={ca_file}"))
+        } else {
+            ("--set", format!("acme.caBundleFile={ca_file}"))
+        };
         let started = Instant::now();
         ctx.helm_ok(&[
             "upgrade",
@@ -187,9 +194,8 @@ impl Ctx {
             "120s",
             "--set",
             &format!("acme.server={}", plane.pebble_directory()),
-            // The stand-in mounts no volumes: the webhook reads Pebble's CA from the host.
-            "--set",
-            &format!("acme.caBundleFile={ca_file}"),
+            ca_flag,
+            &ca_value,
             // Pebble picks a random profile for orders that name none; scenario 2 asks for
             // `shortlived` on its Ingress.
             "--set",

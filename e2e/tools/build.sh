@@ -57,4 +57,64 @@ build_in_module kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-ma
 go_install pebble "github.com/letsencrypt/pebble/v2/cmd/pebble@$PEBBLE_VERSION"
 go_install pebble-challtestsrv "github.com/letsencrypt/pebble/v2/cmd/pebble-challtestsrv@$PEBBLE_VERSION"
 go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+
+# ---- the real node (kubelet, kube-proxy, kube-scheduler; containerd, runc, CNI; registry) ----
+# Debian packages the node needs at build or run time: libseccomp for runc's seccomp support
+# (Pod Security "restricted" asks for RuntimeDefault), nft for kube-proxy's nftables mode,
+# musl-gcc for ring in the static image binaries, busybox-static for the test shell image.
+need_pkgs=()
+for p in libseccomp-dev:/usr/include/seccomp.h nftables:/usr/sbin/nft musl-tools:/usr/bin/musl-gcc \
+  busybox-static:/bin/busybox conntrack:/usr/sbin/conntrack; do
+  [[ -e "${p#*:}" ]] || need_pkgs+=("${p%%:*}")
+done
+if ((${#need_pkgs[@]})); then
+  step "installing Debian packages: ${need_pkgs[*]}"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"; } \
+    || fail "install ${need_pkgs[*]}" "apt-get update && apt-get install -y ${need_pkgs[*]}"
+fi
+
+build_in_module kubelet k8s.io/kubernetes/cmd/kubelet "$kube_ldflags" "$KUBERNETES_VERSION"
+build_in_module kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler "$kube_ldflags" "$KUBERNETES_VERSION"
+build_in_module kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$kube_ldflags" "$KUBERNETES_VERSION"
+
+# containerd, runc and the registry are modules of their own with dependencies newer than
+# the API server's: built with `go install`, so each resolves its own go.mod.
+go_install_tagged() { # name package@version tags cgo
+  local name=$1 pkg=$2 tags=$3 cgo=$4 version=${2##*@}
+  fresh "$name" "$version" && return 0
+  step "installing $pkg"
+  local tmp; tmp=$(mktemp -d)
+  CGO_ENABLED=$cgo GOBIN="$tmp" go install -trimpath -tags "$tags" -ldflags "-s -w" "$pkg" \
+    || fail "install $name" "CGO_ENABLED=$cgo GOBIN=$bin go install -tags '$tags' $pkg"
+  mv "$tmp"/* "$bin/$name" && rmdir "$tmp"
+  stamp "$name" "$version"
+}
+cd_tags="no_btrfs no_devmapper no_zfs no_aufs"
+go_install_tagged containerd "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" "$cd_tags" 0
+go_install_tagged containerd-shim-runc-v2 "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" "$cd_tags" 0
+go_install_tagged ctr "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" "$cd_tags" 0
+# runc's nsenter is C (cgo); seccomp links libseccomp.
+go_install_tagged runc "github.com/opencontainers/runc@$RUNC_VERSION" "seccomp" 1
+go_install_tagged registry "github.com/distribution/distribution/v3/cmd/registry@$DISTRIBUTION_VERSION" "" 0
+go_install_tagged crane "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION" "" 0
+cni="$e2e/.cache/cni/bin"
+mkdir -p "$cni"
+for plugin in main/bridge main/loopback ipam/host-local; do
+  name=${plugin#*/}
+  if [[ -x "$cni/$name" && "$(cat "$cni/.$name.version" 2>/dev/null)" == "$CNI_PLUGINS_VERSION" ]]; then continue; fi
+  step "installing CNI plugin $name $CNI_PLUGINS_VERSION"
+  CGO_ENABLED=0 GOBIN="$cni" go install -trimpath -ldflags "-s -w" \
+    "github.com/containernetworking/plugins/plugins/$plugin@$CNI_PLUGINS_VERSION" \
+    || fail "install CNI plugin $name" "GOBIN=$cni go install github.com/containernetworking/plugins/plugins/$plugin@$CNI_PLUGINS_VERSION"
+  echo "$CNI_PLUGINS_VERSION" >"$cni/.$name.version"
+done
+# The sandbox ("pause") image's one binary, from Kubernetes' own source in the module cache.
+if ! fresh pause "$KUBERNETES_VERSION"; then
+  step "building pause $KUBERNETES_VERSION"
+  src="$(cd "$here" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c"
+  gcc -Os -Wall -Werror -static -DVERSION="$KUBERNETES_VERSION" -o "$bin/pause" "$src" \
+    || fail "build pause" "gcc -static -o $bin/pause $src"
+  stamp pause "$KUBERNETES_VERSION"
+fi
+
 step "tools ready in $bin"

@@ -67,6 +67,10 @@ pub struct Config {
     /// this binary was built from].
     #[arg(long)]
     pub repo_root: Option<PathBuf>,
+    /// Only keep pebble-challtestsrv's DNS in line with the cluster: a real kubelet runs the
+    /// node (e2e/scripts/node.sh), and no real component gives Pebble these records.
+    #[arg(long)]
+    pub dns_only: bool,
 }
 
 /// What the node offers (reported as capacity and used as default resource limits).
@@ -161,6 +165,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| Error::io(&dir, e))?;
+    }
+    if config.dns_only {
+        info!("DNS only: a real kubelet runs the node");
+        dns::run(ctx, challtestsrv, shutdown).await;
+        info!("localnode stopped");
+        return Ok(());
     }
     pods::netns::cleanup_leftovers().await;
 
