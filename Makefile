@@ -10,7 +10,7 @@ help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## build the pinned etcd, kube-apiserver, kube-controller-manager, Pebble and helm into e2e/.cache
+tools: ## build the pinned Go tools (control plane, node, Pebble, helm, registry, crane) into e2e/.cache
 	e2e/tools/build.sh
 
 .PHONY: build
@@ -41,6 +41,10 @@ test: lint tools build chart-test manifests-check ## every test: unit, integrati
 .PHONY: e2e
 e2e: tools build ## only the end-to-end scenarios (chart installed with helm), on a local plane it starts and stops
 	$(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
+
+.PHONY: e2e-real
+e2e-real: tools build ## the scenarios on a real node (kubelet, containerd, images from a local registry; issue 11, opt-in)
+	SIDECERT_NODE=real $(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
 
 .PHONY: fuzz
 fuzz: ## property tests of the review path with many cases (SIDECERT_FUZZ_CASES, default 20000); prints the slowest case

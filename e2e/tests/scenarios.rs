@@ -27,6 +27,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
+    batch::v1::Job,
     core::v1::{Container, Pod, Secret, Service},
     networking::v1::Ingress,
 };
@@ -94,6 +95,16 @@ async fn scenarios() {
                 .await,
             );
         }
+        if selected.contains(&10) {
+            outcomes.push(
+                run(
+                    10,
+                    "what only a real kubelet shows: sidecar order, mounted Secret, Pod Security, a Job",
+                    s10_real_kubelet(ctx.clone()),
+                )
+                .await,
+            );
+        }
         if selected.contains(&6) {
             outcomes.push(run(6, "helm upgrade while Pods are created", s6_upgrade(ctx.clone())).await);
         }
@@ -134,7 +145,7 @@ fn selected_scenarios() -> BTreeSet<u8> {
         Ok(list) if !list.trim().is_empty() => {
             list.split(',').filter_map(|s| s.trim().parse().ok()).collect()
         }
-        _ => (1..=9).collect(),
+        _ => (1..=10).collect(),
     }
 }
 
@@ -1003,6 +1014,152 @@ async fn s3_direct_pod(ctx: Ctx) -> Result<()> {
             eprintln!("scenario 3: issued serial {} for {:?}", info.serial, info.sans);
             let pod = pods_api.get("direct").await?;
             ensure!(restarts(&pod) == 0, "Pod direct restarted");
+            Ok(())
+        })
+        .await
+}
+
+/// The parts of a Pod spec Pod Security `restricted` asks of every container.
+fn restricted(container: &mut Value) {
+    container["securityContext"] = json!({"allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": true,
+        "seccompProfile": {"type": "RuntimeDefault"}});
+}
+
+/// When a container of `pod` last started running (RFC 3339, second resolution).
+fn started_at(pod: &Pod, name: &str) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .find(|c| c.name == name)?
+        .state
+        .as_ref()?
+        .running
+        .as_ref()?
+        .started_at
+        .as_ref()
+        .map(|t| t.0.to_string())
+}
+
+/// Scenario 10 (real node only): in a namespace that enforces Pod Security `restricted`, an
+/// annotated Ingress's Deployment mounts the certificate Secret: the injected Pod is admitted,
+/// the native sidecar runs before the app starts, and the app's mounted file turns from the
+/// temporary certificate into the issued one with no restart. A Job with an injected sidecar
+/// completes (the kubelet stops the sidecar after the Job's container ends).
+async fn s10_real_kubelet(ctx: Ctx) -> Result<()> {
+    if !ctx.plane.real_node() {
+        eprintln!(
+            "scenario 10: skipped: the stand-in mounts no volumes and runs no images (SIDECERT_NODE=real)"
+        );
+        return Ok(());
+    }
+    ctx.clone()
+        .in_namespaces(&[("e2e-s10", true)], |namespaces| async move {
+            let ns = &namespaces[0];
+            ctx.kubectl_ok(
+                &[
+                    "label",
+                    "namespace",
+                    ns.name(),
+                    "pod-security.kubernetes.io/enforce=restricted",
+                ],
+                None,
+            )
+            .await?;
+            let domain = host("mounted", ns);
+            let mut list = web_app(
+                "mounted",
+                std::slice::from_ref(&domain),
+                "mounted-tls",
+                1,
+                json!({}),
+                json!({}),
+            );
+            let spec = &mut list["items"][2]["spec"]["template"]["spec"];
+            spec["volumes"] = json!([{"name": "tls", "secret": {"secretName": "mounted-tls"}}]);
+            let app = &mut spec["containers"][0];
+            app["volumeMounts"] = json!([{"name": "tls", "mountPath": "/tls", "readOnly": true}]);
+            restricted(app);
+            ctx.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&list.to_string()))
+                .await?;
+            let pods_api: Api<Pod> = ns.api();
+            let pods = running_pods(&pods_api, "app=mounted", 1, Duration::from_secs(60))
+                .await
+                .context("admitted under Pod Security restricted, with the sidecar")?;
+            let pod = &pods[0];
+            let name = pod_name(pod).to_owned();
+            ensure!(sidecar(pod).is_some(), "Pod {name} has no sidecar");
+            let (side, app) = (started_at(pod, SIDECAR_CONTAINER_NAME), started_at(pod, "app"));
+            ensure!(
+                side.is_some() && app.is_some() && side <= app,
+                "the native sidecar started at {side:?}, the app at {app:?}"
+            );
+            let secrets: Api<Secret> = ns.api();
+            let issued = wait_issued(&secrets, "mounted-tls", Duration::from_secs(90)).await?;
+            let want = tls_crt(&issued).context("tls.crt")?;
+            // The kubelet refreshes Secret volumes on its sync (syncFrequency 10 s here).
+            let started = Instant::now();
+            wait_for(Duration::from_secs(60), || {
+                let (ctx, ns, name, want) = (ctx.clone(), ns.name().to_owned(), name.clone(), want.clone());
+                async move {
+                    let out = ctx
+                        .kubectl(
+                            &["-n", &ns, "exec", &name, "-c", "app", "--", "cat", "/tls/tls.crt"],
+                            None,
+                        )
+                        .await
+                        .ok()?;
+                    (out.success && out.stdout == want).then_some(())
+                }
+            })
+            .await
+            .context("the mounted tls.crt never became the issued certificate")?;
+            eprintln!(
+                "scenario 10: the mounted file held the issued certificate {:.1}s after the Secret did",
+                started.elapsed().as_secs_f32()
+            );
+            let pod = pods_api.get(&name).await?;
+            ensure!(restarts(&pod) == 0, "Pod {name} restarted");
+
+            let job_domain = host("job", ns);
+            let mut container = json!({"name": "work", "image": APP_IMAGE,
+                "command": ["sh", "-c", "echo working; sleep 2; echo done"]});
+            restricted(&mut container);
+            let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                "spec": {"backoffLimit": 0, "template": {
+                    "metadata": {"annotations": direct_annotations(&job_domain, "job-tls")},
+                    "spec": {"restartPolicy": "Never", "containers": [container]}}}});
+            let started = Instant::now();
+            ctx.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&job.to_string()))
+                .await?;
+            let jobs: Api<Job> = ns.api();
+            wait_for(Duration::from_secs(90), || {
+                let jobs = jobs.clone();
+                async move {
+                    let job = jobs.get("once").await.ok()?;
+                    let conditions = job.status?.conditions?;
+                    conditions
+                        .iter()
+                        .any(|c| c.type_ == "Complete" && c.status == "True")
+                        .then_some(())
+                }
+            })
+            .await
+            .context("the Job with an injected sidecar did not complete")?;
+            let job_pods = pods_api
+                .list(&ListParams::default().labels("job-name=once"))
+                .await?;
+            ensure!(
+                job_pods.items.iter().all(|p| sidecar(p).is_some()),
+                "the Job's Pod has no sidecar"
+            );
+            eprintln!(
+                "scenario 10: the Job with an injected sidecar completed in {:.1}s",
+                started.elapsed().as_secs_f32()
+            );
             Ok(())
         })
         .await
