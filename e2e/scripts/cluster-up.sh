@@ -45,22 +45,10 @@ trap cleanup_on_failure EXIT
 mkdir -p "$PIDS" "$LOGS" "$STATE/pebble"
 "$E2E/scripts/pki.sh" || die "making certificates failed; retry with: make cluster-up"
 
-# Starts a component in its own session, output to its log, pid to its pid file.
+# Starts a component (lib.sh) and notes that this run started something.
 start() { # name command...
-  local name=$1; shift
-  say "starting $name"
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
+  start_component "$@"
   started=1
-}
-
-wait_until() { # what seconds command...
-  local what=$1 secs=$2; shift 2
-  for _ in $(seq $((secs * 5))); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  die "$what did not become ready within ${secs}s; see $LOGS"
 }
 
 # The bridge the Pods' veths attach to; its address is where Pods reach the host.
@@ -181,7 +169,9 @@ ENV
 # SIDECERT_NODE=real (issue 11, in progress): a real kubelet on containerd (node.sh), and the
 # stand-in only keeps Pebble's DNS records. Default: the stand-in is the node.
 localnode_mode=()
+SIDECERT_NODE_KIND="kubelet stand-in"
 if [[ ${SIDECERT_NODE:-standin} == real ]]; then
+  SIDECERT_NODE_KIND="kubelet on containerd"
   "$E2E/scripts/node.sh" up
   localnode_mode=(--dns-only)
 fi
@@ -189,9 +179,9 @@ start localnode "$localnode_bin" localnode --kubeconfig "$STATE/kubeconfig" --no
   --bridge "$BRIDGE" --gateway "$GATEWAY" --pod-cidr "$POD_CIDR" --api-server-port "$API_PORT" \
   --challtestsrv "http://$CHALLTESTSRV_MGMT" --state-dir "$STATE" --images "$E2E/images.txt" "${localnode_mode[@]}"
 node_ready() {
-  [[ "$(kubectl_admin get node sidecert-local -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
+  [[ "$(kubectl_admin get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
 }
-wait_until "the node (kubelet stand-in)" "${SIDECERT_NODE_WAIT:-60}" node_ready
+wait_until "the node ($SIDECERT_NODE_KIND)" "${SIDECERT_NODE_WAIT:-60}" node_ready
 # Every namespace gets its default ServiceAccount from the controller-manager.
 wait_until "the default ServiceAccount" 60 kubectl_admin -n default get serviceaccount default
 

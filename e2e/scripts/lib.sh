@@ -48,4 +48,21 @@ stop_component() {
   kill -KILL "$p" 2>/dev/null || true
 }
 
+# Starts a component in its own session, output to its log, pid to its pid file.
+start_component() { # name command...
+  local name=$1; shift
+  say "starting $name"
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$PIDS/$name.pid"
+}
+
+wait_until() { # what seconds command...
+  local what=$1 secs=$2; shift 2
+  for _ in $(seq $((secs * 5))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  die "$what did not become ready within ${secs}s; see $LOGS"
+}
+
 kubectl_admin() { kubectl --kubeconfig "$STATE/kubeconfig" "$@"; }

@@ -29,21 +29,7 @@ CGROUP_ROOT=sidecert-node
 
 ctr_() { "$BIN/ctr" --address "$CD_SOCK" -n k8s.io "$@"; }
 
-start() { # name command...
-  local name=$1; shift
-  say "starting $name"
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
-}
-
-wait_until() { # what seconds command...
-  local what=$1 secs=$2; shift 2
-  for _ in $(seq $((secs * 5))); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.2
-  done
-  die "$what did not become ready within ${secs}s; see $LOGS"
-}
+start() { start_component "$@"; }
 
 save_sysctls() {
   # Saved once: after a crash the file holds the values from before the plane, not ours.
