@@ -35,16 +35,12 @@ cluster-down: ## stop every process of the local plane
 	$(E2E)/cluster-down.sh
 
 .PHONY: test
-test: lint tools build chart-test manifests-check ## every test: unit, integration and end to end, on a local plane it starts and stops
-	$(E2E)/with-plane.sh $(CARGO) test --workspace --no-fail-fast
+test: ## every test: lint, unit, integration and end to end, on a local plane it starts and stops; prints each phase's time
+	MAKE="$(MAKE)" CARGO="$(CARGO)" $(E2E)/test.sh
 
 .PHONY: e2e
 e2e: tools build ## only the end-to-end scenarios (chart installed with helm), on a local plane it starts and stops
 	$(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
-
-.PHONY: e2e-real
-e2e-real: tools build ## the scenarios on a real node (kubelet, containerd, images from a local registry; issue 11, opt-in)
-	SIDECERT_NODE=real $(E2E)/with-plane.sh $(CARGO) test -p sidecert-e2e --test scenarios -- --nocapture
 
 .PHONY: fuzz
 fuzz: ## property tests of the review path with many cases (SIDECERT_FUZZ_CASES, default 20000); prints the slowest case
@@ -61,7 +57,7 @@ bench: tools build ## benchmarks (not tests): webhook vs nginx over TLS, sidecar
 	$(E2E)/with-plane.sh e2e/bench/sidecar.sh
 
 .PHONY: demo
-demo: tools build ## the local plane, sidecert, examples/ applied, until the certificate is issued
+demo: tools build images ## the local plane, sidecert, examples/ applied, until the certificate is issued
 	$(E2E)/demo.sh
 
 .PHONY: demo-down

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings up the local plane: bridge, etcd, kube-apiserver, kube-controller-manager,
-# pebble-challtestsrv, Pebble and the kubelet stand-in (`sidecert-e2e localnode`).
+# pebble-challtestsrv, Pebble, the node (node.sh: registry, containerd, kube-scheduler,
+# kube-proxy, kubelet) and plane-dns (`sidecert-e2e plane-dns`, Pebble's DNS records).
 # Idempotent: a running plane is reported and reused. On any failure everything this run
 # started is stopped again, so there is never a half-started plane.
 set -euo pipefail
@@ -8,8 +9,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 [[ $EUID -eq 0 ]] || die "the plane needs root (network namespaces, a bridge, bind mounts); run as root"
 
-if alive kube-apiserver && alive localnode && kubectl_admin get --raw /readyz >/dev/null 2>&1; then
+if plane_running; then
   say "the local plane is already running; reusing it (make cluster-down stops it)"
+  "$E2E/scripts/node.sh" push
   exit 0
 fi
 if compgen -G "$PIDS/*.pid" >/dev/null; then
@@ -20,24 +22,21 @@ fi
 for tool in etcd kube-apiserver kube-controller-manager pebble pebble-challtestsrv; do
   [[ -x "$BIN/$tool" ]] || die "$BIN/$tool is missing; build it with: make tools"
 done
-localnode_bin="${SIDECERT_LOCALNODE_BIN:-$REPO/target/debug/sidecert-e2e}"
-[[ -x "$localnode_bin" ]] || die "$localnode_bin is missing; build it with: cargo build --bins"
+plane_dns_bin="${SIDECERT_E2E_BIN:-$REPO/target/debug/sidecert-e2e}"
+[[ -x "$plane_dns_bin" ]] || die "$plane_dns_bin is missing; build it with: cargo build --bins"
 command -v kubectl >/dev/null || die "kubectl is not on PATH"
 command -v ip >/dev/null || die "ip (iproute2) is not installed: apt-get install iproute2"
 
 # Ports we are about to take must be free.
-for hp in "$ETCD_CLIENT" "$ETCD_PEER" "$CHALLTESTSRV_DNS" "$CHALLTESTSRV_MGMT" "127.0.0.1:$KCM_PORT"; do
-  if (exec 3<>"/dev/tcp/${hp%:*}/${hp#*:}") 2>/dev/null; then
-    die "port $hp is already in use by another program; free it and retry: make cluster-up"
-  fi
-done
+require_free_ports "$ETCD_CLIENT" "$ETCD_PEER" "$CHALLTESTSRV_DNS" "$CHALLTESTSRV_MGMT" "127.0.0.1:$KCM_PORT"
 
 started=0
 cleanup_on_failure() {
   local rc=$?
+  trap '' INT TERM PIPE
   if [[ $rc -ne 0 && $started -eq 1 ]]; then
     say "cluster-up failed; stopping what it started (logs stay in $LOGS)"
-    "$E2E/scripts/cluster-down.sh" --keep-logs || true
+    "$E2E/scripts/cluster-down.sh" || true
   fi
 }
 trap cleanup_on_failure EXIT
@@ -59,6 +58,11 @@ if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
 fi
 ip addr replace "$GATEWAY/24" dev "$BRIDGE"
 ip link set "$BRIDGE" up
+# Service ClusterIPs are only ever translated by kube-proxy; the route makes the host send
+# them to the bridge, not to its default route (there may be none).
+ip route replace "$SERVICE_CIDR" dev "$BRIDGE"
+# Only now is the gateway address this host's own, so a connection to it tells a taken port.
+require_free_ports "$GATEWAY:$API_PORT" "$GATEWAY:$PEBBLE_PORT" "$GATEWAY:$PEBBLE_MGMT_PORT"
 
 rm -rf "$STATE/etcd"
 start etcd "$BIN/etcd" --name sidecert-local --data-dir "$STATE/etcd" \
@@ -111,6 +115,7 @@ chmod 600 "$STATE/kubeconfig"
 sed 's/^current-context: .*/current-context: controller-manager/' "$STATE/kubeconfig" >"$STATE/controller-manager.kubeconfig"
 wait_until kube-apiserver 90 kubectl_admin get --raw /readyz
 
+# --flex-volume-plugin-dir: it would make /usr/libexec/kubernetes on the host otherwise.
 start kube-controller-manager "$BIN/kube-controller-manager" \
   --kubeconfig "$STATE/controller-manager.kubeconfig" \
   --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
@@ -123,7 +128,8 @@ start kube-controller-manager "$BIN/kube-controller-manager" \
   --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
   --service-cluster-ip-range "$SERVICE_CIDR" \
   --allocate-node-cidrs=false \
-  --concurrent-deployment-syncs 5 --concurrent-replicaset-syncs 5
+  --concurrent-deployment-syncs 5 --concurrent-replicaset-syncs 5 \
+  --flex-volume-plugin-dir "$STATE/flexvolume"
 wait_until kube-controller-manager 60 curl -skf "https://127.0.0.1:$KCM_PORT/healthz"
 
 start pebble-challtestsrv "$BIN/pebble-challtestsrv" \
@@ -163,25 +169,16 @@ export PEBBLE_MANAGEMENT="https://$GATEWAY:$PEBBLE_MGMT_PORT"
 export PEBBLE_HTTP_PORT=$PEBBLE_HTTP01_PORT
 export CHALLTESTSRV_URL="http://$CHALLTESTSRV_MGMT"
 export SIDECERT_PLANE_GATEWAY=$GATEWAY
-export SIDECERT_NODE=${SIDECERT_NODE:-standin}
 ENV
 
-# SIDECERT_NODE=real (issue 11, in progress): a real kubelet on containerd (node.sh), and the
-# stand-in only keeps Pebble's DNS records. Default: the stand-in is the node.
-localnode_mode=()
-SIDECERT_NODE_KIND="kubelet stand-in"
-if [[ ${SIDECERT_NODE:-standin} == real ]]; then
-  SIDECERT_NODE_KIND="kubelet on containerd"
-  "$E2E/scripts/node.sh" up
-  localnode_mode=(--dns-only)
-fi
-start localnode "$localnode_bin" localnode --kubeconfig "$STATE/kubeconfig" --node-name "$NODE_NAME" \
-  --bridge "$BRIDGE" --gateway "$GATEWAY" --pod-cidr "$POD_CIDR" --api-server-port "$API_PORT" \
-  --challtestsrv "http://$CHALLTESTSRV_MGMT" --state-dir "$STATE" --images "$E2E/images.txt" "${localnode_mode[@]}"
+# The node: a real kubelet on containerd, with kube-scheduler and kube-proxy (node.sh).
+"$E2E/scripts/node.sh" up
+# No real component gives Pebble the records for Ingress hosts and Pod domains: plane-dns.
+start plane-dns "$plane_dns_bin" plane-dns --kubeconfig "$STATE/kubeconfig" --challtestsrv "http://$CHALLTESTSRV_MGMT"
 node_ready() {
   [[ "$(kubectl_admin get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]
 }
-wait_until "the node ($SIDECERT_NODE_KIND)" "${SIDECERT_NODE_WAIT:-60}" node_ready
+wait_until "the node (kubelet on containerd)" "${SIDECERT_NODE_WAIT:-60}" node_ready
 # Every namespace gets its default ServiceAccount from the controller-manager.
 wait_until "the default ServiceAccount" 60 kubectl_admin -n default get serviceaccount default
 

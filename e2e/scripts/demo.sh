@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# `make demo`: the local plane (API server, controller-manager, kubelet stand-in, Pebble),
-# sidecert installed with helm from charts/sidecert (the webhook runs as the chart's
-# Deployment, reached by the API server through its Service), and examples/ applied in the
-# labelled namespace `demo`. Waits, showing progress, until the Secret holds the certificate
+# `make demo`: the local plane (API server, controller-manager, a kubelet on containerd, Pebble),
+# sidecert installed with helm from charts/sidecert, pushed to the local registry as an OCI
+# artifact (the webhook runs from its image as the chart's Deployment, reached by the API
+# server through its Service), and examples/ applied in the labelled namespace `demo`. Waits, showing progress, until the Secret holds the certificate
 # Pebble issued, then prints it. `make demo-down` (or Ctrl-C while it waits) stops it all.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -38,14 +38,16 @@ source "$STATE/env"
 # still runs from then must not keep calling it.
 kubectl delete mutatingwebhookconfiguration sidecert-demo --ignore-not-found >/dev/null
 
-# The stand-in mounts no volumes, so the webhook reads Pebble's CA from the host's file
-# (acme.caBundleFile); on a real cluster, pass the PEM itself (--set-file acme.caBundle=...).
+# Pebble's CA goes in the chart's ConfigMap (acme.caBundle), which the kubelet mounts.
 # Pebble picks a random profile for orders that name none: ask for its 90-day `default`.
-say "installing sidecert with helm: release $RELEASE in namespace $RELEASE_NS, ACME server $PEBBLE_DIRECTORY"
-"$HELM" upgrade --install "$RELEASE" "$REPO/charts/sidecert" -n "$RELEASE_NS" --create-namespace \
+say "installing sidecert with helm from oci://127.0.0.1:5000/charts/sidecert: release $RELEASE in namespace $RELEASE_NS, ACME server $PEBBLE_DIRECTORY"
+# The chart comes from the local registry as an OCI artifact (node.sh pushed charts/sidecert).
+CHART_VERSION=$(sed -n 's/^version: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$REPO/charts/sidecert/Chart.yaml")
+"$HELM" upgrade --install "$RELEASE" "oci://127.0.0.1:5000/charts/sidecert" --version "$CHART_VERSION" --plain-http \
+  -n "$RELEASE_NS" --create-namespace \
   --wait --timeout 120s \
   --set acme.server="$PEBBLE_DIRECTORY" \
-  --set acme.caBundleFile="$PEBBLE_CA_FILE" \
+  --set-file acme.caBundle="$PEBBLE_CA_FILE" \
   --set acme.profile=default \
   --set acme.email=demo@sidecert.test >/dev/null
 kubectl -n "$RELEASE_NS" get pods -o wide >&2
@@ -92,7 +94,8 @@ Look around (source $STATE/env first):
   kubectl -n $NS get events --sort-by=.lastTimestamp
   kubectl -n $RELEASE_NS get pods,svc,endpointslices         # the webhook, as the chart runs it
   $HELM -n $RELEASE_NS status $RELEASE
-  ls $LOGS/pods/                                # every container's log (webhook and sidecars)
+  kubectl -n $NS logs deploy/web -c sidecert               # the sidecar's log
+  kubectl get node -o wide                                   # the kubelet and containerd that run it all
 Stop everything: make demo-down
 LOOK
     exit 0
@@ -102,4 +105,5 @@ done
 printf '\n' >&2
 kubectl -n "$NS" get pods,secrets,events >&2 || true
 kubectl -n "$RELEASE_NS" get pods >&2 || true
-die "no certificate after ${TIMEOUT}s; see $LOGS/pods/ (make demo-down stops the plane)"
+kubectl -n "$NS" logs deploy/web -c sidecert --tail=30 >&2 || true
+die "no certificate after ${TIMEOUT}s; kubectl -n $NS logs shows the containers' logs (make demo-down stops the plane)"

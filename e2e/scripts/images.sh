@@ -9,7 +9,7 @@
 #   commit gives the same digest in any clone on the same machine: fixed file times, owners and
 #   order, --remap-path-prefix for the build folders, no timestamps in the image config.
 # app: the local plane's test workload, never published: Debian's static busybox, serving
-#   HTTP on :8080 (busybox httpd, /www) unless given another command (sh, wget, ...).
+#   HTTP on :8080 (busybox httpd, /www; exits on SIGTERM) unless given another command.
 #
 # The images are assembled with crane (go-containerregistry) against its own in-memory
 # registry on 127.0.0.1 (`crane registry serve`), which is stopped at the end.
@@ -132,8 +132,10 @@ for n in "${names[@]}"; do
     app)
       mkdir -p "$rootfs/bin" "$rootfs/www"
       install -m 0755 /bin/busybox "$rootfs/bin/busybox"
-      for a in sh cat echo env hostname httpd id ls mount sleep test wget grep; do ln -s busybox "$rootfs/bin/$a"; done
+      for a in sh cat echo env grep hostname httpd id ip ls mkdir mount nc printf sleep test; do ln -s busybox "$rootfs/bin/$a"; done
       echo 'sidecert test app' >"$rootfs/www/index.html"
-      image app sidecert.test/app:1.0 /bin/httpd,-f,-v,-p,8080,-h,/www 8080 "$rootfs" ;;
+      # httpd as PID 1 would ignore SIGTERM (the kernel drops signals PID 1 has no handler
+      # for), so every deletion would wait out the grace period: a shell that exits on it.
+      image app sidecert.test/app:1.0 "/bin/sh,-c,trap 'exit 0' TERM; httpd -f -v -p 8080 -h /www & wait" 8080 "$rootfs" ;;
   esac
 done

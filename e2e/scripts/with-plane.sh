@@ -5,11 +5,14 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ours=0
-if ! { alive kube-apiserver && alive localnode && kubectl_admin get --raw /readyz >/dev/null 2>&1; }; then
+if ! plane_running; then
   ours=1
 fi
 finish() {
   local rc=$?
+  # Ctrl-C reaches every process in the group: the teardown still runs to its end, and a
+  # closed stderr (the reader gone) does not stop it.
+  trap '' INT TERM PIPE
   if [[ $rc -ne 0 ]]; then
     say "failed (exit $rc); last lines of the plane's logs:"
     for f in "$LOGS"/*.log; do
@@ -18,11 +21,22 @@ finish() {
       tail -n 15 "$f" >&2
     done
   fi
-  if [[ $ours -eq 1 ]]; then "$E2E/scripts/cluster-down.sh" || true; fi
+  if [[ $ours -eq 1 ]]; then
+    local t=$SECONDS
+    "$E2E/scripts/cluster-down.sh" || true
+    record "plane down" "$t"
+  fi
   exit "$rc"
 }
+# With SIDECERT_PHASES set (make test), the plane's start and stop are timed there.
+record() { # name start
+  [[ -n ${SIDECERT_PHASES:-} ]] || return 0
+  printf '    %-42s %6ss\n' "$1" "$((SECONDS - $2))" >>"$SIDECERT_PHASES"
+}
 trap finish EXIT
+t=$SECONDS
 "$E2E/scripts/cluster-up.sh"
+record "plane up" "$t"
 # shellcheck disable=SC1091
 source "$STATE/env"
 "$@"

@@ -1,6 +1,6 @@
 use std::{path::PathBuf, time::Duration};
 
-/// Errors of the stand-in and of the test helper.
+/// Errors of plane-dns and of the test helper.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -1,7 +1,7 @@
-//! `sidecert-e2e localnode ...`: the local plane's kubelet stand-in.
+//! `sidecert-e2e plane-dns ...`: the local plane's DNS records for Pebble.
 
 use clap::{Parser, Subcommand};
-use sidecert_e2e::localnode;
+use sidecert_e2e::dns;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the kubelet stand-in until SIGTERM/SIGINT.
-    Localnode(localnode::Config),
+    /// Keep pebble-challtestsrv's A records in line with the cluster until SIGTERM/SIGINT.
+    PlaneDns(dns::Config),
 }
 
 #[tokio::main]
@@ -26,10 +26,10 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
-    let Command::Localnode(config) = Cli::parse().command;
+    let Command::PlaneDns(config) = Cli::parse().command;
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    localnode::run(config, shutdown).await?;
+    dns::run(config, shutdown).await?;
     Ok(())
 }
 

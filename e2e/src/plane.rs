@@ -11,12 +11,12 @@ use std::{
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod};
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, LogParams, PostParams},
 };
 use rand::Rng;
 use tokio::sync::OnceCell;
 
-use crate::{Error, Result, localnode};
+use crate::{Error, Result, client_from_kubeconfig, dns};
 
 static PLANE: OnceCell<Plane> = OnceCell::const_new();
 
@@ -152,12 +152,6 @@ impl Plane {
         &self.pebble_ca_file
     }
 
-    /// Whether a real kubelet on containerd runs the node (`SIDECERT_NODE=real make
-    /// cluster-up`, e2e/scripts/node.sh) instead of the stand-in.
-    pub fn real_node(&self) -> bool {
-        std::env::var("SIDECERT_NODE").is_ok_and(|v| v == "real")
-    }
-
     /// Pebble's management URL.
     pub fn pebble_management(&self) -> &str {
         &self.pebble_management
@@ -168,10 +162,10 @@ impl Plane {
         &self.challtestsrv_url
     }
 
-    /// Waits until the stand-in's DNS sync has given `host` an A record in
+    /// Waits until plane-dns has given `host` an A record in
     /// pebble-challtestsrv (it logs every record it sets).
     pub async fn wait_dns_record(&self, host: &str, timeout: Duration) -> Result<()> {
-        let log = self.repo_root.join("e2e/.state/logs/localnode.log");
+        let log = self.repo_root.join("e2e/.state/logs/plane-dns.log");
         let needle = format!("dns: A record set host=\"{host}\"");
         wait_for(timeout, || async {
             let text = tokio::fs::read_to_string(&log).await.ok()?;
@@ -187,7 +181,7 @@ impl Plane {
 
     /// A new client (clients are bound to the runtime that made them; each test has its own).
     pub async fn client(&self) -> Result<Client> {
-        localnode::client_from_kubeconfig(&self.kubeconfig).await
+        client_from_kubeconfig(&self.kubeconfig).await
     }
 
     /// Pebble's issuing root (`GET <management>/roots/0`), PEM.
@@ -209,14 +203,14 @@ impl Plane {
 
     /// Points `host` at `ip` (only) in pebble-challtestsrv's DNS.
     pub async fn add_a(&self, host: &str, ip: Ipv4Addr) -> Result<()> {
-        localnode::dns::Challtestsrv::new(&self.challtestsrv_url)?
+        dns::Challtestsrv::new(&self.challtestsrv_url)?
             .set_a(host, &[ip.to_string()])
             .await
     }
 
     /// Removes `host`'s A record.
     pub async fn clear_a(&self, host: &str) -> Result<()> {
-        localnode::dns::Challtestsrv::new(&self.challtestsrv_url)?
+        dns::Challtestsrv::new(&self.challtestsrv_url)?
             .clear_a(host)
             .await
     }
@@ -253,7 +247,7 @@ impl Plane {
     /// Prints the namespace's Pods, Events and container logs (for a failing test).
     pub async fn dump_on_failure(&self, ns: &str) {
         match self.client().await {
-            Ok(client) => dump_on_failure(&client, &self.repo_root, ns).await,
+            Ok(client) => dump_on_failure(&client, ns).await,
             Err(e) => eprintln!("dump: no client: {e}"),
         }
     }
@@ -306,7 +300,7 @@ impl Drop for TestNamespace {
                 return;
             };
             rt.block_on(async {
-                if let Ok(client) = localnode::client_from_kubeconfig(&kubeconfig).await {
+                if let Ok(client) = client_from_kubeconfig(&kubeconfig).await {
                     let _ = delete_namespace(&client, &name).await;
                 }
             });
@@ -381,9 +375,8 @@ where
     .await
 }
 
-/// Prints a namespace's Pods (phase, IP, container states), Events and the container logs
-/// the stand-in wrote for it.
-pub async fn dump_on_failure(client: &Client, repo_root: &Path, ns: &str) {
+/// Prints a namespace's Pods (phase, IP, container states), Events and its containers' logs.
+pub async fn dump_on_failure(client: &Client, ns: &str) {
     eprintln!("===== dump of namespace {ns} =====");
     match Api::<Pod>::namespaced(client.clone(), ns)
         .list(&ListParams::default())
@@ -435,17 +428,46 @@ pub async fn dump_on_failure(client: &Client, repo_root: &Path, ns: &str) {
         }
         Err(e) => eprintln!("listing events failed: {e}"),
     }
-    let logs = repo_root.join("e2e/.state/logs/pods");
-    if let Ok(mut dir) = tokio::fs::read_dir(&logs).await {
-        while let Ok(Some(entry)) = dir.next_entry().await {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if file.starts_with(&format!("{ns}_")) {
-                let text = tokio::fs::read_to_string(entry.path()).await.unwrap_or_default();
-                eprintln!("----- {file} -----\n{text}");
+    print_container_logs(client, ns, 200).await;
+    eprintln!("===== end of dump =====");
+}
+
+/// Prints the last `lines` lines of every container's log in `ns`, read through the API
+/// server from the kubelet (the previous run's too, for a container that restarted).
+pub async fn print_container_logs(client: &Client, ns: &str, lines: i64) {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let Ok(pods) = api.list(&ListParams::default()).await else {
+        return;
+    };
+    for p in pods {
+        let pod = p.metadata.name.clone().unwrap_or_default();
+        let status = p.status.unwrap_or_default();
+        for c in status
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(status.container_statuses.iter().flatten())
+        {
+            let runs: &[bool] = if c.restart_count > 0 {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for &previous in runs {
+                let params = LogParams {
+                    container: Some(c.name.clone()),
+                    tail_lines: Some(lines),
+                    previous,
+                    ..LogParams::default()
+                };
+                let which = if previous { " (previous run)" } else { "" };
+                match api.logs(&pod, &params).await {
+                    Ok(text) => eprintln!("----- {ns}/{pod} {}{which} -----\n{text}", c.name),
+                    Err(e) => eprintln!("----- {ns}/{pod} {}{which}: no log: {e}", c.name),
+                }
             }
         }
     }
-    eprintln!("===== end of dump =====");
 }
 
 /// The repository root: the parent of this crate's manifest directory.

@@ -1,6 +1,8 @@
-//! The local plane, end to end: the controller-manager makes Pods, the stand-in binds and
-//! runs them, EndpointSlices follow; a Pod's process gets its env and ServiceAccount token;
-//! Pebble issues a certificate over HTTP-01 through challtestsrv's DNS.
+//! The local plane, end to end: the controller-manager makes Pods, the scheduler binds them,
+//! the kubelet runs them on containerd from the local registry's images, EndpointSlices
+//! follow and kube-proxy routes their Service; a container gets its env and a working
+//! ServiceAccount token; Pebble issues a certificate over HTTP-01 through challtestsrv's DNS,
+//! which plane-dns points at Pods and at Ingress backends.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -22,7 +24,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, LogParams, PostParams},
 };
 use serde_json::json;
 use sidecert_e2e::{Plane, TestNamespace, wait_for};
@@ -61,7 +63,7 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployment_runs_on_the_stand_in_and_gets_endpoints() -> anyhow::Result<()> {
+async fn deployment_runs_on_the_node_and_its_service_answers() -> anyhow::Result<()> {
     in_namespace("e2e-deploy", |_plane, ns| async move {
         let deployments: Api<Deployment> = ns.api();
         let deployment: Deployment = serde_json::from_value(json!({
@@ -71,8 +73,10 @@ async fn deployment_runs_on_the_stand_in_and_gets_endpoints() -> anyhow::Result<
                 "selector": {"matchLabels": {"app": "web"}},
                 "template": {
                     "metadata": {"labels": {"app": "web"}},
-                    "spec": {"containers": [{"name": "app", "image": "example/app",
-                                             "ports": [{"containerPort": 8080}]}]}
+                    "spec": {"containers": [{"name": "app", "image": "example/app:1.0",
+                                             "ports": [{"containerPort": 8080}],
+                                             "readinessProbe": {"httpGet": {"path": "/", "port": 8080},
+                                                                "periodSeconds": 1}}]}
                 }
             }
         }))?;
@@ -134,6 +138,26 @@ async fn deployment_runs_on_the_stand_in_and_gets_endpoints() -> anyhow::Result<
         .await
         .context("EndpointSlice lists both Pod IPs, ready")?;
 
+        // kube-proxy routes the Service's ClusterIP to the Pods (from the host, as from a Pod).
+        let cluster_ip = ns
+            .api::<Service>()
+            .get("web")
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("the Service has a ClusterIP")?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let url = format!("http://{cluster_ip}/");
+        let body = wait_for(Duration::from_secs(30), || async {
+            http.get(&url).send().await.ok()?.text().await.ok()
+        })
+        .await
+        .with_context(|| format!("GET {url} through kube-proxy"))?;
+        ensure!(body.contains("sidecert test app"), "the app answered {body:?}");
+
         deployments.delete("web", &DeleteParams::foreground()).await?;
         wait_for(Duration::from_secs(90), || async {
             let list = pods.list(&ListParams::default().labels("app=web")).await.ok()?;
@@ -147,10 +171,12 @@ async fn deployment_runs_on_the_stand_in_and_gets_endpoints() -> anyhow::Result<
 }
 
 /// A Job whose container is a shell script: it checks its env (downward API, Secret,
-/// ConfigMap, `$(VAR)`), its network namespace and its ServiceAccount token (authenticated
-/// by the API server, and without rights: 403), and exits 0, so the Job completes.
+/// ConfigMap, `$(VAR)`, the `kubernetes` Service), its network and its mounted
+/// ServiceAccount token, and exits 0, so the Job completes. The test then reads the token
+/// from the container's log (through the API server and the kubelet) and checks the API
+/// server authenticates it as the namespace's default ServiceAccount, with no rights (403).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn job_process_gets_env_network_and_token() -> anyhow::Result<()> {
+async fn job_container_gets_env_network_and_token() -> anyhow::Result<()> {
     in_namespace("e2e-job", |plane, ns| async move {
         let secret: Secret = serde_json::from_value(json!({
             "metadata": {"name": "creds"}, "stringData": {"password": "hunter2"}
@@ -160,19 +186,22 @@ async fn job_process_gets_env_network_and_token() -> anyhow::Result<()> {
             "metadata": {"name": "settings"}, "data": {"greeting": "hello"}
         }))?;
         ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await?;
+        let kubernetes = Api::<Service>::namespaced(plane.client().await?, "default")
+            .get("kubernetes")
+            .await?
+            .spec
+            .and_then(|s| s.cluster_ip)
+            .context("the kubernetes Service has a ClusterIP")?;
         let script = r#"set -eu
 echo "pod $POD_NAME ip $POD_IP"
-ip -4 -o addr show eth0 | grep -q " $POD_IP/"
+ip -4 addr show eth0 | grep -q "inet $POD_IP/"
 test "$PASSWORD" = hunter2
 test "$MSG" = "hello world"
 test "$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT" = "$API"
 sa=/var/run/secrets/kubernetes.io/serviceaccount
 test "$(cat $sa/namespace)" = "$NS"
-code=$(curl -s -o /dev/null -w '%{http_code}' --cacert $sa/ca.crt \
-  -H "Authorization: Bearer $(cat $sa/token)" \
-  "https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT/api/v1/namespaces/$NS/secrets")
-echo "API answered $code"
-test "$code" = 403
+grep -q 'BEGIN CERTIFICATE' $sa/ca.crt
+echo "token $(cat $sa/token)"
 echo all-checks-passed"#;
         let job: Job = serde_json::from_value(json!({
             "metadata": {"name": "check"},
@@ -181,7 +210,7 @@ echo all-checks-passed"#;
                 "template": {"spec": {
                     "restartPolicy": "Never",
                     "containers": [{
-                        "name": "check", "image": "sidecert.test/shell:latest",
+                        "name": "check", "image": "example/app:1.0",
                         "command": ["sh", "-c", script],
                         "env": [
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -190,7 +219,7 @@ echo all-checks-passed"#;
                             {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
                             {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "greeting"}}},
                             {"name": "MSG", "value": "$(GREETING) world"},
-                            {"name": "API", "value": format!("{}:6443", plane.gateway())}
+                            {"name": "API", "value": format!("{kubernetes}:443")}
                         ]
                     }]
                 }}
@@ -213,17 +242,54 @@ echo all-checks-passed"#;
         if outcome.is_err() {
             bail!("the Job's Pod failed (see the dump for its log)");
         }
-        let log_dir = plane.repo_root().join("e2e/.state/logs/pods");
-        let mut found = false;
-        for entry in std::fs::read_dir(&log_dir)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("{}_check-", ns.name())) {
-                let text = std::fs::read_to_string(entry.path())?;
-                found |= text.contains("all-checks-passed");
-            }
-        }
-        ensure!(found, "container log in {} says all-checks-passed", log_dir.display());
+        let pods: Api<Pod> = ns.api();
+        let pod = pods
+            .list(&ListParams::default().labels("job-name=check"))
+            .await?
+            .items
+            .into_iter()
+            .next()
+            .and_then(|p| p.metadata.name)
+            .context("the Job's Pod")?;
+        let log = pods.logs(&pod, &LogParams::default()).await?;
+        ensure!(log.contains("all-checks-passed"), "container log: {log}");
+        let token = log
+            .lines()
+            .find_map(|l| l.strip_prefix("token "))
+            .context("the token line in the log")?
+            .trim()
+            .to_owned();
+        // The mounted token is a real, bound ServiceAccount token: the API server knows who
+        // it is and grants it nothing.
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+                plane.repo_root().join("e2e/.state/pki/ca.crt"),
+            )?)?)
+            .no_proxy()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let api = format!("https://{}:6443", plane.gateway());
+        let review: serde_json::Value = http
+            .post(format!("{api}/apis/authentication.k8s.io/v1/selfsubjectreviews"))
+            .bearer_auth(&token)
+            .json(&json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let user = review["status"]["userInfo"]["username"].as_str().unwrap_or_default();
+        ensure!(
+            user == format!("system:serviceaccount:{}:default", ns.name()),
+            "the token authenticates as {user:?}"
+        );
+        let code = http
+            .get(format!("{api}/api/v1/namespaces/{}/secrets", ns.name()))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .status();
+        ensure!(code == reqwest::StatusCode::FORBIDDEN, "listing Secrets with the token: {code}");
         Ok(())
     })
     .await
@@ -373,25 +439,59 @@ async fn pebble_issues_a_certificate_over_http01() -> anyhow::Result<()> {
     result
 }
 
-/// The DNS sync: a Pod annotated `sidecert.io/domains` resolves to its own IP, so Pebble
-/// validates HTTP-01 against a server inside the Pod's network namespace. The Pod serves its
-/// working directory on :8089 (python3's http.server); the test drops the key authorization
-/// there. Its tcpSocket readiness probe gates Ready.
+/// The spec of a Pod that serves HTTP-01 files on :8089 (busybox httpd) from an emptyDir at
+/// `/www/.well-known`, which [`publish_in_pod`] writes to.
+fn solver_spec(readiness: serde_json::Value) -> serde_json::Value {
+    json!({
+        "automountServiceAccountToken": false,
+        // httpd as PID 1 ignores SIGTERM: no reason to wait 30 s when the test is done.
+        "terminationGracePeriodSeconds": 1,
+        "containers": [{
+            "name": "http", "image": "example/app:1.0",
+            "command": ["httpd", "-f", "-p", "8089", "-h", "/www"],
+            "ports": [{"name": "http01", "containerPort": 8089}],
+            "readinessProbe": readiness,
+            "volumeMounts": [{"name": "well-known", "mountPath": "/www/.well-known"}]
+        }],
+        "volumes": [{"name": "well-known", "emptyDir": {}}]
+    })
+}
+
+/// Writes a key authorization where the solver Pod's httpd serves it (`kubectl exec`).
+fn publish_in_pod(plane: &Plane, ns: &str, token: &str, key_authorization: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+        "token {token:?} is not base64url"
+    );
+    let out = std::process::Command::new("kubectl")
+        .env("KUBECONFIG", plane.kubeconfig())
+        .args(["--request-timeout=30s", "-n", ns, "exec", "solver", "-c", "http", "--", "sh", "-c"])
+        .arg(format!(
+            "mkdir -p /www/.well-known/acme-challenge && printf %s \"$1\" > /www/.well-known/acme-challenge/{token}"
+        ))
+        .args(["publish", key_authorization])
+        .output()
+        .context("run kubectl exec")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl exec: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// plane-dns: a Pod annotated `sidecert.io/domains` resolves to its own IP, so Pebble
+/// validates HTTP-01 against a server inside the Pod's network namespace. Its tcpSocket
+/// readiness probe gates Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_domains_resolve_to_the_pod_for_http01() -> anyhow::Result<()> {
     let name = random_name("pod");
     in_namespace("e2e-dns", |plane, ns| async move {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "solver", "annotations": {"sidecert.io/domains": name}},
-            "spec": {
-                "automountServiceAccountToken": false,
-                "containers": [{
-                    "name": "http", "image": "sidecert.test/shell",
-                    "command": ["sh", "-c", "exec python3 -m http.server 8089 --bind 0.0.0.0"],
-                    "ports": [{"name": "http01", "containerPort": 8089}],
-                    "readinessProbe": {"tcpSocket": {"port": "http01"}, "periodSeconds": 1}
-                }]
-            }
+            "spec": solver_spec(json!({"tcpSocket": {"port": "http01"}, "periodSeconds": 1}))
         }))?;
         let pods: Api<Pod> = ns.api();
         pods.create(&PostParams::default(), &pod).await?;
@@ -404,22 +504,16 @@ async fn pod_domains_resolve_to_the_pod_for_http01() -> anyhow::Result<()> {
         plane
             .wait_dns_record(&name, Duration::from_secs(10))
             .await
-            .context("the DNS sync points the Pod's domain at the Pod")?;
-        let workdir = plane
-            .repo_root()
-            .join(format!("e2e/.state/pods/{}_solver", ns.name()));
+            .context("plane-dns points the Pod's domain at the Pod")?;
         issue_and_check(plane, &name, |token, key_authorization| {
-            let dir = workdir.join(".well-known/acme-challenge");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join(token), key_authorization)?;
-            Ok(())
+            publish_in_pod(plane, ns.name(), token, key_authorization)
         })
         .await
     })
     .await
 }
 
-/// The DNS sync for Ingresses: a TLS host resolves to the ready endpoints of the Service
+/// plane-dns for Ingresses: a TLS host resolves to the ready endpoints of the Service
 /// behind the host's `/.well-known/acme-challenge/` path, so Pebble reaches the Pod behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<()> {
@@ -427,14 +521,7 @@ async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<
     in_namespace("e2e-ingress", |plane, ns| async move {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "solver", "labels": {"app": "solver"}},
-            "spec": {
-                "automountServiceAccountToken": false,
-                "containers": [{
-                    "name": "http", "image": "sidecert.test/shell",
-                    "command": ["sh", "-c", "exec python3 -m http.server 8089 --bind 0.0.0.0"],
-                    "readinessProbe": {"httpGet": {"path": "/", "port": 8089}, "periodSeconds": 1}
-                }]
-            }
+            "spec": solver_spec(json!({"httpGet": {"path": "/", "port": 8089}, "periodSeconds": 1}))
         }))?;
         ns.api::<Pod>().create(&PostParams::default(), &pod).await?;
         let service: Service = serde_json::from_value(json!({
@@ -476,15 +563,9 @@ async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<
         plane
             .wait_dns_record(&name, Duration::from_secs(10))
             .await
-            .context("the DNS sync points the Ingress host at the solver")?;
-        let workdir = plane
-            .repo_root()
-            .join(format!("e2e/.state/pods/{}_solver", ns.name()));
+            .context("plane-dns points the Ingress host at the solver")?;
         issue_and_check(plane, &name, |token, key_authorization| {
-            let dir = workdir.join(".well-known/acme-challenge");
-            std::fs::create_dir_all(&dir)?;
-            std::fs::write(dir.join(token), key_authorization)?;
-            Ok(())
+            publish_in_pod(plane, ns.name(), token, key_authorization)
         })
         .await
     })

@@ -1,7 +1,7 @@
 //! The end-to-end scenarios of issue 5, on the local plane with the chart installed by
-//! `helm upgrade --install`: the webhook runs as the Deployment's Pods (through the kubelet
-//! stand-in), the API server calls it through its Service, the injected sidecars order from
-//! Pebble.
+//! `helm upgrade --install`: the webhook runs from its image as the Deployment's Pods on the
+//! plane's real node, the API server calls it through its Service, the injected sidecars run
+//! from theirs and order from Pebble.
 //!
 //! One test installs one release and runs the scenarios against it, in order; scenario 2
 //! (renewal of a 120-second certificate, the slow one) runs beside the others. Each scenario
@@ -184,13 +184,8 @@ impl Ctx {
         ctx.remove_stale_releases().await?;
         ctx.refuse_other_installs().await?;
         let ca_file = plane.pebble_ca_file().display().to_string();
-        // The stand-in mounts no volumes: there the webhook reads Pebble's CA from the host's
-        // file. A real kubelet mounts the chart's ConfigMap, as on any cluster.
-        let (ca_flag, ca_value) = if plane.real_node() {
-            ("--set-file", format!("acme.caBundle={ca_file}"))
-        } else {
-            ("--set", format!("acme.caBundleFile={ca_file}"))
-        };
+        // Pebble's CA goes in the chart's ConfigMap, which the kubelet mounts, as on any cluster.
+        let (ca_flag, ca_value) = ("--set-file", format!("acme.caBundle={ca_file}"));
         let started = Instant::now();
         ctx.helm_ok(&[
             "upgrade",
@@ -383,24 +378,7 @@ impl Ctx {
                 eprintln!("$ kubectl {}\n{}{}", args.join(" "), out.stdout, out.stderr);
             }
         }
-        let dir = self.plane.repo_root().join("e2e/.state/logs/pods");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let file = entry.file_name().to_string_lossy().into_owned();
-            if !file.starts_with(&format!("{ns}_")) {
-                continue;
-            }
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(60)..];
-            eprintln!(
-                "----- {file} (last {} lines) -----\n{}",
-                tail.len(),
-                tail.join("\n")
-            );
-        }
+        sidecert_e2e::print_container_logs(&self.client, ns, 60).await;
     }
 }
 
@@ -1027,6 +1005,8 @@ fn restricted(container: &mut Value) {
 }
 
 /// When a container of `pod` last started running (RFC 3339, second resolution).
+/// A container's start, as the kubelet reports it (RFC 3339, to the second: two containers
+/// started within the same second compare equal).
 fn started_at(pod: &Pod, name: &str) -> Option<String> {
     let status = pod.status.as_ref()?;
     status
@@ -1044,18 +1024,12 @@ fn started_at(pod: &Pod, name: &str) -> Option<String> {
         .map(|t| t.0.to_string())
 }
 
-/// Scenario 10 (real node only): in a namespace that enforces Pod Security `restricted`, an
+/// Scenario 10: in a namespace that enforces Pod Security `restricted`, an
 /// annotated Ingress's Deployment mounts the certificate Secret: the injected Pod is admitted,
 /// the native sidecar runs before the app starts, and the app's mounted file turns from the
 /// temporary certificate into the issued one with no restart. A Job with an injected sidecar
 /// completes (the kubelet stops the sidecar after the Job's container ends).
 async fn s10_real_kubelet(ctx: Ctx) -> Result<()> {
-    if !ctx.plane.real_node() {
-        eprintln!(
-            "scenario 10: skipped: the stand-in mounts no volumes and runs no images (SIDECERT_NODE=real)"
-        );
-        return Ok(());
-    }
     ctx.clone()
         .in_namespaces(&[("e2e-s10", true)], |namespaces| async move {
             let ns = &namespaces[0];
@@ -1098,22 +1072,42 @@ async fn s10_real_kubelet(ctx: Ctx) -> Result<()> {
                 "the native sidecar started at {side:?}, the app at {app:?}"
             );
             let secrets: Api<Secret> = ns.api();
+            // While the Secret still holds the temporary certificate, so does the app's file:
+            // the app had HTTPS before any order.
+            let cat_tls = |name: String| {
+                let ctx = ctx.clone();
+                let ns = ns.name().to_owned();
+                async move {
+                    ctx.kubectl(
+                        &["-n", &ns, "exec", &name, "-c", "app", "--", "cat", "/tls/tls.crt"],
+                        None,
+                    )
+                    .await
+                    .ok()
+                    .filter(|out| out.success)
+                    .map(|out| out.stdout)
+                }
+            };
+            let before = secrets.get("mounted-tls").await?;
+            if annotation(&before, annotations::TEMPORARY) == Some("true") {
+                let mounted = cat_tls(name.clone())
+                    .await
+                    .context("cat /tls/tls.crt in the app")?;
+                let now = secrets.get("mounted-tls").await?;
+                if annotation(&now, annotations::TEMPORARY) == Some("true") {
+                    ensure!(
+                        Some(&mounted) == tls_crt(&now).as_ref(),
+                        "the app's mounted tls.crt is not the temporary certificate"
+                    );
+                }
+            }
             let issued = wait_issued(&secrets, "mounted-tls", Duration::from_secs(90)).await?;
             let want = tls_crt(&issued).context("tls.crt")?;
             // The kubelet refreshes Secret volumes on its sync (syncFrequency 10 s here).
             let started = Instant::now();
             wait_for(Duration::from_secs(60), || {
-                let (ctx, ns, name, want) = (ctx.clone(), ns.name().to_owned(), name.clone(), want.clone());
-                async move {
-                    let out = ctx
-                        .kubectl(
-                            &["-n", &ns, "exec", &name, "-c", "app", "--", "cat", "/tls/tls.crt"],
-                            None,
-                        )
-                        .await
-                        .ok()?;
-                    (out.success && out.stdout == want).then_some(())
-                }
+                let (cat, name, want) = (cat_tls, name.clone(), want.clone());
+                async move { (cat(name).await? == want).then_some(()) }
             })
             .await
             .context("the mounted tls.crt never became the issued certificate")?;
@@ -1153,8 +1147,8 @@ async fn s10_real_kubelet(ctx: Ctx) -> Result<()> {
                 .list(&ListParams::default().labels("job-name=once"))
                 .await?;
             ensure!(
-                job_pods.items.iter().all(|p| sidecar(p).is_some()),
-                "the Job's Pod has no sidecar"
+                !job_pods.items.is_empty() && job_pods.items.iter().all(|p| sidecar(p).is_some()),
+                "the Job's Pod is gone or has no sidecar"
             );
             eprintln!(
                 "scenario 10: the Job with an injected sidecar completed in {:.1}s",

@@ -204,7 +204,7 @@ async fn scenarios(apps: &TestNamespace, replicas: &mut [Replica], leader: usize
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
                  "template": {"metadata": {"labels": {"app": "web"}},
-                              "spec": {"containers": [{"name": "app", "image": "example/app"}]}}}
+                              "spec": {"containers": [{"name": "app", "image": "example/app:1.0"}]}}}
     }))
     .unwrap();
     deployments.create(&PostParams::default(), &dep).await.unwrap();

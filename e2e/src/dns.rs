@@ -1,5 +1,6 @@
-//! Keeps pebble-challtestsrv's A records in line with the cluster, as real DNS plus an
-//! ingress controller would:
+//! `sidecert-e2e plane-dns`: keeps pebble-challtestsrv's A records in line with the cluster,
+//! as real DNS plus an ingress controller would. No real component gives Pebble these records:
+//! the kubelet, containerd and kube-proxy run the node, and this is all the plane adds.
 //!
 //! * every TLS host of every Ingress resolves to the ready endpoints of the Service behind
 //!   the host's `/.well-known/acme-challenge/` path (else the rule's first backend, else the
@@ -9,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -20,7 +22,7 @@ use k8s_openapi::api::{
     networking::v1::{Ingress, IngressBackend},
 };
 use kube::{
-    Api,
+    Api, Client,
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -29,7 +31,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Ctx;
+/// `sidecert-e2e plane-dns` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Admin kubeconfig of the plane.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: PathBuf,
+    /// pebble-challtestsrv's management URL.
+    #[arg(long, default_value = "http://127.0.0.1:8055")]
+    pub challtestsrv: String,
+}
 
 /// Host → addresses.
 pub type Records = BTreeMap<String, BTreeSet<Ipv4Addr>>;
@@ -207,13 +218,23 @@ where
     (reader, drive)
 }
 
+/// Runs until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<()> {
+    let client = crate::client_from_kubeconfig(&config.kubeconfig).await?;
+    let challtestsrv = Challtestsrv::new(&config.challtestsrv)?;
+    info!("plane-dns: keeping challtestsrv's records in line with the cluster");
+    sync(client, challtestsrv, shutdown).await;
+    info!("plane-dns stopped");
+    Ok(())
+}
+
 /// Recomputes the records on every Ingress, EndpointSlice or Pod change (debounced) and
 /// sends the difference to challtestsrv, until `shutdown`.
-pub async fn run(ctx: Arc<Ctx>, challtestsrv: Challtestsrv, shutdown: CancellationToken) {
+async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: CancellationToken) {
     let notify = Arc::new(Notify::new());
-    let (ingresses, a) = reflect(Api::<Ingress>::all(ctx.client.clone()), notify.clone());
-    let (slices, b) = reflect(Api::<EndpointSlice>::all(ctx.client.clone()), notify.clone());
-    let (pods, c) = reflect(Api::<Pod>::all(ctx.client.clone()), notify.clone());
+    let (ingresses, a) = reflect(Api::<Ingress>::all(client.clone()), notify.clone());
+    let (slices, b) = reflect(Api::<EndpointSlice>::all(client.clone()), notify.clone());
+    let (pods, c) = reflect(Api::<Pod>::all(client), notify.clone());
     let drivers = async {
         tokio::join!(a, b, c);
     };
