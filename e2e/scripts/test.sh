@@ -47,6 +47,11 @@ groups() {
       if ($2 == "unittests") { crate = bin; name = crate " " $3 } else { name = crate " " $2 }
     }
     /^ *Doc-tests / { name = "doc-tests " $2 }
+    /^==> timing: / {
+      t = $NF; label = $0; sub(/^==> timing: /, "", label); sub(/ [0-9]+s$/, "", label)
+      printf "    %-42s %6s\n", label, t >> out
+      close(out)
+    }
     /^test result: / && name != "" {
       t = $NF; sub(/s$/, "", t)
       printf "    %-42s %6.0fs  %s\n", name, t, $3 >> out
