@@ -42,6 +42,10 @@ start_time_of() { # pid -> its start time in clock ticks since boot, or nothing
   stat="${stat##*) }"
   awk '{print $20}' <<<"$stat"
 }
+# The executable a process runs, as the kernel names it (symlinks resolved), or nothing.
+exe_of() { readlink "/proc/$1/exe" 2>/dev/null || true; }
+# Whether process $1 runs the binary at path $2 (compared with symlinks resolved).
+runs_binary() { [[ -n "$(exe_of "$1")" && "$(exe_of "$1")" == "$(readlink -f "$2")" ]]; }
 pid_record() { printf '%s %s %s\n' "$1" "$(start_time_of "$1")" "$BOOT_ID"; }
 pid_of() {
   local p t b
@@ -51,7 +55,7 @@ pid_of() {
   if [[ -z "$t" ]]; then
     # A pid file of an older checkout (the pid alone): ours only if it runs one of our
     # binaries (the tools under e2e/.cache, or this repository's builds).
-    [[ "$(readlink "/proc/$p/exe" 2>/dev/null)" == "$REPO"/* ]] && echo "$p"
+    [[ "$(exe_of "$p")" == "$(readlink -f "$REPO")"/* ]] && echo "$p"
     return 0
   fi
   [[ "$b" == "$BOOT_ID" && "$(start_time_of "$p")" == "$t" ]] && echo "$p"

@@ -220,9 +220,9 @@ KUBELET
 # there. (`down` deletes the kube-proxy tables only when this node made them.)
 # Whether one of our binaries runs under this name (by executable path; no pattern match).
 pgrep_ours() { # tool
-  local exe
-  for exe in /proc/[0-9]*/exe; do
-    [[ "$(readlink "$exe" 2>/dev/null)" == "$BIN/$1" ]] && return 0
+  local d
+  for d in /proc/[0-9]*; do
+    runs_binary "${d#/proc/}" "$BIN/$1" && return 0
   done
   return 1
 }
@@ -365,7 +365,7 @@ kill_pidfile() { # file init|shim
   [[ "$(cat "$NODE/boot_id" 2>/dev/null)" == "$BOOT_ID" ]] || return 0
   case $2 in
     init) grep -q "/$CGROUP_ROOT/" "/proc/$p/cgroup" 2>/dev/null || return 0 ;;
-    shim) [[ "$(readlink "/proc/$p/exe" 2>/dev/null)" == "$(readlink -f "$BIN/containerd-shim-runc-v2")" ]] || return 0 ;;
+    shim) runs_binary "$p" "$BIN/containerd-shim-runc-v2" || return 0 ;;
   esac
   kill -KILL "$p" 2>/dev/null || true
 }
