@@ -32,8 +32,14 @@ names=("$@")
 ((${#names[@]})) || names=(webhook sidecar app)
 
 # ---- binaries --------------------------------------------------------------------------
-# The musl target comes with the pinned toolchain (rust-toolchain.toml lists it); ring's C
-# needs musl-gcc (Debian's musl-tools, installed by make tools).
+# The musl target comes with the pinned toolchain when rustup installs it (rust-toolchain.toml
+# lists it), but not when the toolchain was on the machine already: add it then (rustup
+# fetches it from static.rust-lang.org, once). ring's C needs musl-gcc (Debian's musl-tools,
+# installed by make tools).
+if ! (cd "$root" && rustup target list --installed) | grep -qx "$target"; then
+  say "adding the Rust target $target (rustup target add)"
+  (cd "$root" && rustup target add "$target") || die "rustup target add $target failed"
+fi
 export CC_x86_64_unknown_linux_musl=musl-gcc
 # Paths that differ between clones and machines never reach the binaries.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
