@@ -21,10 +21,19 @@ build: ## build every binary (debug), as the local plane runs them
 fmt: ## format the code
 	$(CARGO) fmt --all
 
+# cargo deny checks the dependency graph (deny.toml): licences, bans, sources. Built once
+# into the ignored cache, pinned, from crates.io (about 5 min cold).
+CARGO_DENY_VERSION := 0.20.2
+CARGO_DENY := e2e/.cache/cargo-deny-$(CARGO_DENY_VERSION)/bin/cargo-deny
+
+$(CARGO_DENY):
+	$(CARGO) install --quiet --locked cargo-deny --version $(CARGO_DENY_VERSION) --root e2e/.cache/cargo-deny-$(CARGO_DENY_VERSION)
+
 .PHONY: lint
-lint: ## rustfmt check and clippy with warnings denied
+lint: $(CARGO_DENY) ## rustfmt check, clippy with warnings denied, cargo deny (licences, bans, sources)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO_DENY) --log-level warn check licenses bans sources
 
 .PHONY: cluster-up
 cluster-up: tools build ## start the local plane (idempotent); writes e2e/.state/kubeconfig and e2e/.state/env

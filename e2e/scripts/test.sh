@@ -64,7 +64,7 @@ tests() {
 }
 
 phase "tools (make tools)" "$MAKE" --no-print-directory tools
-phase "lint (rustfmt, clippy)" "$MAKE" --no-print-directory lint
+phase "lint (rustfmt, clippy, cargo deny)" "$MAKE" --no-print-directory lint
 phase "Rust build (debug, bins and tests)" "$CARGO" build --workspace --all-targets
 phase "images (musl release builds, crane)" "$MAKE" --no-print-directory images
 phase "chart (helm lint, chart tests)" "$MAKE" --no-print-directory chart-test
