@@ -10,7 +10,10 @@
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
 
-use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector};
+use k8s_openapi::{
+    api::core::v1::{EnvVar, EnvVarSource, ObjectFieldSelector},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::{Deserialize, Serialize};
 
 /// Expands to `"sidecert.io/<name>"`. The prefix is written here, and only here.
@@ -102,6 +105,34 @@ pub const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "sidecert";
+
+/// Whether sidecert may write an existing Secret: only one it made (its managed-by label) or
+/// one holding its temporary certificate. Any other Secret a `secretName` names belongs to
+/// someone else and is never overwritten, whatever an Ingress or Pod asks. (Absent Secrets
+/// are sidecert's to create.)
+pub fn is_sidecerts_secret(meta: &ObjectMeta) -> bool {
+    let labelled = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(MANAGED_BY_LABEL))
+        .is_some_and(|v| v == MANAGED_BY);
+    let temporary = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::TEMPORARY))
+        .is_some_and(|v| v == "true");
+    labelled || temporary
+}
+
+/// The warning for a certificate whose Secret is someone else's.
+pub fn foreign_secret_warning(namespace: &str, name: &str) -> String {
+    format!(
+        "sidecert: Secret {namespace}/{name} exists and is not sidecert's (no {MANAGED_BY_LABEL}={MANAGED_BY} \
+         label, no {} annotation); it is left alone and no certificate is issued for it. Name another \
+         Secret, or label this one {MANAGED_BY_LABEL}={MANAGED_BY} to hand it to sidecert",
+        annotations::TEMPORARY
+    )
+}
 
 /// Well-known directory URLs.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
@@ -268,6 +299,20 @@ pub fn validate_secret_name(name: &str) -> Result<(), ContractError> {
 /// Names in one certificate at most: what Let's Encrypt accepts in one order with its
 /// `classic` profile (its `tlsserver` and `shortlived` profiles take 25).
 pub const MAX_NAMES_PER_ORDER: usize = 100;
+
+/// Names Let's Encrypt accepts in one order with its `tlsserver` and `shortlived` profiles.
+pub const MAX_NAMES_SHORT_PROFILES: usize = 25;
+
+/// Names in one order with an ACME profile (`None`: the CA's default, `classic` at Let's
+/// Encrypt). A profile sidecert does not know gets the larger limit; the CA has the last word.
+pub fn max_names_per_order(profile: Option<&str>) -> usize {
+    match profile.map(str::trim) {
+        Some(p) if p.eq_ignore_ascii_case("tlsserver") || p.eq_ignore_ascii_case("shortlived") => {
+            MAX_NAMES_SHORT_PROFILES
+        }
+        _ => MAX_NAMES_PER_ORDER,
+    }
+}
 
 pub fn parse_domains(value: &str) -> Result<Vec<String>, ContractError> {
     let set: BTreeSet<String> = value
@@ -583,6 +628,39 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn only_secrets_sidecert_made_or_holds_a_temporary_certificate_in_are_its_own() {
+        let meta = |labels: &[(&str, &str)], annotations: &[(&str, &str)]| ObjectMeta {
+            labels: Some(labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        assert!(is_sidecerts_secret(&meta(&[(MANAGED_BY_LABEL, MANAGED_BY)], &[])));
+        assert!(is_sidecerts_secret(&meta(
+            &[],
+            &[(annotations::TEMPORARY, "true")]
+        )));
+        assert!(!is_sidecerts_secret(&ObjectMeta::default()));
+        assert!(!is_sidecerts_secret(&meta(
+            &[(MANAGED_BY_LABEL, "cert-manager")],
+            &[]
+        )));
+        assert!(!is_sidecerts_secret(&meta(
+            &[],
+            &[(annotations::TEMPORARY, "false")]
+        )));
+        assert!(!is_sidecerts_secret(&meta(&[("sidecert", "sidecert")], &[])));
+        assert_eq!(max_names_per_order(None), 100);
+        assert_eq!(max_names_per_order(Some("classic")), 100);
+        assert_eq!(max_names_per_order(Some(" ShortLived ")), 25);
+        assert_eq!(max_names_per_order(Some("tlsserver")), 25);
+    }
 
     #[test]
     fn bounded_names_fit_and_never_collide_or_panic() {

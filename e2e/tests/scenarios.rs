@@ -1504,14 +1504,23 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
         .await
 }
 
-/// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName): admitted,
-/// with warnings that `kubectl` prints.
+/// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName,
+/// a secretName that is another team's Secret): admitted, with warnings that `kubectl`
+/// prints; the other team's Secret is never written, and the reconciler says so in an Event.
 async fn s8_warnings(ctx: Ctx) -> Result<()> {
     ctx.clone()
         .in_namespaces(&[("e2e-s8", true)], |namespaces| async move {
             let ns = &namespaces[0];
             let wildcard = format!("*.wild.{}.sidecert.test", ns.name());
             let plain = host("nosecret", ns);
+            let theirs = host("theirs", ns);
+            // Another team's Secret, which an Ingress author names as its secretName.
+            ctx.kubectl_ok(
+                &["-n", ns.name(), "create", "secret", "generic", "team-db", "--from-literal=password=hunter2"],
+                None,
+            )
+            .await?;
+            let team_db_version = ns.api::<Secret>().get("team-db").await?.metadata.resource_version;
             let ingress = |name: &str, tls: Value, host: &str| {
                 json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
                        "metadata": {"name": name, "annotations": {annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"}},
@@ -1521,6 +1530,7 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             let list = json!({"apiVersion": "v1", "kind": "List", "items": [
                 ingress("wildcard", json!({"hosts": [wildcard], "secretName": "wild-tls"}), &wildcard),
                 ingress("nosecret", json!({"hosts": [plain]}), &plain),
+                ingress("theirs", json!({"hosts": [theirs], "secretName": "team-db"}), &theirs),
             ]});
             let out = ctx
                 .kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&list.to_string()))
@@ -1541,6 +1551,36 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             ensure!(
                 ns.api::<Secret>().get_opt("wild-tls").await?.is_none(),
                 "a Secret was made for a wildcard host"
+            );
+
+            // Another team's Secret: a warning, no HTTP-01 path, and the Secret untouched,
+            // by admission and by the reconciler, which records an Event on the Ingress.
+            ensure!(
+                warnings.iter().any(|w| w.contains("Secret") && w.contains("team-db") && w.contains("is not sidecert's")),
+                "no warning about the Secret of another team in kubectl's output: {warnings:?}"
+            );
+            wait_for(Duration::from_secs(30), || async {
+                let events = events_with_reason(&ctx.client, ns.name(), "SecretNotOurs").await.ok()?;
+                events.iter().any(|m| m.contains("team-db")).then_some(())
+            })
+            .await
+            .context("no SecretNotOurs Event from the reconciler for the Ingress naming team-db")?;
+            let routed = ingresses
+                .get("theirs")
+                .await?
+                .spec
+                .and_then(|s| s.rules)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.http)
+                .flat_map(|h| h.paths)
+                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            ensure!(!routed, "the Ingress naming another team's Secret got an HTTP-01 path");
+            let team_db = ns.api::<Secret>().get("team-db").await?;
+            ensure!(
+                team_db.metadata.resource_version == team_db_version,
+                "another team's Secret was written: {:?}",
+                team_db.metadata
             );
             Ok(())
         })

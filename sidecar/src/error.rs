@@ -50,6 +50,11 @@ pub enum Error {
     },
     #[error("lost the Lease during the order")]
     LostLease,
+    #[error(
+        "Secret {0} exists and is not sidecert's (no app.kubernetes.io/managed-by=sidecert label, no \
+         sidecert.io/temporary annotation); it is left alone"
+    )]
+    ForeignSecret(String),
     #[error("shutting down")]
     Shutdown,
 }
@@ -76,6 +81,7 @@ impl Error {
             Self::Http { .. } => "http",
             Self::Metrics(_) => "metrics",
             Self::LostLease => "lost_lease",
+            Self::ForeignSecret(_) => "foreign_secret",
             Self::Shutdown => "shutdown",
         }
     }

@@ -85,7 +85,7 @@ impl Metrics {
             orders: counter("orders_total", "ACME orders by result.", &["result"])?,
             failures: counter(
                 "failures_total",
-                "Failed issuance attempts by kind.",
+                "Failed issuance attempts and Secret writes by kind.",
                 &["secret", "kind"],
             )?,
             http01: counter(

@@ -22,7 +22,9 @@ use kube::{
     Api,
     api::{ListParams, ObjectMeta, PostParams},
 };
-use sidecert_contract::{CertificateSpec, KeyAlgorithm, PodIdentity, SidecarConfig, annotations};
+use sidecert_contract::{
+    CertificateSpec, KeyAlgorithm, MANAGED_BY, MANAGED_BY_LABEL, PodIdentity, SidecarConfig, annotations,
+};
 use sidecert_e2e::Plane;
 use sidecert_sidecar::{certificate::schedule::MAX_FAILED_VALIDATIONS_PER_HOUR, run::RunOptions};
 use tokio_util::sync::CancellationToken;
@@ -540,12 +542,21 @@ async fn a_foreign_or_mismatched_certificate_in_the_secret_is_replaced() {
     let secrets: Api<Secret> = ns.api();
     // Valid, not temporary: one says another ACME server issued it, the other holds a key
     // that is not its certificate's.
+    // Both are sidecert's (its label), as a Secret it wrote before is.
+    let sidecerts = || {
+        Some(BTreeMap::from([(
+            MANAGED_BY_LABEL.to_owned(),
+            MANAGED_BY.to_owned(),
+        )]))
+    };
     let mut from_elsewhere = temporary_secret("foreign-tls", std::slice::from_ref(&foreign));
+    from_elsewhere.metadata.labels = sidecerts();
     from_elsewhere.metadata.annotations = Some(BTreeMap::from([(
         annotations::ISSUER_URL.to_owned(),
         "https://acme-staging.example/directory".to_owned(),
     )]));
     let mut broken = temporary_secret("mismatch-tls", std::slice::from_ref(&mismatched));
+    broken.metadata.labels = sidecerts();
     broken.metadata.annotations = Some(BTreeMap::from([(
         annotations::ISSUER_URL.to_owned(),
         plane.pebble_directory().to_owned(),
@@ -843,6 +854,60 @@ async fn an_issued_certificate_survives_a_failing_secret_write() {
     assert_eq!(crt(&again), crt(&s));
     let m = scrape(&r.metrics).await;
     assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 1.0);
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn another_teams_secret_is_never_overwritten() {
+    // A secretName that names a Secret sidecert did not make (no managed-by label, no
+    // temporary annotation): the certificate is not written over it, whatever the sidecar
+    // was told; it says why in a metric and an Event.
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-theirs", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 64);
+    let d = domain("theirs");
+    plane.add_a(&d, ip).await.unwrap();
+    let secrets: Api<Secret> = ns.api();
+    let theirs = Secret {
+        metadata: ObjectMeta {
+            name: Some("team-db".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "password".into(),
+            ByteString(b"hunter2".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    let before = secrets.create(&PostParams::default(), &theirs).await.unwrap();
+    let spec = CertificateSpec::new("team-db", [&d]).unwrap();
+    let r = start(
+        options(plane, ns.name(), &spec, ip, Some("default"), true),
+        ns.client(),
+    )
+    .await;
+    wait_until("the refused write", Duration::from_secs(30), || async {
+        let m = scrape(&r.metrics).await;
+        (sample(
+            &m,
+            "sidecert_failures_total{kind=\"foreign_secret\",secret=\"team-db\"}",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let events: Api<Event> = ns.api();
+    wait_until("a SecretNotOurs Event", Duration::from_secs(10), || async {
+        let evs = events.list(&ListParams::default()).await.ok()?;
+        evs.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("SecretNotOurs"))
+    })
+    .await;
+    let after = secrets.get("team-db").await.unwrap();
+    assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
+    assert_eq!(after.data, theirs.data);
     r.stop().await;
     ns.cleanup().await.unwrap();
 }

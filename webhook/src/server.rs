@@ -96,6 +96,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         sidecar: SidecarSettings::from_args(&args.mutation),
         acme: AcmeDefaults::from_args(&args.mutation)?,
         lookup: lookup.clone(),
+        foreign_secrets: Default::default(),
     };
     let metrics = Metrics::new()?;
     let executor = Executor::new(client.clone(), lookup.clone(), args.side_effect_timeout);
@@ -120,6 +121,11 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
                 .clone()
                 .filter(|i| !i.trim().is_empty())
                 .unwrap_or_else(reconciler::default_identity),
+            default_profile: args
+                .mutation
+                .acme_profile
+                .clone()
+                .filter(|p| !p.trim().is_empty()),
         };
         let leader = reconciler::LeaderSettings {
             namespace,

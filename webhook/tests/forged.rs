@@ -82,6 +82,7 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: cache.clone(),
+        foreign_secrets: Default::default(),
     };
     let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", OWN);
     assert!(gate.wait_until_ready().await);
@@ -182,7 +183,69 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
     let bindings: Api<RoleBinding> = taken.api();
     assert!(bindings.get_opt("sidecert-default").await.unwrap().is_none());
 
-    for ns in [labelled, unlabelled, late, taken] {
+    // A secretName naming another team's Secret (no managed-by label, no temporary
+    // annotation): a warning, no sidecar, no right on it, nothing written (before: the Pod
+    // was injected and its ServiceAccount got get and update on the Secret).
+    let theirs = plane.namespace("forged-theirs", true).await.unwrap();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "team-db"}, "stringData": {"password": "hunter2"}
+    }))
+    .unwrap();
+    let before = theirs
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let pod = respond(
+        &reviewer,
+        &pod_review(theirs.name(), "team-db", "pod.theirs.example"),
+    )
+    .await;
+    assert!(pod["patch"].is_null(), "{pod}");
+    assert!(pod["warnings"].to_string().contains("is not sidecert's"), "{pod}");
+    assert!(
+        theirs
+            .api::<Role>()
+            .get_opt("sidecert-default")
+            .await
+            .unwrap()
+            .is_none(),
+        "a Role granting rights on another team's Secret"
+    );
+    let ingress = respond(
+        &reviewer,
+        &ingress_review(theirs.name(), "team-db", "ing.theirs.example"),
+    )
+    .await;
+    assert!(
+        ingress["warnings"].to_string().contains("is not sidecert's"),
+        "{ingress}"
+    );
+    let after = theirs.api::<Secret>().get("team-db").await.unwrap();
+    assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
+    // A Secret sidecert made is its own: served, and no second temporary Secret is tried.
+    let ours: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ours-tls", "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+        "stringData": {"tls.crt": "", "tls.key": ""}
+    }))
+    .unwrap();
+    theirs
+        .api::<Secret>()
+        .create(&PostParams::default(), &ours)
+        .await
+        .unwrap();
+    let pod = respond(
+        &reviewer,
+        &pod_review(theirs.name(), "ours-tls", "pod.ours.example"),
+    )
+    .await;
+    assert!(pod["patch"].is_string(), "{pod}");
+    assert!(
+        !pod["warnings"].to_string().contains("is not sidecert's"),
+        "{pod}"
+    );
+
+    for ns in [labelled, unlabelled, late, taken, theirs] {
         ns.cleanup().await.unwrap();
     }
 }

@@ -10,6 +10,7 @@ fn ctx() -> Context {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
+        foreign_secrets: Default::default(),
     }
 }
 

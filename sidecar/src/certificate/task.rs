@@ -232,6 +232,10 @@ async fn certificate_loop(
                     Err(e) => {
                         let wait = st.write_failed(OffsetDateTime::now_utc());
                         tracing::warn!(secret = name, error = %e, retry_in = ?wait, "writing the Secret failed; keeping the certificate in memory");
+                        m.failures.with_label_values(&[&name, e.metric_label()]).inc();
+                        if matches!(e, Error::ForeignSecret(_)) {
+                            cx.events.publish(true, "SecretNotOurs", e.to_string()).await;
+                        }
                     }
                 }
             }

@@ -10,7 +10,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
-use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations};
+use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations, is_sidecerts_secret};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -96,11 +96,19 @@ fn is_not_found(e: &kube::Error) -> bool {
 }
 
 /// Writes the certificate into the Secret `name`, replacing whatever is there (the
-/// temporary certificate) in place; conflicts are resolved by re-reading.
+/// temporary certificate) in place; conflicts are resolved by re-reading. A Secret that is
+/// not sidecert's ([`is_sidecerts_secret`]) is left alone: [`Error::ForeignSecret`].
 pub async fn write_secret(api: &Api<Secret>, name: &str, held: &Held, meta: &WriteMeta<'_>) -> Result<()> {
     let mut last = None;
     for _ in 0..WRITE_ATTEMPTS {
         let existing = api.get_opt(name).await?;
+        // Someone else's Secret (a secretName naming another team's) is never overwritten.
+        if existing
+            .as_ref()
+            .is_some_and(|s| !is_sidecerts_secret(&s.metadata))
+        {
+            return Err(Error::ForeignSecret(name.to_owned()));
+        }
         let creating = existing.is_none();
         let mut secret = existing.unwrap_or_else(|| Secret {
             metadata: ObjectMeta {
@@ -138,6 +146,12 @@ pub fn fill_secret(secret: &mut Secret, held: &Held, meta: &WriteMeta<'_>) {
     data.insert(TLS_CRT.into(), ByteString(held.chain_pem.clone().into_bytes()));
     data.insert(TLS_KEY.into(), ByteString(held.key_pem.clone().into_bytes()));
     secret.string_data = None;
+    // Still sidecert's once the temporary annotation is gone.
+    secret
+        .metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
     let a = secret.metadata.annotations.get_or_insert_with(BTreeMap::new);
     a.remove(annotations::TEMPORARY);
     a.insert(

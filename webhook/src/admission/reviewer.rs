@@ -4,13 +4,18 @@
 
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::AdmissionRequest;
+use sidecert_contract::foreign_secret_warning;
+
 use crate::{
     admission::codec::{Request, operation_label, parse, respond},
-    error::Result,
+    error::{Error, Result},
     kube::{executor::Executor, live::LiveCheck, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
         context::Context,
+        effect::Effect,
         ingress::mutate_ingress,
         namespace::not_served_warning,
         outcome::{Outcome, SkipReason},
@@ -90,6 +95,64 @@ impl Reviewer {
         }
     }
 
+    /// A Pod's decision from the caches, and again over live objects when the caches may
+    /// have missed an Ingress.
+    async fn decide_pod(&self, pod: &AdmissionRequest<Pod>, exec: &Executor, ctx: &Context) -> Outcome {
+        let PodDecision { outcome, recheck } = decide_pod(pod, ctx);
+        let Some(recheck) = recheck else {
+            return outcome;
+        };
+        let budget = exec.budget().min(LIVE_LOOKUP_TIMEOUT);
+        self.live
+            .recheck(pod, ctx, exec.client(), &self.metrics, recheck, budget, outcome)
+            .await
+    }
+
+    /// Asks the API server whose Secrets the review's certificates name. One that is someone
+    /// else's is left unconfigured (decided again without it: no sidecar, no right, no
+    /// HTTP-01 path for it); one sidecert already holds needs no temporary Secret.
+    async fn leave_foreign_secrets(
+        &self,
+        request: &Request,
+        exec: &Executor,
+        mut outcome: Outcome,
+        deadline: Option<Instant>,
+    ) -> Outcome {
+        let (names, namespace): (Vec<&str>, &str) = {
+            let names = outcome
+                .effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::TemporarySecret { name, namespace, .. } => {
+                        Some((name.as_str(), namespace.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            let Some((_, namespace)) = names.first() else {
+                return outcome;
+            };
+            (names.iter().map(|(n, _)| *n).collect(), namespace)
+        };
+        let budget = deadline
+            .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
+            .min(LIVE_LOOKUP_TIMEOUT);
+        let owners = exec.secret_owners(namespace, &names, budget).await;
+        if !owners.foreign.is_empty() {
+            tracing::info!(uid = request.uid(), secrets = ?owners.foreign, "certificates naming Secrets that are not sidecert's are left out");
+            let ctx = self.ctx.with_foreign_secrets(owners.foreign);
+            outcome = match request {
+                Request::Pod(pod) => self.decide_pod(pod, exec, &ctx).await,
+                Request::Ingress(ingress) => mutate_ingress(ingress, &ctx),
+                Request::Other { .. } => outcome,
+            };
+        }
+        outcome
+            .effects
+            .retain(|e| !matches!(e, Effect::TemporarySecret { name, .. } if owners.ours.contains(name)));
+        outcome
+    }
+
     /// Reviews a body and returns the serialised AdmissionReview response. `Err` means the
     /// body is not an AdmissionReview ([`crate::Error::InvalidReview`], [`crate::Error::UndecodableReview`],
     /// [`crate::Error::TooLarge`]).
@@ -104,25 +167,14 @@ impl Reviewer {
         let mut outcome = match (&request, &self.executor, refused) {
             (_, _, Some(refused)) => refused,
             (Request::Pod(pod), Some(exec), None) => {
-                let PodDecision { outcome, recheck } = decide_pod(pod, &self.ctx);
-                match recheck {
-                    // The caches may have missed an Ingress: decide again over live objects.
-                    Some(recheck) => {
-                        let budget = exec.budget().min(LIVE_LOOKUP_TIMEOUT);
-                        self.live
-                            .recheck(
-                                pod,
-                                &self.ctx,
-                                exec.client(),
-                                &self.metrics,
-                                recheck,
-                                budget,
-                                outcome,
-                            )
-                            .await
-                    }
-                    None => outcome,
-                }
+                let outcome = self.decide_pod(pod, exec, &self.ctx).await;
+                self.leave_foreign_secrets(&request, exec, outcome, deadline)
+                    .await
+            }
+            (Request::Ingress(_), Some(exec), None) => {
+                let outcome = self.mutate(&request);
+                self.leave_foreign_secrets(&request, exec, outcome, deadline)
+                    .await
             }
             _ => self.mutate(&request),
         };
@@ -135,10 +187,18 @@ impl Reviewer {
                     .side_effect_failures
                     .with_label_values(&[effect.label(), err.metric_label()])
                     .inc();
-                outcome.warnings.push(format!(
-                    "sidecert: could not create {} ({err}); admitted anyway, the next admission retries",
-                    effect.describe()
-                ));
+                outcome.warnings.push(match &err {
+                    Error::Foreign {
+                        kind: "Secret",
+                        namespace,
+                        name,
+                    } => foreign_secret_warning(namespace, name),
+                    Error::Foreign { .. } => format!("sidecert: {err}"),
+                    _ => format!(
+                        "sidecert: could not create {} ({err}); admitted anyway, the next admission retries",
+                        effect.describe()
+                    ),
+                });
             }
         }
         self.count(&request, &outcome);

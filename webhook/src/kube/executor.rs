@@ -1,8 +1,12 @@
 //! Carries out the [`Effect`]s of admission against the API server: temporary Secrets,
 //! solver Services, least-privilege RBAC. All are create-if-absent and idempotent; an
-//! existing Secret is never touched.
+//! existing Secret is never touched (one that is not sidecert's is reported).
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::{
@@ -15,6 +19,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
+use sidecert_contract::is_sidecerts_secret;
 
 use crate::{
     error::{Error, Result},
@@ -27,6 +32,15 @@ use crate::{
         },
     },
 };
+
+/// Whose Secrets a review's certificates name (absent ones are in neither set).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SecretOwners {
+    /// Made by sidecert, or holding its temporary certificate.
+    pub ours: BTreeSet<String>,
+    /// Someone else's: never written.
+    pub foreign: BTreeSet<String>,
+}
 
 /// Carries out [`Effect`]s against the API server.
 #[derive(Clone)]
@@ -106,12 +120,53 @@ impl Executor {
         }
     }
 
+    /// Which of `names` (Secrets of `namespace`) exist, and which of those are someone
+    /// else's ([`is_sidecerts_secret`]), asked of the API server within `budget`. A Secret
+    /// that cannot be read in time counts as absent: the executor's own look before it
+    /// creates, and the sidecar's before it writes, still leave a foreign one alone.
+    pub async fn secret_owners(&self, namespace: &str, names: &[&str], budget: Duration) -> SecretOwners {
+        let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
+        let looks = names.iter().map(|name| {
+            let api = api.clone();
+            async move {
+                let found = tokio::time::timeout(budget, api.get_metadata_opt(name)).await;
+                (*name, found)
+            }
+        });
+        let mut owners = SecretOwners::default();
+        for (name, found) in futures::future::join_all(looks).await {
+            match found {
+                Ok(Ok(Some(meta))) if is_sidecerts_secret(&meta.metadata) => {
+                    owners.ours.insert(name.to_owned());
+                }
+                Ok(Ok(Some(_))) => {
+                    owners.foreign.insert(name.to_owned());
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%namespace, secret = name, error = %e, "cannot tell whose Secret this is");
+                }
+                Err(_) => {
+                    tracing::warn!(%namespace, secret = name, "cannot tell whose Secret this is in time")
+                }
+            }
+        }
+        owners
+    }
+
     async fn ensure_secret(&self, namespace: &str, name: &str, domains: &[String]) -> Result<()> {
         let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
         // Look first (cheap, and most reviews find it); a create that races another answers
         // 409 and leaves the existing Secret untouched.
-        if api.get_metadata_opt(name).await?.is_some() {
-            return Ok(());
+        if let Some(existing) = api.get_metadata_opt(name).await? {
+            if is_sidecerts_secret(&existing.metadata) {
+                return Ok(());
+            }
+            return Err(Error::Foreign {
+                kind: "Secret",
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            });
         }
         let secret = temporary_secret(namespace, name, domains)?;
         match api.create(&PostParams::default(), &secret).await {

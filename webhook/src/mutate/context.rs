@@ -1,7 +1,7 @@
 //! What every decision reads: the sidecar's shape, the ACME defaults, and where Ingresses
 //! and Services are looked up.
 
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
 use crate::mutate::{
     container::{AcmeDefaults, SidecarSettings},
@@ -15,6 +15,10 @@ pub struct Context {
     pub sidecar: SidecarSettings,
     pub acme: AcmeDefaults,
     pub lookup: Arc<dyn Lookup>,
+    /// Secrets of the review's namespace that exist and are not sidecert's
+    /// ([`sidecert_contract::is_sidecerts_secret`]): a certificate naming one is left
+    /// unconfigured. The reviewer finds them; empty elsewhere.
+    pub foreign_secrets: BTreeSet<String>,
 }
 
 impl Context {
@@ -22,6 +26,14 @@ impl Context {
     pub fn with_lookup(&self, lookup: Arc<dyn Lookup>) -> Self {
         Self {
             lookup,
+            ..self.clone()
+        }
+    }
+
+    /// The same context, knowing that `names` are someone else's Secrets.
+    pub fn with_foreign_secrets(&self, names: BTreeSet<String>) -> Self {
+        Self {
+            foreign_secrets: names,
             ..self.clone()
         }
     }

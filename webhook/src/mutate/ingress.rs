@@ -15,8 +15,8 @@ use kube::{
     core::admission::{AdmissionRequest, Operation},
 };
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, MAX_NAMES_PER_ORDER, SOLVER_SERVICE_SUFFIX, annotations, bounded_name,
-    validate_domain, validate_secret_name, validate_service_name,
+    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, foreign_secret_warning,
+    max_names_per_order, validate_domain, validate_secret_name, validate_service_name,
 };
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
@@ -86,16 +86,48 @@ impl Plan {
     pub fn secret(&self, name: &str) -> Option<&TlsSecret> {
         self.secrets.iter().find(|s| s.secret_name == name)
     }
+
+    /// Leaves out the Secrets of `foreign` (someone else's, see
+    /// [`sidecert_contract::is_sidecerts_secret`]) and the routes of their hosts, with a
+    /// warning each: no temporary Secret, no HTTP-01 path, no sidecar for them.
+    pub fn leave_out(&mut self, namespace: &str, foreign: &BTreeSet<String>) {
+        if foreign.is_empty() {
+            return;
+        }
+        for secret in self.secrets.iter().filter(|s| foreign.contains(&s.secret_name)) {
+            self.warnings
+                .push(foreign_secret_warning(namespace, &secret.secret_name));
+        }
+        self.secrets.retain(|s| !foreign.contains(&s.secret_name));
+        self.routes.retain(|r| !foreign.contains(&r.secret_name));
+    }
+
+    /// The names of the Secrets the plan would create if absent.
+    pub fn secret_names(&self) -> Vec<&str> {
+        self.secrets.iter().map(|s| s.secret_name.as_str()).collect()
+    }
 }
 
 fn service_of(backend: &IngressBackend) -> Option<&IngressServiceBackend> {
     backend.service.as_ref()
 }
 
-/// Reads the TLS entries and rules of an Ingress.
-pub fn plan(ingress: &Ingress) -> Plan {
+/// Reads the TLS entries and rules of an Ingress. `default_profile` is the chart's ACME
+/// profile, which the Ingress's `sidecert.io/acme-profile` overrides: it decides how many
+/// names one certificate may hold.
+pub fn plan(ingress: &Ingress, default_profile: Option<&str>) -> Plan {
     let mut plan = Plan::default();
     let name = ingress.metadata.name.as_deref().unwrap_or("");
+    let profile = ingress
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::ACME_PROFILE))
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .or(default_profile);
+    let limit = max_names_per_order(profile);
+    let profile = profile.unwrap_or("(the CA's default)");
     let Some(spec) = ingress.spec.as_ref() else {
         plan.warnings
             .push(format!("sidecert: Ingress {name} has no spec; nothing to do"));
@@ -127,10 +159,10 @@ pub fn plan(ingress: &Ingress) -> Plan {
     let mut host_secret: BTreeMap<String, String> = BTreeMap::new();
     for (i, tls) in tls_entries.iter().enumerate() {
         let hosts = tls.hosts.as_deref().unwrap_or_default();
-        if hosts.len() > MAX_NAMES_PER_ORDER {
+        if hosts.len() > limit {
             plan.warnings.push(format!(
                 "sidecert: spec.tls[{i}] has {} hosts, more than an ACME CA accepts in one order \
-                 ({MAX_NAMES_PER_ORDER} at Let's Encrypt); no certificate is issued for it",
+                 ({limit} with the profile {profile}); no certificate is issued for it",
                 hosts.len()
             ));
             continue;
@@ -185,10 +217,10 @@ pub fn plan(ingress: &Ingress) -> Plan {
         s.domains.dedup();
     }
     plan.secrets.retain(|s| {
-        if s.domains.len() > MAX_NAMES_PER_ORDER {
+        if s.domains.len() > limit {
             plan.warnings.push(format!(
                 "sidecert: Secret {} would hold {} names, more than an ACME CA accepts in one order \
-                 ({MAX_NAMES_PER_ORDER} at Let's Encrypt); no certificate is issued for it",
+                 ({limit} with the profile {profile}); no certificate is issued for it",
                 s.secret_name,
                 s.domains.len()
             ));
@@ -267,7 +299,7 @@ pub fn challenge_path(solver: &str) -> HTTPIngressPath {
 
 /// Mutates an Ingress (CREATE and UPDATE): routes `/.well-known/acme-challenge/` of every TLS
 /// host to its solver Service, and asks for the temporary Secrets and solver Services.
-pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, _ctx: &Context) -> Outcome {
+pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, ctx: &Context) -> Outcome {
     if !matches!(req.operation, Operation::Create | Operation::Update) {
         return Outcome::skip(SkipReason::Operation);
     }
@@ -282,7 +314,9 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, _ctx: &Context) -> Outcom
         .clone()
         .or_else(|| ingress.metadata.namespace.clone())
         .unwrap_or_else(|| "default".to_owned());
-    let plan = plan(ingress);
+    let mut plan = plan(ingress, ctx.acme.profile.as_deref());
+    let before = plan.secrets.len();
+    plan.leave_out(&namespace, &ctx.foreign_secrets);
     let mut out = Outcome {
         warnings: plan.warnings.clone(),
         patch: route_patch(&plan),
@@ -290,7 +324,11 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, _ctx: &Context) -> Outcom
         ..Outcome::default()
     };
     if out.patch.is_empty() {
-        out.skipped = Some(SkipReason::Unchanged);
+        out.skipped = Some(if plan.secrets.is_empty() && before > 0 {
+            SkipReason::ForeignSecret
+        } else {
+            SkipReason::Unchanged
+        });
     }
     out
 }
@@ -466,7 +504,7 @@ mod tests {
             let spec = ing.spec.as_mut().unwrap();
             let path = &mut spec.rules.as_mut().unwrap()[0].http.as_mut().unwrap().paths[0];
             path.backend.service.as_mut().unwrap().name = backend.clone();
-            let first = plan(&ing);
+            let first = plan(&ing, None);
             assert_eq!(first.routes.len(), 1);
             assert_eq!(first.routes[0].backend, backend);
             assert!(!first.routes[0].routed);
@@ -478,7 +516,7 @@ mod tests {
                 .unwrap()
                 .paths;
             paths.insert(0, challenge_path(&solver));
-            let again = plan(&ing);
+            let again = plan(&ing, None);
             assert_eq!(again.routes.len(), 1, "{len}: {again:?}");
             assert_eq!(
                 again.routes[0].backend, backend,
@@ -494,7 +532,7 @@ mod tests {
         let spec = bad_backend.spec.as_mut().unwrap();
         let path = &mut spec.rules.as_mut().unwrap()[0].http.as_mut().unwrap().paths[0];
         path.backend.service.as_mut().unwrap().name = format!("Wéb{}", "a".repeat(70));
-        let p = plan(&bad_backend);
+        let p = plan(&bad_backend, None);
         assert!(p.routes.is_empty(), "{p:?}");
         assert!(
             p.warnings.iter().any(|w| w.contains("not a valid Service name")),
@@ -504,7 +542,7 @@ mod tests {
 
         let mut bad_secret = ingress(true, false);
         bad_secret.spec.as_mut().unwrap().tls.as_mut().unwrap()[0].secret_name = Some("Web_TLS".into());
-        let p = plan(&bad_secret);
+        let p = plan(&bad_secret, None);
         assert!(p.secrets.is_empty() && p.routes.is_empty(), "{p:?}");
         assert!(
             p.warnings.iter().any(|w| w.contains("invalid Secret name")),
@@ -512,8 +550,81 @@ mod tests {
             p.warnings
         );
 
-        let good = plan(&ingress(true, false));
+        let good = plan(&ingress(true, false), None);
         assert_eq!(good.routes.len(), 1);
         assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+    }
+
+    #[test]
+    fn the_profile_decides_how_many_names_a_certificate_may_hold() {
+        // 26 hosts: classic takes them (100), tlsserver and shortlived do not (25), whether
+        // the Ingress names the profile or the chart's default does.
+        let mut ing = ingress(true, false);
+        let hosts: Vec<String> = (0..26).map(|i| format!("h{i}.shop.example")).collect();
+        ing.spec.as_mut().unwrap().tls.as_mut().unwrap()[0].hosts = Some(hosts);
+        let names = |p: &Plan| p.secrets.iter().map(|s| s.domains.len()).sum::<usize>();
+        assert!(names(&plan(&ing, None)) >= 26);
+        assert!(names(&plan(&ing, Some("classic"))) >= 26);
+        let short = plan(&ing, Some("shortlived"));
+        assert!(short.secrets.is_empty() && short.routes.is_empty(), "{short:?}");
+        assert!(
+            short
+                .warnings
+                .iter()
+                .any(|w| w.contains("(25 with the profile shortlived)")),
+            "{:?}",
+            short.warnings
+        );
+        ing.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(annotations::ACME_PROFILE.into(), " tlsserver ".into());
+        assert!(plan(&ing, None).secrets.is_empty());
+        ing.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(annotations::ACME_PROFILE.into(), "classic".into());
+        assert!(
+            names(&plan(&ing, Some("shortlived"))) >= 26,
+            "the Ingress's own profile wins"
+        );
+    }
+
+    #[test]
+    fn a_foreign_secret_gets_no_route_no_temporary_secret_and_a_warning() {
+        let mut ing = ingress(true, false);
+        let spec = ing.spec.as_mut().unwrap();
+        spec.tls.as_mut().unwrap().push(
+            serde_json::from_value(
+                serde_json::json!({"hosts": ["api.shop.example"], "secretName": "api-tls"}),
+            )
+            .unwrap(),
+        );
+        spec.rules.as_mut().unwrap().push(
+            serde_json::from_value(serde_json::json!({"host": "api.shop.example", "http": {"paths": [
+                {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "api", "port": {"number": 80}}}}
+            ]}}))
+            .unwrap(),
+        );
+        let mut p = plan(&ing, None);
+        assert_eq!((p.secrets.len(), p.routes.len()), (2, 2));
+        p.leave_out("shop", &BTreeSet::from(["web-tls".to_owned()]));
+        assert_eq!(p.secret_names(), ["api-tls"]);
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].host, "api.shop.example");
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("Secret shop/web-tls exists and is not sidecert's")),
+            "{:?}",
+            p.warnings
+        );
+        let effects = effects(&ing, "shop", &p);
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::TemporarySecret { name, .. } if name == "web-tls")),
+            "{effects:?}"
+        );
     }
 }

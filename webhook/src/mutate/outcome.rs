@@ -31,6 +31,8 @@ pub enum SkipReason {
     UnknownKind,
     /// The namespace did not opt in, or is a system namespace or sidecert's own.
     NamespaceNotServed,
+    /// Every certificate the Pod asks for names a Secret that is someone else's.
+    ForeignSecret,
 }
 
 impl SkipReason {
@@ -47,6 +49,7 @@ impl SkipReason {
             Self::Unchanged => "unchanged",
             Self::UnknownKind => "unknown_kind",
             Self::NamespaceNotServed => "namespace_not_served",
+            Self::ForeignSecret => "foreign_secret",
         }
     }
 }

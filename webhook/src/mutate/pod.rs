@@ -13,7 +13,7 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::{Value, json};
 use sidecert_contract::{
     SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations, encode_certificates,
-    lease_name, validate_secret_name,
+    foreign_secret_warning, lease_name, max_names_per_order, validate_secret_name,
 };
 
 use crate::mutate::{
@@ -142,7 +142,13 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         return Outcome::skip(SkipReason::NoObject);
     };
     let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
-    let selection = select(namespace, labels, pod_annotations, ctx.lookup.as_ref());
+    let selection = select(
+        namespace,
+        labels,
+        pod_annotations,
+        ctx.lookup.as_ref(),
+        ctx.acme.profile.as_deref(),
+    );
     if selection.certificates.is_empty() {
         let reason = if selection.invalid {
             SkipReason::InvalidAnnotations
@@ -186,7 +192,41 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         warnings: selection.warnings,
         ..Outcome::default()
     };
-    let certificates = selection.certificates;
+    // The profile decides how many names one order may hold (25 for tlsserver and
+    // shortlived): a certificate over it is left unconfigured, the others go on.
+    let profile = selection
+        .overrides
+        .acme_profile
+        .as_deref()
+        .or(ctx.acme.profile.as_deref());
+    let limit = max_names_per_order(profile);
+    let (certificates, foreign): (Vec<_>, Vec<_>) = selection
+        .certificates
+        .into_iter()
+        .partition(|c| !ctx.foreign_secrets.contains(&c.secret_name));
+    for cert in &foreign {
+        out.warnings
+            .push(foreign_secret_warning(namespace, &cert.secret_name));
+    }
+    let (certificates, too_many): (Vec<_>, Vec<_>) =
+        certificates.into_iter().partition(|c| c.domains.len() <= limit);
+    for cert in &too_many {
+        out.warnings.push(format!(
+            "sidecert: Secret {} would hold {} names, more than the ACME profile {} accepts in \
+             one order ({limit}); no certificate is issued for it",
+            cert.secret_name,
+            cert.domains.len(),
+            profile.unwrap_or("(the CA's default)"),
+        ));
+    }
+    if certificates.is_empty() {
+        out.skipped = Some(if foreign.is_empty() {
+            SkipReason::InvalidAnnotations
+        } else {
+            SkipReason::ForeignSecret
+        });
+        return out;
+    }
     let config = sidecar_config(
         certificates.clone(),
         &ctx.acme,
@@ -299,6 +339,7 @@ mod tests {
                 ingresses: Vec::new(),
                 services: services.into_iter().map(Arc::new).collect(),
             }),
+            foreign_secrets: Default::default(),
         }
     }
 
@@ -399,6 +440,30 @@ mod tests {
             &ctx,
         );
         assert!(warned(&out, "more than an ACME CA accepts"), "{out:?}");
+        // tlsserver and shortlived take 25 names in one order (classic takes 100).
+        let some: Vec<String> = (0..26).map(|i| format!("h{i}.shop.example")).collect();
+        for profile in ["shortlived", "tlsserver"] {
+            let out = mutate_pod(
+                &request(direct(json!({"sidecert.io/domains": some.join(","),
+                                       "sidecert.io/acme-profile": profile}))),
+                &ctx,
+            );
+            assert!(warned(&out, "more than the ACME profile"), "{profile}: {out:?}");
+            assert!(out.effects.is_empty(), "{profile}: {out:?}");
+        }
+        let mut short_default = context(vec![]);
+        short_default.acme.profile = Some("shortlived".into());
+        let out = mutate_pod(
+            &request(direct(json!({"sidecert.io/domains": some.join(",")}))),
+            &short_default,
+        );
+        assert!(warned(&out, "more than the ACME profile"), "{out:?}");
+        let out = mutate_pod(
+            &request(direct(json!({"sidecert.io/domains": some.join(","),
+                                   "sidecert.io/acme-profile": "classic"}))),
+            &ctx,
+        );
+        assert!(!out.patch.is_empty(), "classic takes 26 names: {out:?}");
         // A container of the sidecar's name that sidecert did not add (it was silently
         // taken for an injected Pod).
         let mut req = request(direct(json!({})));

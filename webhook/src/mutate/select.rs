@@ -72,6 +72,7 @@ pub fn select(
     labels: &BTreeMap<String, String>,
     pod_annotations: &BTreeMap<String, String>,
     lookup: &dyn Lookup,
+    default_profile: Option<&str>,
 ) -> Selection {
     let mut sel = Selection::default();
     let mut certs: BTreeMap<String, CertificateSpec> = BTreeMap::new();
@@ -110,7 +111,7 @@ pub fn select(
     let mut ingresses = lookup.ingresses(namespace);
     ingresses.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for ing in ingresses.iter().filter(|i| is_annotated(i)) {
-        let plan = plan(ing);
+        let plan = plan(ing, default_profile);
         let mut selected = false;
         for route in &plan.routes {
             let Some(svc) = lookup.service(namespace, &route.backend) else {

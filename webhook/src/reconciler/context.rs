@@ -21,7 +21,9 @@ use kube::{
     },
 };
 use serde_json::json;
-use sidecert_contract::{ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations};
+use sidecert_contract::{
+    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning,
+};
 
 use crate::{
     error::Result,
@@ -125,7 +127,22 @@ impl Reconciler {
     /// Brings an annotated Ingress's world in line.
     pub(super) async fn ensure(&self, ingress: &Ingress, ns: &str) -> Result<()> {
         let name = ingress.name_any();
-        let plan = plan(ingress);
+        let mut plan = plan(ingress, self.settings.default_profile.as_deref());
+        // A Secret of someone else's is never written, routed to or rolled for.
+        let owners = self
+            .executor
+            .secret_owners(ns, &plan.secret_names(), self.executor.budget())
+            .await;
+        if !owners.foreign.is_empty() {
+            plan.leave_out(ns, &owners.foreign);
+            let note = owners
+                .foreign
+                .iter()
+                .map(|s| foreign_secret_warning(ns, s))
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.warn_once(ingress, "SecretNotOurs", note).await;
+        }
         let mut generation_source = ingress.clone();
         let patch = route_patch(&plan);
         if !patch.is_empty() {

@@ -256,7 +256,7 @@ mod tests {
     #[test]
     fn an_annotated_ingress_without_route_needs_one_secret_and_one_solver() {
         let ing = ingress(true, false);
-        let p = plan(&ing);
+        let p = plan(&ing, None);
         assert_eq!(route_patch(&p).len(), 1);
         let effects = effects(&ing, "shop", &p);
         assert_eq!(effects.len(), 2);
@@ -265,7 +265,7 @@ mod tests {
             matches!(&effects[1], Effect::SolverService { name, owner: Some(o), .. } if name == "web-sidecert-solver" && o.uid == "u-1")
         );
         // Once routed, nothing to patch.
-        assert!(route_patch(&plan(&ingress(true, true))).is_empty());
+        assert!(route_patch(&plan(&ingress(true, true), None)).is_empty());
     }
 
     #[test]

@@ -18,4 +18,7 @@ pub struct Settings {
     pub interval: Duration,
     /// This replica's name on the Lease and in Events.
     pub identity: String,
+    /// The chart's ACME profile (`--acme-profile`), which decides how many names an
+    /// Ingress's certificate may hold unless the Ingress names its own.
+    pub default_profile: Option<String>,
 }
