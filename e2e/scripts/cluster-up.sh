@@ -72,7 +72,35 @@ start etcd "$BIN/etcd" --name sidecert-local --data-dir "$STATE/etcd" \
   --quota-backend-bytes 2147483648 --unsafe-no-fsync
 wait_until etcd 30 curl -sf "http://$ETCD_CLIENT/health"
 
+# The API server presents a client certificate to every admission webhook (as a cluster
+# whose operator turned on webhook.clientCA would): the chart's install in the scenarios
+# trusts its CA, and /mutate answers nothing else.
+cat >"$STATE/webhook-client.kubeconfig" <<KCFG
+apiVersion: v1
+kind: Config
+users:
+- name: "*"
+  user:
+    client-certificate: $PKI/webhook-client.crt
+    client-key: $PKI/webhook-client.key
+KCFG
+cat >"$STATE/admission.yaml" <<ADM
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $STATE/webhook-client.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $STATE/webhook-client.kubeconfig
+ADM
 start kube-apiserver "$BIN/kube-apiserver" \
+  --admission-control-config-file "$STATE/admission.yaml" \
   --etcd-servers "http://$ETCD_CLIENT" \
   --bind-address "$GATEWAY" --advertise-address "$GATEWAY" --secure-port "$API_PORT" \
   --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
@@ -165,6 +193,7 @@ cat >"$STATE/env" <<ENV
 export KUBECONFIG="$STATE/kubeconfig"
 export PEBBLE_DIRECTORY="https://$GATEWAY:$PEBBLE_PORT/dir"
 export PEBBLE_CA_FILE="$PKI/pebble-ca.crt"
+export WEBHOOK_CLIENT_CA_FILE="$PKI/webhook-client-ca.crt"
 export PEBBLE_MANAGEMENT="https://$GATEWAY:$PEBBLE_MGMT_PORT"
 export PEBBLE_HTTP_PORT=$PEBBLE_HTTP01_PORT
 export CHALLTESTSRV_URL="http://$CHALLTESTSRV_MGMT"

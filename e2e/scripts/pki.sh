@@ -2,15 +2,13 @@
 # Makes the plane's certificates (once): the cluster CA, the API server's serving
 # certificate, client certificates for the admin, the controller-manager, the scheduler,
 # kube-proxy, the kubelet (system:node:*) and the API server's calls to the kubelet, the
-# kubelet's serving certificate, the service-account signing key, and a separate CA +
-# serving certificate for Pebble's HTTPS.
+# kubelet's serving certificate, the service-account signing key, a separate CA + serving
+# certificate for Pebble's HTTPS, and a CA of its own for the client certificate the API
+# server presents to admission webhooks (the chart's webhook.clientCA).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 mkdir -p "$PKI"
 cd "$PKI"
-# The marker names the set: a plane state from before a certificate was added is remade.
-[[ -f .complete.2 ]] && exit 0
-rm -f ./*.crt ./*.key ./*.srl .complete
 command -v openssl >/dev/null || die "openssl is needed to make the plane's certificates (apt-get install openssl)"
 
 ca() { # name cn
@@ -27,6 +25,21 @@ leaf() { # name ca subject ext...
     -extfile "$name.ext" -out "$name.crt" 2>/dev/null
   rm -f "$name.csr" "$name.ext"
 }
+
+webhook_client() {
+  ca webhook-client-ca "sidecert-local webhook client ca"
+  leaf webhook-client webhook-client-ca "/CN=kube-apiserver-webhook-client" "keyUsage=critical,digitalSignature" "extendedKeyUsage=clientAuth"
+  chmod 600 webhook-client-ca.key webhook-client.key
+}
+
+# The marker names the set: a plane state from before a certificate was added is remade.
+# The webhook client pair came later and stands apart (only the API server's flags read
+# it), so a plane state that lacks it gets it without the rest being remade.
+if [[ -f .complete.2 ]]; then
+  [[ -f webhook-client.crt ]] || webhook_client
+  exit 0
+fi
+rm -f ./*.crt ./*.key ./*.srl .complete
 
 ca ca "sidecert-local-ca"
 leaf apiserver ca "/CN=kube-apiserver" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
@@ -45,5 +58,6 @@ openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 ca pebble-ca "sidecert-local pebble https ca"
 leaf pebble pebble-ca "/CN=pebble" "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
   "subjectAltName=IP:$GATEWAY,IP:127.0.0.1,DNS:localhost,DNS:pebble"
+webhook_client
 chmod 600 ./*.key
 touch .complete.2

@@ -28,6 +28,7 @@ pub struct Plane {
     pebble_directory: String,
     pebble_ca_file: PathBuf,
     pebble_ca_pem: String,
+    webhook_client_ca_file: PathBuf,
     pebble_management: String,
     challtestsrv_url: String,
     gateway: Ipv4Addr,
@@ -98,7 +99,9 @@ impl Plane {
         let pebble_ca_pem = tokio::fs::read_to_string(&pebble_ca_file)
             .await
             .map_err(|e| Error::io(&pebble_ca_file, e))?;
+        let webhook_client_ca_file = resolve(get("WEBHOOK_CLIENT_CA_FILE")?);
         Ok(Plane {
+            webhook_client_ca_file,
             repo_root: repo_root.to_owned(),
             kubeconfig: resolve(get("KUBECONFIG")?),
             pebble_directory: get("PEBBLE_DIRECTORY")?,
@@ -150,6 +153,11 @@ impl Plane {
 
     pub fn pebble_ca_file(&self) -> &Path {
         &self.pebble_ca_file
+    }
+
+    /// The CA of the client certificate the API server presents to admission webhooks.
+    pub fn webhook_client_ca_file(&self) -> &Path {
+        &self.webhook_client_ca_file
     }
 
     /// Pebble's management URL.

@@ -186,6 +186,9 @@ impl Ctx {
         let ca_file = plane.pebble_ca_file().display().to_string();
         // Pebble's CA goes in the chart's ConfigMap, which the kubelet mounts, as on any cluster.
         let (ca_flag, ca_value) = ("--set-file", format!("acme.caBundle={ca_file}"));
+        // The API server presents a client certificate of this CA to webhooks (cluster-up.sh):
+        // with it, /mutate answers the API server and nothing else (scenario 9).
+        let client_ca = format!("webhook.clientCA={}", plane.webhook_client_ca_file().display());
         let started = Instant::now();
         ctx.helm_ok(&[
             "upgrade",
@@ -202,6 +205,8 @@ impl Ctx {
             &format!("acme.server={}", plane.pebble_directory()),
             ca_flag,
             &ca_value,
+            "--set-file",
+            &client_ca,
             // Pebble picks a random profile for orders that name none; scenario 2 asks for
             // `shortlived` on its Ingress.
             "--set",
@@ -1365,6 +1370,58 @@ async fn s5_dry_run(ctx: Ctx) -> Result<()> {
 /// webhook ServiceAccount's writes outside labelled namespaces (whatever its ClusterRole
 /// allows), so a forged review cannot make it write in `kube-system`. Checked by
 /// impersonating the ServiceAccount with server-side dry runs: nothing is created.
+/// A POST to /mutate on each webhook Pod's IP, as any Pod in the cluster could send it: 401
+/// with `webhook.clientCA` set; `/healthz` answers 200 on the same port.
+async fn direct_review_is_refused(ctx: &Ctx) -> Result<()> {
+    let pods = Api::<Pod>::namespaced(ctx.client.clone(), &ctx.release_ns)
+        .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
+        .await?
+        .items;
+    ensure!(!pods.is_empty(), "no webhook Pods in {}", ctx.release_ns);
+    // The serving certificate names the Service, not the Pod IP; what is checked here is the
+    // client side, so the server's name is not.
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let review = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "5eedce27-0000-4000-8000-0000000000f9", "operation": "CREATE",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "kube-system", "userInfo": {"username": "forger"},
+            "object": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "forged",
+                "annotations": {"sidecert.io/domains": "forged.example"}},
+                "spec": {"containers": [{"name": "app", "image": "app"}]}}}});
+    for pod in &pods {
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .with_context(|| format!("webhook Pod {} has no IP", pod_name(pod)))?;
+        let rsp = http
+            .post(format!("https://{ip}:8443/mutate"))
+            .json(&review)
+            .send()
+            .await
+            .with_context(|| format!("POST /mutate to webhook Pod {}", pod_name(pod)))?;
+        ensure!(
+            rsp.status() == reqwest::StatusCode::UNAUTHORIZED,
+            "a review without the API server's certificate got {} from webhook Pod {}",
+            rsp.status(),
+            pod_name(pod)
+        );
+        let health = http.get(format!("https://{ip}:8443/healthz")).send().await?;
+        ensure!(
+            health.status().is_success(),
+            "/healthz of {}: {}",
+            pod_name(pod),
+            health.status()
+        );
+    }
+    Ok(())
+}
+
 async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
     ctx.clone()
         .in_namespaces(
@@ -1438,6 +1495,10 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     "a Role of another name in a labelled namespace: {}",
                     out.describe()
                 );
+
+                // Sent straight to a webhook Pod, without the API server's client certificate,
+                // a review is refused before it is read; the kubelet's probes still answer.
+                direct_review_is_refused(&ctx).await?;
 
                 // Refused by the API server elsewhere, with the policy's message.
                 for (ns, args, what) in [

@@ -105,6 +105,14 @@ pub struct ServeArgs {
         conflicts_with = "self_signed"
     )]
     pub tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) of the client certificate the API server presents to this webhook
+    /// (the API server's `--admission-control-config-file`, WebhookAdmission kubeconfig).
+    /// When set, `/mutate` answers 401 to any caller without a certificate issued by it, so
+    /// a review can come only from the API server; `/healthz` and `/readyz` stay open for
+    /// the kubelet's probes. Use a CA that issues nothing but that client certificate.
+    /// Read at start.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
     /// How often the certificate files are checked for changes.
     #[arg(long, env = "SIDECERT_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub tls_reload_interval: Duration,

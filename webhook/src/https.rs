@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use actix_http::{HttpService, Protocol};
+use actix_http::{Extensions, HttpService, Protocol};
 use actix_rt::net::{ActixStream, Ready, TcpStream};
 use actix_server::Server;
 use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_config};
@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::{
     admission::{
-        http::{AppState, close_when_draining, routes},
+        http::{AppState, ClientCertificate, close_when_draining, routes},
         limits::{ConnectionLimiter, ConnectionSlot, Limits},
     },
     metrics::Metrics,
@@ -137,6 +137,10 @@ pub fn serve_https(
             .wrap(from_fn(close_when_draining))
             .configure(routes(state));
         let http = HttpService::build()
+            // What the handshake verified, for `/mutate` (see `--client-ca-file`).
+            .on_connect_ext(|tls: &TlsStream<Counted>, ext: &mut Extensions| {
+                ext.insert(ClientCertificate(tls.get_ref().1.peer_certificates().is_some()));
+            })
             .keep_alive(KEEP_ALIVE)
             // The first request's head; later ones on a kept-alive connection have none in
             // actix, but their heads are bounded in size and the connection in number.

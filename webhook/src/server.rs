@@ -22,7 +22,7 @@ use crate::{
     tls::{
         self,
         manager::SelfSigned,
-        resolver::{ReloadingResolver, server_config},
+        resolver::{ReloadingResolver, client_roots, server_config},
         settings::{SERVICE_ACCOUNT_NAMESPACE_FILE, own_namespace},
     },
 };
@@ -158,6 +158,16 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         });
     }
 
+    // Read before anything listens: a bad file stops the start, not the first review.
+    let client_roots = match &args.client_ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            tracing::info!(file = %path.display(), "/mutate requires a client certificate of this CA");
+            Some(client_roots(&pem)?)
+        }
+        None => None,
+    };
+    let require_client_certificate = client_roots.is_some();
     let tls = match serving {
         Serving::SelfSigned(settings) => {
             // Retried until the API server answers (or a signal): the CA lives in a Secret.
@@ -185,21 +195,24 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
                 }
             };
             tokio::spawn(manager.run());
-            server_config(resolver)?
+            server_config(resolver, client_roots)?
         }
         Serving::Files(cert, key) => {
             let resolver = Arc::new(ReloadingResolver::load(cert, key)?);
             tokio::spawn(resolver.clone().watch(args.tls_reload_interval));
-            server_config(resolver)?
+            server_config(resolver, client_roots)?
         }
     };
 
     let limits = Limits::from_args(&args.limits);
-    let state = web::Data::new(AppState::new(
-        Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
-        ready.clone(),
-        &limits,
-    ));
+    let state = web::Data::new(
+        AppState::new(
+            Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
+            ready.clone(),
+            &limits,
+        )
+        .requiring_client_certificate(require_client_certificate),
+    );
     let listener = listen(args.listen).map_err(|e| Error::io(args.listen.to_string(), e))?;
     let settings = HttpsSettings {
         limits,

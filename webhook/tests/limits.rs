@@ -41,6 +41,11 @@ struct Running {
 
 /// Starts the HTTPS server with `limits` on a port of 127.0.0.1.
 fn start(tag: &str, limits: Limits) -> Running {
+    start_with(tag, limits, None)
+}
+
+/// The same, asking for a client certificate of `client_ca` (PEM) for `/mutate`.
+fn start_with(tag: &str, limits: Limits, client_ca: Option<&str>) -> Running {
     sidecert_webhook::install_crypto_provider();
     let (ca, dir) = pki(SERVER, tag);
     let listener = std::net::TcpListener::bind((SERVER, 0)).unwrap();
@@ -48,7 +53,9 @@ fn start(tag: &str, limits: Limits) -> Running {
     let resolver =
         sidecert_webhook::tls::resolver::ReloadingResolver::load(dir.join("tls.crt"), dir.join("tls.key"))
             .unwrap();
-    let tls = sidecert_webhook::tls::resolver::server_config(Arc::new(resolver)).unwrap();
+    let client_roots = client_ca.map(|pem| sidecert_webhook::tls::client_roots(pem.as_bytes()).unwrap());
+    let require = client_roots.is_some();
+    let tls = sidecert_webhook::tls::resolver::server_config(Arc::new(resolver), client_roots).unwrap();
     let metrics = Metrics::new().unwrap();
     let connections = limits.connection_limiter();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -58,12 +65,12 @@ fn start(tag: &str, limits: Limits) -> Running {
             sidecar: SidecarSettings::default(),
             acme: AcmeDefaults::default(),
             lookup: Arc::new(Snapshot::default()),
+            foreign_secrets: Default::default(),
         };
-        let state = web::Data::new(AppState::new(
-            Reviewer::new(ctx, m, None),
-            Readiness::new(true, true),
-            &limits,
-        ));
+        let state = web::Data::new(
+            AppState::new(Reviewer::new(ctx, m, None), Readiness::new(true, true), &limits)
+                .requiring_client_certificate(require),
+        );
         let settings = HttpsSettings {
             limits,
             workers: Some(2),
@@ -83,18 +90,30 @@ fn start(tag: &str, limits: Limits) -> Running {
     }
 }
 
-fn client_config(ca: &str) -> Arc<rustls::ClientConfig> {
+/// A client's certificate chain and key (PEM).
+type ClientCert = (String, String);
+
+fn client_config(ca: &str, client_cert: Option<&ClientCert>) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
     }
-    Arc::new(
+    let builder =
         rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+            .with_root_certificates(roots);
+    Arc::new(match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    })
 }
 
 /// A TCP connection from `src` to `dst`.
@@ -111,9 +130,15 @@ fn tcp_from(src: Ipv4Addr, dst: SocketAddr) -> TcpStream {
 
 /// A TLS connection from `src`, handshake done; `None` when the server closed it first.
 fn connect(src: Ipv4Addr, run: &Running) -> Option<Tls> {
+    connect_as(src, run, None)
+}
+
+/// The same, presenting `client_cert`. `None` also when the server refused the certificate
+/// (with TLS 1.3 the client learns that on its first read: see [`review`]).
+fn connect_as(src: Ipv4Addr, run: &Running, client_cert: Option<&ClientCert>) -> Option<Tls> {
     let mut tcp = tcp_from(src, run.addr);
     let name = ServerName::IpAddress(run.addr.ip().into());
-    let mut conn = rustls::ClientConnection::new(client_config(&run.ca), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(&run.ca, client_cert), name).unwrap();
     while conn.is_handshaking() {
         match conn.complete_io(&mut tcp) {
             Ok((0, 0)) | Err(_) => return None,
@@ -121,6 +146,28 @@ fn connect(src: Ipv4Addr, run: &Running) -> Option<Tls> {
         }
     }
     Some(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// A CA (PEM) and a client certificate it issued.
+fn client_pki() -> (String, ClientCert) {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (ca_pem, (cert.pem(), key.serialize_pem()))
+}
+
+/// A GET of `path` on a fresh connection; the status line.
+fn get(tls: &mut Tls, path: &str) -> Option<String> {
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: webhook\r\n\r\n").as_bytes())
+        .ok()?;
+    response(tls).map(|(status, _)| status)
 }
 
 /// Reads one response; returns its status line (lower-cased) and body. `None`: the
@@ -396,4 +443,46 @@ async fn a_graceful_stop_closes_idle_connections_at_once() {
     .unwrap();
     // Not left to the 120 s keep-alive.
     assert!(closed - stopped < Duration::from_secs(5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_client_ca_only_its_clients_are_reviewed_and_the_probes_stay_open() {
+    let (api_server_ca, api_server) = client_pki();
+    let (_, stranger) = client_pki();
+    let run = Arc::new(start_with(
+        "limits-client-ca",
+        Limits::default(),
+        Some(&api_server_ca),
+    ));
+    let result = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            let body = fixture("pod-direct");
+            // The API server's certificate: reviewed.
+            let mut tls = connect_as(API_SERVER, &run, Some(&api_server)).expect("the API server connects");
+            assert_eq!(review(&mut tls, &body).as_deref(), Some("http/1.1 200 ok"));
+            // No certificate (a Pod that reaches port 8443): 401, and the probes still answer.
+            let mut tls = connect(TRICKLER, &run).expect("connects without a certificate");
+            assert_eq!(
+                review(&mut tls, &body).as_deref(),
+                Some("http/1.1 401 unauthorized")
+            );
+            for path in ["/healthz", "/readyz"] {
+                let mut tls = connect(TRICKLER, &run).unwrap();
+                assert_eq!(get(&mut tls, path).as_deref(), Some("http/1.1 200 ok"), "{path}");
+            }
+            // A certificate of another CA: the handshake fails, nothing is answered.
+            let answered =
+                connect_as(TRICKLER, &run, Some(&stranger)).and_then(|mut tls| review(&mut tls, &body));
+            assert_eq!(answered, None);
+        }
+    })
+    .await;
+    let text = String::from_utf8(run.metrics.render()).unwrap();
+    run.handle.stop(false).await;
+    result.unwrap();
+    assert!(
+        text.contains(r#"sidecert_webhook_refusals_total{reason="unauthenticated",what="review"} 1"#),
+        "{text}"
+    );
 }

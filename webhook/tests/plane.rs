@@ -1,7 +1,8 @@
 //! Integration tests against the local control plane: the webhook runs in-process on the
 //! plane's gateway address, a MutatingWebhookConfiguration (url clientConfig, a CA made here
 //! as caBundle) points the API server at it, and objects created through the API server
-//! come back mutated.
+//! come back mutated. The webhook asks for the client certificate the API server presents
+//! to webhooks (`--client-ca-file`), so every review here arrives authenticated.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{net::SocketAddr, time::Duration};
@@ -50,6 +51,9 @@ async fn webhook_against_the_plane() {
         metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         tls_cert_file: Some(dir.join("tls.crt")),
         tls_key_file: Some(dir.join("tls.key")),
+        // The plane's API server presents its webhook client certificate (cluster-up.sh):
+        // every review below reaches the webhook authenticated.
+        client_ca_file: Some(plane.webhook_client_ca_file().to_owned()),
         limits: Default::default(),
         self_signed: Default::default(),
         reconciler: Default::default(),

@@ -38,6 +38,10 @@
 {{- printf "%s-webhook-leader" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{- define "sidecert.clientCaConfigMapName" -}}
+{{- printf "%s-webhook-client-ca" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "sidecert.acmeCaConfigMapName" -}}
 {{- printf "%s-acme-ca" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}

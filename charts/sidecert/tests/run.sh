@@ -176,6 +176,12 @@ render cabundle --set-file acme.caBundle="$here/testdata/ca.crt"
 check cabundle 'one("ConfigMap")["data"]["ca.crt"].startswith("-----BEGIN CERTIFICATE-----")' "caBundle in a ConfigMap"
 check cabundle 'arg("--acme-ca-bundle-file") == "/etc/sidecert/acme-ca/ca.crt" and container()["volumeMounts"][0]["mountPath"] == "/etc/sidecert/acme-ca"' "mounted and passed as a file"
 check cabundle '"checksum/acme-ca-bundle" in one("Deployment")["spec"]["template"]["metadata"]["annotations"]' "Pods roll when it changes"
+render clientca --set-file webhook.clientCA="$here/testdata/ca.crt"
+check clientca 'one("ConfigMap", "sidecert-webhook-client-ca")["data"]["ca.crt"].startswith("-----BEGIN CERTIFICATE-----") and arg("--client-ca-file") == "/etc/sidecert/client-ca/ca.crt"' \
+	"webhook.clientCA in a ConfigMap, passed as --client-ca-file"
+check clientca '{"name": "client-ca", "mountPath": "/etc/sidecert/client-ca", "readOnly": True} in container()["volumeMounts"] and "checksum/client-ca" in one("Deployment")["spec"]["template"]["metadata"]["annotations"]' \
+	"mounted; Pods roll when it changes"
+check defaults 'arg("--client-ca-file") is None' "no client CA by default"
 render cabundlefile --set acme.caBundleFile=/host/pebble-ca.crt
 check cabundlefile 'arg("--acme-ca-bundle-file") == "/host/pebble-ca.crt" and not has("ConfigMap") and "volumes" not in one("Deployment")["spec"]["template"]["spec"]' \
 	"caBundleFile passed as is, nothing mounted"
@@ -220,6 +226,7 @@ refuse "typo in reconciler" "additional properties 'rollout' not allowed" --set 
 refuse "reconciler.enabled not a boolean" "reconciler/enabled" --set-string reconciler.enabled=yes
 refuse "bad shutdownDelay" "shutdownDelay" --set webhook.shutdownDelay=soon
 refuse "caBundle that is no PEM" "caBundle" --set acme.caBundle=hello
+refuse "clientCA that is no PEM" "clientCA" --set webhook.clientCA=hello
 refuse "caBundle and caBundleFile" "mutually exclusive" --set-file acme.caBundle="$here/testdata/ca.crt" --set acme.caBundleFile=/x
 
 echo

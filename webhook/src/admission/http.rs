@@ -31,7 +31,14 @@ pub struct AppState {
     pub reviews: ReviewLimiter,
     /// How long a review may wait for its slot and its body, together.
     pub read_timeout: Duration,
+    /// `/mutate` answers only a client that presented a certificate of `--client-ca-file`.
+    pub require_client_certificate: bool,
 }
+
+/// Whether the connection's client presented a certificate, which the TLS handshake then
+/// verified against `--client-ca-file` (set per connection by [`crate::https`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub bool);
 
 impl AppState {
     /// The state with `limits`' review slots and read timeout.
@@ -41,7 +48,15 @@ impl AppState {
             ready,
             reviews: ReviewLimiter::new(limits),
             read_timeout: limits.request_read_timeout,
+            require_client_certificate: false,
         }
+    }
+
+    /// The same state, answering `/mutate` only to a client with a verified certificate.
+    #[must_use]
+    pub fn requiring_client_certificate(mut self, required: bool) -> Self {
+        self.require_client_certificate = required;
+        self
     }
 
     fn refused(&self, what: &str, reason: &str) {
@@ -63,6 +78,17 @@ fn closing(status: StatusCode, text: String) -> HttpResponse {
 }
 
 async fn mutate(req: HttpRequest, state: web::Data<AppState>, payload: web::Payload) -> HttpResponse {
+    // Before a slot or a byte of the body: an unauthenticated caller costs nothing.
+    if state.require_client_certificate
+        && req.conn_data::<ClientCertificate>() != Some(&ClientCertificate(true))
+    {
+        state.refused("review", "unauthenticated");
+        return closing(
+            StatusCode::UNAUTHORIZED,
+            "sidecert: /mutate answers only the API server (a client certificate of --client-ca-file)"
+                .to_owned(),
+        );
+    }
     // One deadline for the slot and the body: the API server sends its review at once, so
     // only a client that trickles (or a flood) meets it.
     let deadline = Instant::now() + state.read_timeout;

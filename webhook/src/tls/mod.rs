@@ -61,5 +61,5 @@ pub mod rotation;
 pub mod settings;
 
 pub use manager::SelfSigned;
-pub use resolver::{MemoryResolver, ReloadingResolver, certified_key, server_config};
+pub use resolver::{MemoryResolver, ReloadingResolver, certified_key, client_roots, server_config};
 pub use settings::Settings;

@@ -10,10 +10,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use rustls::{
-    ServerConfig,
+    RootCertStore, ServerConfig,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::{ClientHello, ResolvesServerCert},
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
     sign::CertifiedKey,
 };
 
@@ -146,13 +146,43 @@ impl ResolvesServerCert for MemoryResolver {
     }
 }
 
-/// A rustls server config (ring, TLS 1.2 and 1.3, HTTP/1.1) using `resolver`.
-pub fn server_config(resolver: Arc<dyn ResolvesServerCert>) -> Result<ServerConfig> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
+/// The CA bundle of the clients [`server_config`] accepts a certificate from.
+pub fn client_roots(pem: &[u8]) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| Error::tls("client CA PEM", e))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::tls("client CA certificate", e))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Tls("no certificate in the client CA file".to_owned()));
+    }
+    Ok(roots)
+}
+
+/// A rustls server config (ring, TLS 1.2 and 1.3, HTTP/1.1) using `resolver`. With
+/// `client_roots`, a client certificate is asked for and, when presented, must chain to
+/// them (or the handshake fails); a client without one still connects (the probes do), and
+/// the routes decide ([`crate::admission::http`]).
+pub fn server_config(
+    resolver: Arc<dyn ResolvesServerCert>,
+    client_roots: Option<RootCertStore>,
+) -> Result<ServerConfig> {
+    let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::tls("protocol versions", e))?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .map_err(|e| Error::tls("protocol versions", e))?;
+    let builder = match client_roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| Error::tls("client certificate verifier", e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder.with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
