@@ -1,8 +1,8 @@
 //! The HTTPS admission server, put together from actix-web's parts the way `HttpServer`
 //! does, with one stage in front: a connection over its address's limit (or the total) is
 //! closed as soon as it is accepted, before the TLS handshake costs anything. Then the TLS
-//! handshake, the request head (`--request-read-timeout` each) and HTTP/1.1 with the admission
-//! routes. [`serve_https`] serves an [`AppState`] on a listener; `serve_until` uses it, and so
+//! handshake, the request head (`--request-read-timeout` each, and so is every later head of a
+//! kept-alive connection: [`HeadDeadline`]) and HTTP/1.1 with the admission routes. [`serve_https`] serves an [`AppState`] on a listener; `serve_until` uses it, and so
 //! can tests, without an API server.
 
 use std::{
@@ -20,6 +20,10 @@ use actix_service::{IntoServiceFactory, ServiceFactoryExt, fn_service, map_confi
 use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
 use actix_web::{App, dev::AppConfig, middleware::from_fn, web};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod heads;
+
+pub use heads::HeadDeadline;
 
 use crate::{
     admission::{
@@ -130,6 +134,7 @@ pub fn serve_https(
     let graceful = builder.graceful_shutdown_signal();
     let builder = builder.listen("sidecert-https", listener, move || {
         let (connections, metrics, state) = (connections.clone(), metrics.clone(), state.clone());
+        let head_metrics = metrics.clone();
         let graceful = graceful.clone();
         let mut acceptor = Acceptor::new(tls.clone());
         acceptor.set_handshake_timeout(read_timeout);
@@ -138,12 +143,14 @@ pub fn serve_https(
             .configure(routes(state));
         let http = HttpService::build()
             // What the handshake verified, for `/mutate` (see `--client-ca-file`).
-            .on_connect_ext(|tls: &TlsStream<Counted>, ext: &mut Extensions| {
-                ext.insert(ClientCertificate(tls.get_ref().1.peer_certificates().is_some()));
+            .on_connect_ext(|io: &HeadDeadline<TlsStream<Counted>>, ext: &mut Extensions| {
+                ext.insert(ClientCertificate(
+                    io.get_ref().get_ref().1.peer_certificates().is_some(),
+                ));
             })
             .keep_alive(KEEP_ALIVE)
-            // The first request's head; later ones on a kept-alive connection have none in
-            // actix, but their heads are bounded in size and the connection in number.
+            // The first request's head (answered 408); actix times no later one on a
+            // kept-alive connection, so HeadDeadline does (closing the connection).
             .client_request_timeout(read_timeout)
             .graceful_shutdown_signal(move || {
                 let signal = graceful.clone();
@@ -191,9 +198,14 @@ pub fn serve_https(
             }
         })
         .and_then(acceptor.map_init_err(|()| ()).map_err(|_| Dropped::Tls))
-        .and_then(fn_service(|tls: TlsStream<Counted>| {
+        .and_then(fn_service(move |tls: TlsStream<Counted>| {
             let peer = tls.get_ref().0.peer;
-            async move { Ok::<_, Dropped>((tls, Protocol::Http1, Some(peer))) }
+            let metrics = head_metrics.clone();
+            let io = HeadDeadline::new(tls, read_timeout, move || {
+                metrics.refusals.with_label_values(&["head", "timeout"]).inc();
+                tracing::debug!(%peer, "request head not complete in time; connection closed");
+            });
+            async move { Ok::<_, Dropped>((io, Protocol::Http1, Some(peer))) }
         }))
         .and_then(http.map_err(|_| Dropped::Http))
         .map_err(|e| tracing::trace!(?e, "connection ended"))

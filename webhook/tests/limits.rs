@@ -486,3 +486,62 @@ async fn with_a_client_ca_only_its_clients_are_reviewed_and_the_probes_stay_open
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_head_on_a_kept_alive_connection_is_cut_off_too() {
+    // actix-http times only a connection's first head: a client that sent one byte of the
+    // next head and then trickled held the connection for as long as it liked.
+    let run = Arc::new(start(
+        "limits-later-head",
+        Limits {
+            request_read_timeout: READ_TIMEOUT,
+            ..Limits::default()
+        },
+    ));
+    let result = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            let mut tls = connect(TRICKLER, &run).unwrap();
+            assert_eq!(
+                review(&mut tls, &fixture("pod-direct")).as_deref(),
+                Some("http/1.1 200 ok")
+            );
+            tls.sock
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let start = Instant::now();
+            let mut chunk = [0u8; 256];
+            let closed = loop {
+                if start.elapsed() > READ_TIMEOUT * 3 {
+                    break None;
+                }
+                if tls.write_all(b"x").is_err() || tls.flush().is_err() {
+                    break Some(start.elapsed());
+                }
+                match tls.read(&mut chunk) {
+                    Ok(0) => break Some(start.elapsed()),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Ok(_) | Err(_) => break Some(start.elapsed()),
+                }
+            };
+            let closed = closed.expect("the trickled head was never cut off");
+            assert!(
+                closed >= READ_TIMEOUT - Duration::from_millis(200),
+                "cut off after {closed:?}, before the read timeout"
+            );
+            // The same connection served a review first: a slow review is not a slow head.
+        }
+    })
+    .await;
+    let text = String::from_utf8(run.metrics.render()).unwrap();
+    run.handle.stop(false).await;
+    result.unwrap();
+    assert!(
+        text.contains(r#"sidecert_webhook_refusals_total{reason="timeout",what="head"} 1"#),
+        "{text}"
+    );
+}
