@@ -89,24 +89,40 @@ async fn temporary_secret_is_created_when_absent() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn existing_secret_is_never_touched() {
-    let (exec, mut handle) = executor();
-    let effect = Effect::TemporarySecret {
-        namespace: "shop".into(),
-        name: "web-tls".into(),
-        domains: vec!["shop.example".into()],
-    };
-    let task = tokio::spawn(async move { exec.apply_one(&effect).await });
-    expect(
-        &mut handle,
-        Method::GET,
-        "/api/v1/namespaces/shop/secrets/web-tls",
-    )
-    .await;
-    reply(
-        StatusCode::OK,
-        json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata","metadata":{"name":"web-tls","namespace":"shop"}}),
-    );
-    task.await.unwrap().unwrap();
+    // Sidecert's own (labelled): present, nothing to do. Someone else's: never written,
+    // reported as foreign (it used to count as present, and the sidecar then got it).
+    for (labels, foreign) in [
+        (json!({"app.kubernetes.io/managed-by": "sidecert"}), false),
+        (json!({}), true),
+    ] {
+        let (exec, mut handle) = executor();
+        let effect = Effect::TemporarySecret {
+            namespace: "shop".into(),
+            name: "web-tls".into(),
+            domains: vec!["shop.example".into()],
+        };
+        let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+        expect(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/shop/secrets/web-tls",
+        )
+        .await;
+        reply(
+            StatusCode::OK,
+            json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata",
+                   "metadata":{"name":"web-tls","namespace":"shop","labels": labels}}),
+        );
+        let result = task.await.unwrap();
+        if foreign {
+            assert!(
+                matches!(&result, Err(sidecert_webhook::Error::Foreign { kind: "Secret", name, .. }) if name == "web-tls"),
+                "{result:?}"
+            );
+        } else {
+            result.unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
