@@ -251,3 +251,59 @@ async fn api_failure_is_an_error_not_a_panic() {
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].1.metric_label(), "forbidden");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn whose_secrets_ours_foreign_absent_and_unknown() {
+    // The owner of a Secret the API server does not tell (an error, or no answer in time)
+    // is unknown, and that Secret is left out like a foreign one: it used to count as
+    // absent, so the sidecar's Role could name another team's Secret.
+    let (exec, mut handle) = executor();
+    let task = tokio::spawn(async move {
+        exec.secret_owners(
+            "shop",
+            &["ours", "theirs", "absent", "failing"],
+            Duration::from_secs(5),
+        )
+        .await
+    });
+    for _ in 0..4 {
+        let (req, send) = handle.next_request().await.expect("a request");
+        let name = req.uri().path().rsplit('/').next().unwrap().to_owned();
+        let meta = |labels: Value| {
+            json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata",
+                   "metadata":{"name": name, "namespace":"shop","labels": labels}})
+        };
+        let (status, body) = match name.as_str() {
+            "ours" => (
+                StatusCode::OK,
+                meta(json!({"app.kubernetes.io/managed-by": "sidecert"})),
+            ),
+            "theirs" => (StatusCode::OK, meta(json!({}))),
+            "absent" => (StatusCode::NOT_FOUND, not_found()),
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500,"message":"etcd"}),
+            ),
+        };
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+    }
+    let owners = task.await.unwrap();
+    let set = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(owners.ours, set(&["ours"]));
+    assert_eq!(owners.foreign, set(&["theirs"]));
+    assert_eq!(owners.unknown, set(&["failing"]));
+    assert_eq!(
+        owners.left_out().keys().map(String::as_str).collect::<Vec<_>>(),
+        ["failing", "theirs"]
+    );
+}

@@ -138,9 +138,10 @@ impl Reviewer {
             .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
             .min(LIVE_LOOKUP_TIMEOUT);
         let owners = exec.secret_owners(namespace, &names, budget).await;
-        if !owners.foreign.is_empty() {
-            tracing::info!(uid = request.uid(), secrets = ?owners.foreign, "certificates naming Secrets that are not sidecert's are left out");
-            let ctx = self.ctx.with_foreign_secrets(owners.foreign);
+        let left_out = owners.left_out();
+        if !left_out.is_empty() {
+            tracing::info!(uid = request.uid(), secrets = ?left_out, "certificates naming Secrets that are not (or not known to be) sidecert's are left out");
+            let ctx = self.ctx.with_foreign_secrets(left_out);
             outcome = match request {
                 Request::Pod(pod) => self.decide_pod(pod, exec, &ctx).await,
                 Request::Ingress(ingress) => mutate_ingress(ingress, &ctx),

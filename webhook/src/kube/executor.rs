@@ -24,6 +24,7 @@ use sidecert_contract::is_sidecerts_secret;
 use crate::{
     error::{Error, Result},
     mutate::{
+        context::SecretStanding,
         effect::Effect,
         lookup::Lookup,
         objects::{
@@ -40,6 +41,17 @@ pub struct SecretOwners {
     pub ours: BTreeSet<String>,
     /// Someone else's: never written.
     pub foreign: BTreeSet<String>,
+    /// Not known in time (the API server failed or was slow): no right is granted on them.
+    pub unknown: BTreeSet<String>,
+}
+
+impl SecretOwners {
+    /// The Secrets a certificate may not use, and why.
+    pub fn left_out(&self) -> BTreeMap<String, SecretStanding> {
+        let foreign = self.foreign.iter().map(|n| (n.clone(), SecretStanding::Foreign));
+        let unknown = self.unknown.iter().map(|n| (n.clone(), SecretStanding::Unknown));
+        foreign.chain(unknown).collect()
+    }
 }
 
 /// Carries out [`Effect`]s against the API server.
@@ -122,8 +134,8 @@ impl Executor {
 
     /// Which of `names` (Secrets of `namespace`) exist, and which of those are someone
     /// else's ([`is_sidecerts_secret`]), asked of the API server within `budget`. A Secret
-    /// that cannot be read in time counts as absent: the executor's own look before it
-    /// creates, and the sidecar's before it writes, still leave a foreign one alone.
+    /// that cannot be read in time is `unknown`: it may be someone else's, so it is treated
+    /// like one (no right on it) until a later review can tell.
     pub async fn secret_owners(&self, namespace: &str, names: &[&str], budget: Duration) -> SecretOwners {
         let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
         let looks = names.iter().map(|name| {
@@ -145,9 +157,11 @@ impl Executor {
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(%namespace, secret = name, error = %e, "cannot tell whose Secret this is");
+                    owners.unknown.insert(name.to_owned());
                 }
                 Err(_) => {
-                    tracing::warn!(%namespace, secret = name, "cannot tell whose Secret this is in time")
+                    tracing::warn!(%namespace, secret = name, "cannot tell whose Secret this is in time");
+                    owners.unknown.insert(name.to_owned());
                 }
             }
         }

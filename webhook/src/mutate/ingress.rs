@@ -15,15 +15,15 @@ use kube::{
     core::admission::{AdmissionRequest, Operation},
 };
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, foreign_secret_warning,
-    max_names_per_order, validate_domain, validate_secret_name, validate_service_name,
+    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, max_names_per_order,
+    validate_domain, validate_secret_name, validate_service_name,
 };
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
 use crate::mutate::{
-    context::Context,
+    context::{Context, SecretStanding},
     effect::Effect,
     objects::SOLVER_PORT_NAME,
     outcome::{Outcome, SkipReason, add, to_json},
@@ -88,18 +88,21 @@ impl Plan {
     }
 
     /// Leaves out the Secrets of `foreign` (someone else's, see
-    /// [`sidecert_contract::is_sidecerts_secret`]) and the routes of their hosts, with a
-    /// warning each: no temporary Secret, no HTTP-01 path, no sidecar for them.
-    pub fn leave_out(&mut self, namespace: &str, foreign: &BTreeSet<String>) {
+    /// [`sidecert_contract::is_sidecerts_secret`], or of an owner not known in time) and the
+    /// routes of their hosts, with a warning each: no temporary Secret, no HTTP-01 path, no
+    /// sidecar for them.
+    pub fn leave_out(&mut self, namespace: &str, foreign: &BTreeMap<String, SecretStanding>) {
         if foreign.is_empty() {
             return;
         }
-        for secret in self.secrets.iter().filter(|s| foreign.contains(&s.secret_name)) {
-            self.warnings
-                .push(foreign_secret_warning(namespace, &secret.secret_name));
+        for secret in &self.secrets {
+            if let Some(standing) = foreign.get(&secret.secret_name) {
+                self.warnings
+                    .push(standing.warning(namespace, &secret.secret_name));
+            }
         }
-        self.secrets.retain(|s| !foreign.contains(&s.secret_name));
-        self.routes.retain(|r| !foreign.contains(&r.secret_name));
+        self.secrets.retain(|s| !foreign.contains_key(&s.secret_name));
+        self.routes.retain(|r| !foreign.contains_key(&r.secret_name));
     }
 
     /// The names of the Secrets the plan would create if absent.
@@ -608,7 +611,13 @@ mod tests {
         );
         let mut p = plan(&ing, None);
         assert_eq!((p.secrets.len(), p.routes.len()), (2, 2));
-        p.leave_out("shop", &BTreeSet::from(["web-tls".to_owned()]));
+        p.leave_out(
+            "shop",
+            &BTreeMap::from([
+                ("web-tls".to_owned(), SecretStanding::Foreign),
+                ("other-tls".to_owned(), SecretStanding::Unknown),
+            ]),
+        );
         assert_eq!(p.secret_names(), ["api-tls"]);
         assert_eq!(p.routes.len(), 1);
         assert_eq!(p.routes[0].host, "api.shop.example");
@@ -625,6 +634,19 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, Effect::TemporarySecret { name, .. } if name == "web-tls")),
             "{effects:?}"
+        );
+        // An owner not known in time: left out too (it may be someone else's), said so.
+        p.leave_out(
+            "shop",
+            &BTreeMap::from([("api-tls".to_owned(), SecretStanding::Unknown)]),
+        );
+        assert!(p.secrets.is_empty() && p.routes.is_empty(), "{p:?}");
+        assert!(
+            p.warnings
+                .iter()
+                .any(|w| w.contains("cannot tell in time whose Secret shop/api-tls is")),
+            "{:?}",
+            p.warnings
         );
     }
 }

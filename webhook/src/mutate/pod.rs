@@ -13,7 +13,7 @@ use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::{Value, json};
 use sidecert_contract::{
     SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations, encode_certificates,
-    foreign_secret_warning, lease_name, max_names_per_order, validate_secret_name,
+    lease_name, max_names_per_order, validate_secret_name,
 };
 
 use crate::mutate::{
@@ -203,10 +203,11 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     let (certificates, foreign): (Vec<_>, Vec<_>) = selection
         .certificates
         .into_iter()
-        .partition(|c| !ctx.foreign_secrets.contains(&c.secret_name));
+        .partition(|c| !ctx.foreign_secrets.contains_key(&c.secret_name));
     for cert in &foreign {
-        out.warnings
-            .push(foreign_secret_warning(namespace, &cert.secret_name));
+        if let Some(standing) = ctx.foreign_secrets.get(&cert.secret_name) {
+            out.warnings.push(standing.warning(namespace, &cert.secret_name));
+        }
     }
     let (certificates, too_many): (Vec<_>, Vec<_>) =
         certificates.into_iter().partition(|c| c.domains.len() <= limit);

@@ -26,7 +26,7 @@ use sidecert_contract::{
 };
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
     kube::executor::Executor,
     metrics::Metrics,
     mutate::{
@@ -133,8 +133,9 @@ impl Reconciler {
             .executor
             .secret_owners(ns, &plan.secret_names(), self.executor.budget())
             .await;
+        let left_out = owners.left_out();
+        plan.leave_out(ns, &left_out);
         if !owners.foreign.is_empty() {
-            plan.leave_out(ns, &owners.foreign);
             let note = owners
                 .foreign
                 .iter()
@@ -177,7 +178,8 @@ impl Reconciler {
             .await;
         }
 
-        let mut first_error = None;
+        // A Secret whose owner could not be told is left out this time; retry with backoff.
+        let mut first_error = (!owners.unknown.is_empty()).then(|| Error::Timeout(self.executor.budget()));
         for effect in effects(ingress, ns, &plan) {
             let result = match &effect {
                 Effect::SolverService {
