@@ -1366,10 +1366,6 @@ async fn s5_dry_run(ctx: Ctx) -> Result<()> {
         .await
 }
 
-/// Scenario 9: the chart's ValidatingAdmissionPolicy makes the API server itself refuse the
-/// webhook ServiceAccount's writes outside labelled namespaces (whatever its ClusterRole
-/// allows), so a forged review cannot make it write in `kube-system`. Checked by
-/// impersonating the ServiceAccount with server-side dry runs: nothing is created.
 /// A POST to /mutate on each webhook Pod's IP, as any Pod in the cluster could send it: 401
 /// with `webhook.clientCA` set; `/healthz` answers 200 on the same port.
 async fn direct_review_is_refused(ctx: &Ctx) -> Result<()> {
@@ -1422,6 +1418,10 @@ async fn direct_review_is_refused(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
+/// Scenario 9: the chart's ValidatingAdmissionPolicy makes the API server itself refuse the
+/// webhook ServiceAccount's writes outside labelled namespaces (whatever its ClusterRole
+/// allows), so a forged review cannot make it write in `kube-system`. Checked by
+/// impersonating the ServiceAccount with server-side dry runs: nothing is created.
 async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
     ctx.clone()
         .in_namespaces(
