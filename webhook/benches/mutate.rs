@@ -18,7 +18,7 @@ fn bench(c: &mut Criterion) {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     let reviewer = Reviewer::new(ctx, Metrics::new().unwrap(), None);
     let request = parse(&body).unwrap();

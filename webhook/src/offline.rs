@@ -63,7 +63,7 @@ pub fn offline_context(args: &MutationArgs, lookup: Arc<dyn Lookup>) -> Result<C
         sidecar: SidecarSettings::from_args(args),
         acme: AcmeDefaults::from_args(args)?,
         lookup,
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     })
 }
 

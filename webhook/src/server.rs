@@ -96,7 +96,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         sidecar: SidecarSettings::from_args(&args.mutation),
         acme: AcmeDefaults::from_args(&args.mutation)?,
         lookup: lookup.clone(),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     let metrics = Metrics::new()?;
     let executor = Executor::new(client.clone(), lookup.clone(), args.side_effect_timeout);

@@ -45,7 +45,7 @@ fn context() -> Context {
             ..AcmeDefaults::default()
         },
         lookup: Arc::new(cluster()),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     }
 }
 

@@ -82,7 +82,7 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: cache.clone(),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", OWN);
     assert!(gate.wait_until_ready().await);

@@ -61,7 +61,7 @@ fn reviewer() -> Reviewer {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: Arc::new(cluster),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     Reviewer::new(ctx, Metrics::new().unwrap(), None)
 }

@@ -17,7 +17,7 @@ fn state(ready: bool) -> web::Data<AppState> {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     web::Data::new(AppState::new(
         Reviewer::new(ctx, Metrics::new().unwrap(), None),

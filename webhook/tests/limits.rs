@@ -65,7 +65,7 @@ fn start_with(tag: &str, limits: Limits, client_ca: Option<&str>) -> Running {
             sidecar: SidecarSettings::default(),
             acme: AcmeDefaults::default(),
             lookup: Arc::new(Snapshot::default()),
-            foreign_secrets: Default::default(),
+            secrets: Default::default(),
         };
         let state = web::Data::new(
             AppState::new(Reviewer::new(ctx, m, None), Readiness::new(true, true), &limits)

@@ -28,7 +28,7 @@ fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: cache.clone(),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     };
     let executor = Executor::new(client, cache, Duration::from_secs(4));
     Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))

@@ -10,7 +10,7 @@ fn ctx() -> Context {
         sidecar: SidecarSettings::default(),
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
-        foreign_secrets: Default::default(),
+        secrets: Default::default(),
     }
 }
 

@@ -14,7 +14,7 @@ use crate::{
     kube::{executor::Executor, live::LiveCheck, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
-        context::Context,
+        context::{Context, SecretChecks},
         effect::Effect,
         ingress::mutate_ingress,
         namespace::not_served_warning,
@@ -97,12 +97,20 @@ impl Reviewer {
 
     /// A Pod's decision from the caches, and again over live objects when the caches may
     /// have missed an Ingress.
-    async fn decide_pod(&self, pod: &AdmissionRequest<Pod>, exec: &Executor, ctx: &Context) -> Outcome {
+    async fn decide_pod(
+        &self,
+        pod: &AdmissionRequest<Pod>,
+        exec: &Executor,
+        ctx: &Context,
+        deadline: Option<Instant>,
+    ) -> Outcome {
         let PodDecision { outcome, recheck } = decide_pod(pod, ctx);
         let Some(recheck) = recheck else {
             return outcome;
         };
-        let budget = exec.budget().min(LIVE_LOOKUP_TIMEOUT);
+        // At most half of what is left: the ownership look-up and the side effects follow.
+        let left = deadline.map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()));
+        let budget = (left / 2).min(LIVE_LOOKUP_TIMEOUT);
         self.live
             .recheck(pod, ctx, exec.client(), &self.metrics, recheck, budget, outcome)
             .await
@@ -141,9 +149,15 @@ impl Reviewer {
         let left_out = owners.left_out();
         if !left_out.is_empty() {
             tracing::info!(uid = request.uid(), secrets = ?left_out, "certificates naming Secrets that are not (or not known to be) sidecert's are left out");
-            let ctx = self.ctx.with_foreign_secrets(left_out);
+            // Decided again without them. A Pod's second decision reads the caches (and
+            // perhaps the API server) again and may find a certificate the first did not:
+            // only the names just asked about may be used, any other is left out as unknown.
+            let ctx = self.ctx.with_secret_checks(SecretChecks {
+                left_out,
+                checked: Some(names.iter().map(|n| (*n).to_owned()).collect()),
+            });
             outcome = match request {
-                Request::Pod(pod) => self.decide_pod(pod, exec, &ctx).await,
+                Request::Pod(pod) => self.decide_pod(pod, exec, &ctx, deadline).await,
                 Request::Ingress(ingress) => mutate_ingress(ingress, &ctx),
                 Request::Other { .. } => outcome,
             };
@@ -168,7 +182,7 @@ impl Reviewer {
         let mut outcome = match (&request, &self.executor, refused) {
             (_, _, Some(refused)) => refused,
             (Request::Pod(pod), Some(exec), None) => {
-                let outcome = self.decide_pod(pod, exec, &self.ctx).await;
+                let outcome = self.decide_pod(pod, exec, &self.ctx, deadline).await;
                 self.leave_foreign_secrets(&request, exec, outcome, deadline)
                     .await
             }

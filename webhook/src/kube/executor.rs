@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use k8s_openapi::{
@@ -19,7 +19,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
-use sidecert_contract::is_sidecerts_secret;
+use sidecert_contract::{is_sidecerts_secret, lease_name};
 
 use crate::{
     error::{Error, Result},
@@ -90,9 +90,43 @@ impl Executor {
     }
 
     /// Carries out every effect within `budget`; returns the failures (the review still
-    /// succeeds).
+    /// succeeds). The temporary Secrets come first: a Secret found to be someone else's
+    /// (created by another between the review's look and now) is then taken out of the
+    /// Role, so that no right is granted on it.
     pub async fn apply(&self, effects: &[Effect], budget: Duration) -> Vec<(Effect, Error)> {
-        let runs = effects.iter().map(|effect| async move {
+        let deadline = Instant::now() + budget;
+        let (secrets, rest): (Vec<&Effect>, Vec<&Effect>) = effects
+            .iter()
+            .partition(|e| matches!(e, Effect::TemporarySecret { .. }));
+        let mut failures = self.apply_all(secrets.iter().copied(), budget).await;
+        let refused: BTreeSet<(&str, &str)> = failures
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Error::Foreign {
+                    kind: "Secret",
+                    namespace,
+                    name,
+                } => Some((namespace.as_str(), name.as_str())),
+                _ => None,
+            })
+            .collect();
+        let rest: Vec<Effect> = rest
+            .into_iter()
+            .map(|effect| without_secrets(effect, &refused))
+            .collect();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let more = self.apply_all(rest.iter(), left).await;
+        failures.extend(more);
+        failures
+    }
+
+    /// Carries out `effects` concurrently within `budget`; returns the failures.
+    async fn apply_all<'a>(
+        &self,
+        effects: impl Iterator<Item = &'a Effect>,
+        budget: Duration,
+    ) -> Vec<(Effect, Error)> {
+        let runs = effects.map(|effect| async move {
             match tokio::time::timeout(budget, self.apply_one(effect)).await {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some((effect.clone(), e)),
@@ -188,7 +222,16 @@ impl Executor {
                 tracing::info!(%namespace, %name, "created temporary Secret");
                 Ok(())
             }
-            Err(e) if already_exists(&e) => Ok(()),
+            // Someone created it between the look and the create: sidecert's (another
+            // replica, the sidecar) or not, as its metadata says.
+            Err(e) if already_exists(&e) => match api.get_metadata_opt(name).await? {
+                Some(existing) if !is_sidecerts_secret(&existing.metadata) => Err(Error::Foreign {
+                    kind: "Secret",
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                }),
+                _ => Ok(()),
+            },
             Err(e) => Err(e.into()),
         }
     }
@@ -361,5 +404,71 @@ impl Executor {
             },
         }
         Ok(())
+    }
+}
+
+/// `effect` with the Secrets of `refused` (namespace, name) taken out of its Role.
+fn without_secrets(effect: &Effect, refused: &BTreeSet<(&str, &str)>) -> Effect {
+    match effect {
+        Effect::Rbac {
+            namespace,
+            service_account,
+            secrets,
+            leases,
+        } if !refused.is_empty() => Effect::Rbac {
+            namespace: namespace.clone(),
+            service_account: service_account.clone(),
+            secrets: secrets
+                .iter()
+                .filter(|s| !refused.contains(&(namespace.as_str(), s.as_str())))
+                .cloned()
+                .collect(),
+            leases: leases
+                .iter()
+                .filter(|l| {
+                    !refused
+                        .iter()
+                        .any(|(ns, s)| *ns == namespace.as_str() && lease_name(s) == **l)
+                })
+                .cloned()
+                .collect(),
+        },
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_secret_and_its_lease_leave_the_role() {
+        let rbac = Effect::Rbac {
+            namespace: "shop".into(),
+            service_account: "web".into(),
+            secrets: vec![
+                "web-tls".into(),
+                "team-db".into(),
+                "sidecert-acme-account-x".into(),
+            ],
+            leases: vec![lease_name("web-tls"), lease_name("team-db")],
+        };
+        let refused = BTreeSet::from([("shop", "team-db"), ("other", "web-tls")]);
+        assert_eq!(
+            without_secrets(&rbac, &refused),
+            Effect::Rbac {
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                secrets: vec!["web-tls".into(), "sidecert-acme-account-x".into()],
+                leases: vec![lease_name("web-tls")],
+            }
+        );
+        let solver = Effect::SolverService {
+            namespace: "shop".into(),
+            name: "web-sidecert-solver".into(),
+            backend: "web".into(),
+            owner: None,
+        };
+        assert_eq!(without_secrets(&solver, &refused), solver);
     }
 }

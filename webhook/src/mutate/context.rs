@@ -1,7 +1,10 @@
 //! What every decision reads: the sidecar's shape, the ACME defaults, and where Ingresses
 //! and Services are looked up.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use sidecert_contract::foreign_secret_warning;
 
@@ -17,11 +20,35 @@ pub struct Context {
     pub sidecar: SidecarSettings,
     pub acme: AcmeDefaults,
     pub lookup: Arc<dyn Lookup>,
-    /// Secrets of the review's namespace that a certificate may not use: ones that exist and
-    /// are not sidecert's ([`sidecert_contract::is_sidecerts_secret`]), and ones whose owner
-    /// could not be told in time. A certificate naming one is left unconfigured. The
-    /// reviewer finds them; empty elsewhere.
-    pub foreign_secrets: BTreeMap<String, SecretStanding>,
+    /// Which Secrets of the review's namespace a certificate may use, as the reviewer found
+    /// them; empty (every name allowed) elsewhere.
+    pub secrets: SecretChecks,
+}
+
+/// What the API server said of the Secrets a review's certificates name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretChecks {
+    /// Secrets that exist and are not sidecert's ([`sidecert_contract::is_sidecerts_secret`]),
+    /// and ones whose owner could not be told in time. A certificate naming one is left
+    /// unconfigured.
+    pub left_out: BTreeMap<String, SecretStanding>,
+    /// When set, the only names the API server was asked about: a certificate naming any other
+    /// (one a second look at the caches or the API server found) is left out as
+    /// [`SecretStanding::Unknown`], so that no unchecked name reaches a Role.
+    pub checked: Option<BTreeSet<String>>,
+}
+
+impl SecretChecks {
+    /// Why a certificate may not use the Secret `name`, if it may not.
+    pub fn standing(&self, name: &str) -> Option<SecretStanding> {
+        if let Some(standing) = self.left_out.get(name) {
+            return Some(*standing);
+        }
+        match &self.checked {
+            Some(checked) if !checked.contains(name) => Some(SecretStanding::Unknown),
+            _ => None,
+        }
+    }
 }
 
 /// Why a certificate's Secret is left out.
@@ -56,10 +83,10 @@ impl Context {
         }
     }
 
-    /// The same context, knowing that `names` are Secrets a certificate may not use.
-    pub fn with_foreign_secrets(&self, names: BTreeMap<String, SecretStanding>) -> Self {
+    /// The same context, knowing which Secrets a certificate may use.
+    pub fn with_secret_checks(&self, secrets: SecretChecks) -> Self {
         Self {
-            foreign_secrets: names,
+            secrets,
             ..self.clone()
         }
     }

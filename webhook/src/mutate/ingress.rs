@@ -23,7 +23,7 @@ use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
 use crate::mutate::{
-    context::{Context, SecretStanding},
+    context::{Context, SecretChecks, SecretStanding},
     effect::Effect,
     objects::SOLVER_PORT_NAME,
     outcome::{Outcome, SkipReason, add, to_json},
@@ -91,18 +91,15 @@ impl Plan {
     /// [`sidecert_contract::is_sidecerts_secret`], or of an owner not known in time) and the
     /// routes of their hosts, with a warning each: no temporary Secret, no HTTP-01 path, no
     /// sidecar for them.
-    pub fn leave_out(&mut self, namespace: &str, foreign: &BTreeMap<String, SecretStanding>) {
-        if foreign.is_empty() {
-            return;
-        }
+    pub fn leave_out(&mut self, namespace: &str, checks: &SecretChecks) {
         for secret in &self.secrets {
-            if let Some(standing) = foreign.get(&secret.secret_name) {
+            if let Some(standing) = checks.standing(&secret.secret_name) {
                 self.warnings
                     .push(standing.warning(namespace, &secret.secret_name));
             }
         }
-        self.secrets.retain(|s| !foreign.contains_key(&s.secret_name));
-        self.routes.retain(|r| !foreign.contains_key(&r.secret_name));
+        self.secrets.retain(|s| checks.standing(&s.secret_name).is_none());
+        self.routes.retain(|r| checks.standing(&r.secret_name).is_none());
     }
 
     /// The names of the Secrets the plan would create if absent.
@@ -319,7 +316,11 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, ctx: &Context) -> Outcome
         .unwrap_or_else(|| "default".to_owned());
     let mut plan = plan(ingress, ctx.acme.profile.as_deref());
     let before = plan.secrets.len();
-    plan.leave_out(&namespace, &ctx.foreign_secrets);
+    let foreign = plan
+        .secrets
+        .iter()
+        .any(|s| ctx.secrets.standing(&s.secret_name) == Some(SecretStanding::Foreign));
+    plan.leave_out(&namespace, &ctx.secrets);
     let mut out = Outcome {
         warnings: plan.warnings.clone(),
         patch: route_patch(&plan),
@@ -328,7 +329,11 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, ctx: &Context) -> Outcome
     };
     if out.patch.is_empty() {
         out.skipped = Some(if plan.secrets.is_empty() && before > 0 {
-            SkipReason::ForeignSecret
+            if foreign {
+                SkipReason::ForeignSecret
+            } else {
+                SkipReason::SecretOwnerUnknown
+            }
         } else {
             SkipReason::Unchanged
         });
@@ -613,10 +618,13 @@ mod tests {
         assert_eq!((p.secrets.len(), p.routes.len()), (2, 2));
         p.leave_out(
             "shop",
-            &BTreeMap::from([
-                ("web-tls".to_owned(), SecretStanding::Foreign),
-                ("other-tls".to_owned(), SecretStanding::Unknown),
-            ]),
+            &SecretChecks {
+                left_out: BTreeMap::from([
+                    ("web-tls".to_owned(), SecretStanding::Foreign),
+                    ("other-tls".to_owned(), SecretStanding::Unknown),
+                ]),
+                checked: None,
+            },
         );
         assert_eq!(p.secret_names(), ["api-tls"]);
         assert_eq!(p.routes.len(), 1);
@@ -638,7 +646,10 @@ mod tests {
         // An owner not known in time: left out too (it may be someone else's), said so.
         p.leave_out(
             "shop",
-            &BTreeMap::from([("api-tls".to_owned(), SecretStanding::Unknown)]),
+            &SecretChecks {
+                left_out: BTreeMap::from([("api-tls".to_owned(), SecretStanding::Unknown)]),
+                checked: None,
+            },
         );
         assert!(p.secrets.is_empty() && p.routes.is_empty(), "{p:?}");
         assert!(

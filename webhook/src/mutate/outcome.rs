@@ -31,8 +31,13 @@ pub enum SkipReason {
     UnknownKind,
     /// The namespace did not opt in, or is a system namespace or sidecert's own.
     NamespaceNotServed,
-    /// Every certificate the Pod asks for names a Secret that is someone else's.
+    /// Every certificate the review asks for names a Secret that is someone else's.
     ForeignSecret,
+    /// The API server did not say in time whose Secret a certificate names (none was
+    /// someone else's, none could be configured).
+    SecretOwnerUnknown,
+    /// Every certificate holds more names than the ACME profile takes in one order.
+    TooManyNames,
 }
 
 impl SkipReason {
@@ -50,6 +55,8 @@ impl SkipReason {
             Self::UnknownKind => "unknown_kind",
             Self::NamespaceNotServed => "namespace_not_served",
             Self::ForeignSecret => "foreign_secret",
+            Self::SecretOwnerUnknown => "secret_owner_unknown",
+            Self::TooManyNames => "too_many_names",
         }
     }
 }

@@ -12,13 +12,13 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::{AdmissionRequest, Operation};
 use serde_json::{Value, json};
 use sidecert_contract::{
-    SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations, encode_certificates,
-    lease_name, max_names_per_order, validate_secret_name,
+    CertificateSpec, SIDECAR_CONTAINER_NAME, STATUS_INJECTED, account_secret_name, annotations,
+    encode_certificates, lease_name, max_names_per_order, validate_secret_name,
 };
 
 use crate::mutate::{
     container::{container, sidecar_config},
-    context::Context,
+    context::{Context, SecretStanding},
     effect::Effect,
     outcome::{Outcome, SkipReason, add, to_json},
     select::{Recheck, recheck, select},
@@ -203,9 +203,9 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     let (certificates, foreign): (Vec<_>, Vec<_>) = selection
         .certificates
         .into_iter()
-        .partition(|c| !ctx.foreign_secrets.contains_key(&c.secret_name));
+        .partition(|c| ctx.secrets.standing(&c.secret_name).is_none());
     for cert in &foreign {
-        if let Some(standing) = ctx.foreign_secrets.get(&cert.secret_name) {
+        if let Some(standing) = ctx.secrets.standing(&cert.secret_name) {
             out.warnings.push(standing.warning(namespace, &cert.secret_name));
         }
     }
@@ -221,11 +221,19 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         ));
     }
     if certificates.is_empty() {
-        out.skipped = Some(if foreign.is_empty() {
-            SkipReason::InvalidAnnotations
-        } else {
-            SkipReason::ForeignSecret
-        });
+        let standing = |c: &CertificateSpec| ctx.secrets.standing(&c.secret_name);
+        out.skipped = Some(
+            if foreign
+                .iter()
+                .any(|c| standing(c) == Some(SecretStanding::Foreign))
+            {
+                SkipReason::ForeignSecret
+            } else if !foreign.is_empty() {
+                SkipReason::SecretOwnerUnknown
+            } else {
+                SkipReason::TooManyNames
+            },
+        );
         return out;
     }
     let config = sidecar_config(
@@ -340,7 +348,7 @@ mod tests {
                 ingresses: Vec::new(),
                 services: services.into_iter().map(Arc::new).collect(),
             }),
-            foreign_secrets: Default::default(),
+            secrets: Default::default(),
         }
     }
 
@@ -382,6 +390,34 @@ mod tests {
         );
         assert!(!own.outcome.patch.is_empty());
         assert!(own.recheck.is_none());
+    }
+
+    #[test]
+    fn a_secret_the_api_server_was_not_asked_about_gets_no_right() {
+        use crate::mutate::context::SecretChecks;
+        let annotated = request(json!({"sidecert.io/inject": "true",
+            "sidecert.io/domains": "web.shop.example", "sidecert.io/secret-name": "web-tls"}));
+        // The reviewer asked about another name (a second decision found this one): left out.
+        let ctx = context(vec![]).with_secret_checks(SecretChecks {
+            left_out: BTreeMap::new(),
+            checked: Some(["api-tls".to_owned()].into()),
+        });
+        let out = mutate_pod(&annotated, &ctx);
+        assert!(out.patch.is_empty() && out.effects.is_empty(), "{out:?}");
+        assert_eq!(out.skipped, Some(SkipReason::SecretOwnerUnknown));
+        assert!(
+            out.warnings
+                .iter()
+                .any(|w| w.contains("cannot tell in time whose Secret shop/web-tls is")),
+            "{:?}",
+            out.warnings
+        );
+        // Asked about and absent: configured.
+        let ctx = context(vec![]).with_secret_checks(SecretChecks {
+            left_out: BTreeMap::new(),
+            checked: Some(["web-tls".to_owned()].into()),
+        });
+        assert!(!mutate_pod(&annotated, &ctx).patch.is_empty());
     }
 
     #[test]

@@ -30,6 +30,7 @@ use crate::{
     kube::executor::Executor,
     metrics::Metrics,
     mutate::{
+        context::SecretChecks,
         effect::Effect,
         ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
         lookup::Lookup,
@@ -133,8 +134,11 @@ impl Reconciler {
             .executor
             .secret_owners(ns, &plan.secret_names(), self.executor.budget())
             .await;
-        let left_out = owners.left_out();
-        plan.leave_out(ns, &left_out);
+        let checks = SecretChecks {
+            left_out: owners.left_out(),
+            checked: None,
+        };
+        plan.leave_out(ns, &checks);
         if !owners.foreign.is_empty() {
             let note = owners
                 .foreign
