@@ -99,7 +99,20 @@ impl Plan {
             }
         }
         self.secrets.retain(|s| checks.standing(&s.secret_name).is_none());
-        self.routes.retain(|r| checks.standing(&r.secret_name).is_none());
+        // A host that a later TLS entry also names keeps its route, for that entry's Secret.
+        let secrets = &self.secrets;
+        self.routes.retain_mut(|r| {
+            if checks.standing(&r.secret_name).is_none() {
+                return true;
+            }
+            match secrets.iter().find(|s| s.domains.contains(&r.host)) {
+                Some(other) => {
+                    r.secret_name = other.secret_name.clone();
+                    true
+                }
+                None => false,
+            }
+        });
     }
 
     /// The names of the Secrets the plan would create if absent.
@@ -596,6 +609,34 @@ mod tests {
             names(&plan(&ing, Some("shortlived"))) >= 26,
             "the Ingress's own profile wins"
         );
+    }
+
+    #[test]
+    fn a_host_keeps_its_route_for_the_entry_left_when_the_first_is_someone_elses() {
+        // web.shop.example is in a TLS entry naming another team's Secret first, then in one
+        // of its own: the route was the first entry's, and went with it.
+        let mut ing = ingress(true, false);
+        let spec = ing.spec.as_mut().unwrap();
+        spec.tls.as_mut().unwrap().push(
+            serde_json::from_value(
+                serde_json::json!({"hosts": ["web.shop.example"], "secretName": "own-tls"}),
+            )
+            .unwrap(),
+        );
+        let mut p = plan(&ing, None);
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].secret_name, "web-tls");
+        p.leave_out(
+            "shop",
+            &SecretChecks {
+                left_out: BTreeMap::from([("web-tls".to_owned(), SecretStanding::Foreign)]),
+                checked: None,
+            },
+        );
+        assert_eq!(p.secret_names(), ["own-tls"]);
+        assert_eq!(p.routes.len(), 1, "{p:?}");
+        assert_eq!(p.routes[0].secret_name, "own-tls");
+        assert!(!route_patch(&p).is_empty());
     }
 
     #[test]
