@@ -312,54 +312,89 @@ async fn whose_secrets_ours_foreign_absent_and_unknown() {
 async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
     // The review found web-tls absent; by the create, another team has made it. The Role
     // is written only after the Secret's answer, and without it (they used to run at once,
-    // and the Role named it whatever the create found).
-    let (exec, mut handle) = executor();
-    let effects = vec![
-        Effect::Rbac {
-            namespace: "shop".into(),
-            service_account: "web".into(),
-            secrets: vec!["web-tls".into(), "sidecert-acme-account-0123456789ab".into()],
-            leases: vec!["sidecert-web-tls".into()],
-        },
-        Effect::TemporarySecret {
-            namespace: "shop".into(),
-            name: "web-tls".into(),
-            domains: vec!["shop.example".into()],
-        },
-    ];
-    let task = tokio::spawn(async move { exec.apply(&effects, Duration::from_secs(5)).await });
-    let secret = "/api/v1/namespaces/shop/secrets/web-tls";
-    expect(&mut handle, Method::GET, secret).await;
-    reply(StatusCode::NOT_FOUND, not_found());
-    expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/secrets").await;
-    reply(
-        StatusCode::CONFLICT,
-        json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"AlreadyExists","code":409,"message":"exists"}),
-    );
-    expect(&mut handle, Method::GET, secret).await;
-    reply(
-        StatusCode::OK,
-        json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata",
-               "metadata":{"name":"web-tls","namespace":"shop","labels":{"team":"db"}}}),
-    );
-    let roles = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles";
-    expect(&mut handle, Method::GET, &format!("{roles}/sidecert-web")).await;
-    reply(StatusCode::NOT_FOUND, not_found());
-    let role_body = expect(&mut handle, Method::POST, roles).await;
-    assert_eq!(
-        role_body["rules"][0]["resourceNames"],
-        json!(["sidecert-acme-account-0123456789ab"])
-    );
-    assert_eq!(role_body["rules"][2]["resourceNames"], json!([]));
-    reply(StatusCode::CREATED, role_body);
-    let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
-    expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
-    reply(StatusCode::NOT_FOUND, not_found());
-    let binding = expect(&mut handle, Method::POST, rb).await;
-    reply(StatusCode::CREATED, binding);
-    let failures = task.await.unwrap();
-    assert!(
-        matches!(&failures[..], [(Effect::TemporarySecret { .. }, sidecert_webhook::Error::Foreign { kind: "Secret", name, .. })] if name == "web-tls"),
-        "{failures:?}"
-    );
+    // and the Role named it whatever the create found). api-tls, which the review found to
+    // be sidecert's, keeps its right. With no certificate left, no Role is written at all:
+    // one with an empty list of Lease names would grant every Lease.
+    for others in [true, false] {
+        let (exec, mut handle) = executor();
+        let mut secrets = vec!["web-tls".to_owned(), "sidecert-acme-account-0123456789ab".into()];
+        let mut leases = vec!["sidecert-web-tls".to_owned()];
+        if others {
+            secrets.push("api-tls".into());
+            leases.push("sidecert-api-tls".into());
+        }
+        let effects = vec![
+            Effect::Rbac {
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                secrets,
+                leases,
+            },
+            Effect::TemporarySecret {
+                namespace: "shop".into(),
+                name: "web-tls".into(),
+                domains: vec!["shop.example".into()],
+            },
+        ];
+        let task = tokio::spawn(async move { exec.apply(&effects, Duration::from_secs(5)).await });
+        let secret = "/api/v1/namespaces/shop/secrets/web-tls";
+        expect(&mut handle, Method::GET, secret).await;
+        reply(StatusCode::NOT_FOUND, not_found());
+        expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/secrets").await;
+        reply(
+            StatusCode::CONFLICT,
+            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"AlreadyExists","code":409,"message":"exists"}),
+        );
+        expect(&mut handle, Method::GET, secret).await;
+        reply(
+            StatusCode::OK,
+            json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata",
+                   "metadata":{"name":"web-tls","namespace":"shop","labels":{"team":"db"}}}),
+        );
+        if others {
+            let roles = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles";
+            expect(&mut handle, Method::GET, &format!("{roles}/sidecert-web")).await;
+            reply(StatusCode::NOT_FOUND, not_found());
+            let role_body = expect(&mut handle, Method::POST, roles).await;
+            assert_eq!(
+                role_body["rules"][0]["resourceNames"],
+                json!(["sidecert-acme-account-0123456789ab", "api-tls"])
+            );
+            assert_eq!(
+                role_body["rules"][2]["resourceNames"],
+                json!(["sidecert-api-tls"])
+            );
+            reply(StatusCode::CREATED, role_body);
+            let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
+            expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
+            reply(StatusCode::NOT_FOUND, not_found());
+            let binding = expect(&mut handle, Method::POST, rb).await;
+            reply(StatusCode::CREATED, binding);
+        }
+        let failures = task.await.unwrap();
+        assert!(
+            matches!(&failures[..], [(Effect::TemporarySecret { .. }, sidecert_webhook::Error::Foreign { kind: "Secret", name, .. })] if name == "web-tls"),
+            "{failures:?}"
+        );
+        // Nothing more was asked of the API server.
+        assert!(matches!(
+            tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await,
+            Err(_) | Ok(None)
+        ));
+    }
+}
+
+#[test]
+fn a_role_never_names_an_empty_list() {
+    let r = role("shop", "web", &[], &[]);
+    for rule in r.rules.iter().flatten() {
+        assert!(
+            rule.resource_names.as_ref().is_none_or(|n| !n.is_empty()),
+            "{rule:?}"
+        );
+        // Without names, only the unnamed verbs remain: never get or update on every Secret.
+        if rule.resources.as_deref() == Some(&["secrets".to_owned()][..]) {
+            assert_eq!(rule.verbs, ["create"]);
+        }
+    }
 }

@@ -90,9 +90,10 @@ impl Executor {
     }
 
     /// Carries out every effect within `budget`; returns the failures (the review still
-    /// succeeds). The temporary Secrets come first: a Secret found to be someone else's
-    /// (created by another between the review's look and now) is then taken out of the
-    /// Role, so that no right is granted on it.
+    /// succeeds). The temporary Secrets come first: one that could not be made sidecert's
+    /// (found to be someone else's, created by another between the review's look and now,
+    /// or any failure) is then taken out of the Role, so that no right is granted on a
+    /// Secret that may not be sidecert's; a Role left with no certificate is not written.
     pub async fn apply(&self, effects: &[Effect], budget: Duration) -> Vec<(Effect, Error)> {
         let deadline = Instant::now() + budget;
         let (secrets, rest): (Vec<&Effect>, Vec<&Effect>) = effects
@@ -101,18 +102,15 @@ impl Executor {
         let mut failures = self.apply_all(secrets.iter().copied(), budget).await;
         let refused: BTreeSet<(&str, &str)> = failures
             .iter()
-            .filter_map(|(_, e)| match e {
-                Error::Foreign {
-                    kind: "Secret",
-                    namespace,
-                    name,
-                } => Some((namespace.as_str(), name.as_str())),
+            .filter_map(|(effect, _)| match effect {
+                Effect::TemporarySecret { namespace, name, .. } => Some((namespace.as_str(), name.as_str())),
                 _ => None,
             })
             .collect();
         let rest: Vec<Effect> = rest
             .into_iter()
             .map(|effect| without_secrets(effect, &refused))
+            .filter(|effect| !matches!(effect, Effect::Rbac { leases, .. } if leases.is_empty()))
             .collect();
         let left = deadline.saturating_duration_since(Instant::now());
         let more = self.apply_all(rest.iter(), left).await;
@@ -225,12 +223,14 @@ impl Executor {
             // Someone created it between the look and the create: sidecert's (another
             // replica, the sidecar) or not, as its metadata says.
             Err(e) if already_exists(&e) => match api.get_metadata_opt(name).await? {
-                Some(existing) if !is_sidecerts_secret(&existing.metadata) => Err(Error::Foreign {
+                Some(existing) if is_sidecerts_secret(&existing.metadata) => Ok(()),
+                Some(_) => Err(Error::Foreign {
                     kind: "Secret",
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                 }),
-                _ => Ok(()),
+                // Gone again: whose it was is unknown.
+                None => Err(e.into()),
             },
             Err(e) => Err(e.into()),
         }

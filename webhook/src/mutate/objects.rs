@@ -177,7 +177,7 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: Option<&[Str
 
 /// The sidecar's Role: what it needs and nothing more.
 pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: &[String]) -> Role {
-    Role {
+    let mut role = Role {
         metadata: ObjectMeta {
             name: Some(rbac_name(service_account)),
             namespace: Some(namespace.to_owned()),
@@ -218,7 +218,13 @@ pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: 
                 None,
             ),
         ]),
+    };
+    // An empty resourceNames means every name to RBAC: a rule that would name nothing is left
+    // out, never written empty.
+    for rules in role.rules.iter_mut() {
+        rules.retain(|r| r.resource_names.as_ref().is_none_or(|n| !n.is_empty()));
     }
+    role
 }
 
 /// `existing` with the resource names of `wanted` merged in; `None` when nothing is missing.
