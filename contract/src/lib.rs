@@ -106,31 +106,32 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "sidecert";
 
-/// Whether sidecert may write an existing Secret: only one it made (its managed-by label) or
-/// one holding its temporary certificate. Any other Secret a `secretName` names belongs to
-/// someone else and is never overwritten, whatever an Ingress or Pod asks. (Absent Secrets
-/// are sidecert's to create.)
+/// Whether sidecert may write an existing Secret: only one it made (its managed-by label),
+/// one holding its temporary certificate, or one its sidecar wrote a certificate into (the
+/// issuer-url annotation: versions before the label wrote only that). Any other Secret a
+/// `secretName` names belongs to someone else and is never overwritten, whatever an Ingress
+/// or Pod asks. (Absent Secrets are sidecert's to create.) Each mark can only be set by
+/// someone who may already write the Secret.
 pub fn is_sidecerts_secret(meta: &ObjectMeta) -> bool {
     let labelled = meta
         .labels
         .as_ref()
         .and_then(|l| l.get(MANAGED_BY_LABEL))
         .is_some_and(|v| v == MANAGED_BY);
-    let temporary = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::TEMPORARY))
-        .is_some_and(|v| v == "true");
-    labelled || temporary
+    let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let temporary = annotation(annotations::TEMPORARY).is_some_and(|v| v == "true");
+    let issued = annotation(annotations::ISSUER_URL).is_some_and(|v| !v.trim().is_empty());
+    labelled || temporary || issued
 }
 
 /// The warning for a certificate whose Secret is someone else's.
 pub fn foreign_secret_warning(namespace: &str, name: &str) -> String {
     format!(
         "sidecert: Secret {namespace}/{name} exists and is not sidecert's (no {MANAGED_BY_LABEL}={MANAGED_BY} \
-         label, no {} annotation); it is left alone and no certificate is issued for it. Name another \
-         Secret, or label this one {MANAGED_BY_LABEL}={MANAGED_BY} to hand it to sidecert",
-        annotations::TEMPORARY
+         label, no {} or {} annotation); it is left alone and no certificate is issued for it. Name \
+         another Secret, or label this one {MANAGED_BY_LABEL}={MANAGED_BY} to hand it to sidecert",
+        annotations::TEMPORARY,
+        annotations::ISSUER_URL,
     )
 }
 
@@ -656,6 +657,16 @@ mod tests {
             &[(annotations::TEMPORARY, "false")]
         )));
         assert!(!is_sidecerts_secret(&meta(&[("sidecert", "sidecert")], &[])));
+        // A certificate the sidecar wrote before it labelled what it wrote (an upgrade must
+        // not leave those to expire).
+        assert!(is_sidecerts_secret(&meta(
+            &[],
+            &[(annotations::ISSUER_URL, "https://acme.example/dir")]
+        )));
+        assert!(!is_sidecerts_secret(&meta(
+            &[],
+            &[(annotations::ISSUER_URL, " ")]
+        )));
         assert_eq!(max_names_per_order(None), 100);
         assert_eq!(max_names_per_order(Some("classic")), 100);
         assert_eq!(max_names_per_order(Some(" ShortLived ")), 25);

@@ -52,7 +52,8 @@ pub enum Error {
     LostLease,
     #[error(
         "Secret {0} exists and is not sidecert's (no app.kubernetes.io/managed-by=sidecert label, no \
-         sidecert.io/temporary annotation); it is left alone"
+         sidecert.io/temporary or sidecert.io/issuer-url annotation); it is left alone, and no \
+         certificate is ordered for it until it is labelled app.kubernetes.io/managed-by=sidecert or deleted"
     )]
     ForeignSecret(String),
     #[error("shutting down")]

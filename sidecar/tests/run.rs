@@ -861,8 +861,9 @@ async fn an_issued_certificate_survives_a_failing_secret_write() {
 #[tokio::test(flavor = "multi_thread")]
 async fn another_teams_secret_is_never_overwritten() {
     // A secretName that names a Secret sidecert did not make (no managed-by label, no
-    // temporary annotation): the certificate is not written over it, whatever the sidecar
-    // was told; it says why in a metric and an Event.
+    // temporary annotation): no certificate is ordered for it or written over it, whatever
+    // the sidecar was told; it says why in a metric and an Event, and goes on once the
+    // Secret is handed over.
     init();
     let plane = Plane::get().await.unwrap();
     let ns = plane.namespace("sc-theirs", false).await.unwrap();
@@ -908,6 +909,27 @@ async fn another_teams_secret_is_never_overwritten() {
     let after = secrets.get("team-db").await.unwrap();
     assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
     assert_eq!(after.data, theirs.data);
+    // Nothing was ordered for it (the sidecar used to order, then fail to write).
+    let m = scrape(&r.metrics).await;
+    assert_eq!(sample(&m, "sidecert_orders_total{result=\"issued\"}"), 0.0, "{m}");
+    // Handed over with sidecert's label: the certificate is issued and written beside the
+    // data already there.
+    let mut handed = after.clone();
+    handed
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("app.kubernetes.io/managed-by".into(), "sidecert".into());
+    secrets
+        .replace("team-db", &PostParams::default(), &handed)
+        .await
+        .unwrap();
+    let s = wait_issued(&secrets, "team-db", None, Duration::from_secs(90)).await;
+    assert_chains_to(&crt(&s), &plane.pebble_root_pem().await.unwrap(), &spec.domains);
+    assert_eq!(
+        s.data.as_ref().and_then(|d| d.get("password")),
+        Some(&ByteString(b"hunter2".to_vec()))
+    );
     r.stop().await;
     ns.cleanup().await.unwrap();
 }

@@ -50,12 +50,15 @@ pub enum SecretContents {
     Valid(Held),
     /// A real certificate for the domains from another ACME server (its issuer-url says so).
     Foreign(Held),
+    /// A Secret that is not sidecert's ([`sidecert_contract::is_sidecerts_secret`]): another
+    /// team's, whatever it holds. Never read for a certificate, never written, no order for it.
+    NotOurs,
 }
 
 impl SecretContents {
     fn pair(&self) -> Option<(&str, &str)> {
         match self {
-            Self::Absent => None,
+            Self::Absent | Self::NotOurs => None,
             Self::Temporary(p) | Self::Broken(p) => {
                 p.as_ref().map(|p| (p.chain_pem.as_str(), p.key_pem.as_str()))
             }
@@ -194,10 +197,17 @@ pub enum Step {
     },
     /// Nothing to do before `until` (a change of the Secret or of the Lease wakes earlier).
     Wait { until: OffsetDateTime },
+    /// The Secret is someone else's: say so, and wait for it to change (handed over with
+    /// sidecert's label, or deleted).
+    NotOurs,
 }
 
 /// The next step for `state`, given what was just observed at `now`.
 pub fn decide(st: &State, seen: &Observed<'_>, now: OffsetDateTime) -> Step {
+    // 0. Another team's Secret: nothing is taken from it, written to it or ordered for it.
+    if matches!(seen.secret, SecretContents::NotOurs) {
+        return Step::NotOurs;
+    }
     // 1. A newer real certificate in the Secret. Newer means issued later, not valid longer:
     //    a renewal on a shorter profile must not lose to the certificate it replaces.
     if let Some((cert, foreign)) = seen.secret.usable()
@@ -617,6 +627,23 @@ mod tests {
             let step = settle(&mut follower, &secret, false, T0);
             assert_eq!(until(&step), T0 + schedule::FOLLOWER_SLEEP);
         }
+    }
+
+    #[test]
+    fn another_teams_secret_gets_no_order_and_no_write() {
+        // The holder, with nothing yet, and with an issued certificate still to write.
+        let mut st = state(true, T0);
+        assert!(matches!(
+            decide(&st, &seen(&SecretContents::NotOurs, true), T0),
+            Step::NotOurs
+        ));
+        st.lead(&FailureRecord::default());
+        st.issued(cert("1", T0, 90), T0, 0.5);
+        assert!(matches!(
+            decide(&st, &seen(&SecretContents::NotOurs, true), T0),
+            Step::NotOurs
+        ));
+        assert!(!st.serving(&SecretContents::NotOurs, T0));
     }
 
     #[test]

@@ -161,6 +161,8 @@ async fn certificate_loop(
     // A new round starts as the holder of nothing: the first one reads the failure record.
     st.follow();
 
+    // The Secret was found to be someone else's, and that was said (once until it changes).
+    let mut refused = false;
     let result = loop {
         let now = OffsetDateTime::now_utc();
         let secret = classify(
@@ -184,6 +186,7 @@ async fn certificate_loop(
                 .set(h.info.lifetime.not_after.unix_timestamp() as f64);
         }
         let step = decide(st, &seen, now);
+        refused &= matches!(step, Step::NotOurs);
         if let Step::Order { .. } | Step::Wait { .. } = step
             && let Some(renew_at) = st.renew_at(now)
         {
@@ -254,6 +257,24 @@ async fn certificate_loop(
                 if order(cx, spec, st, replaces, &mut leader_rx, shutdown, now).await {
                     break Ok(());
                 }
+            }
+            Step::NotOurs => {
+                if !refused {
+                    refused = true;
+                    tracing::warn!(
+                        secret = name,
+                        "the Secret is not sidecert's; no certificate is ordered or written for it until it is handed over (label app.kubernetes.io/managed-by=sidecert) or deleted"
+                    );
+                    let e = Error::ForeignSecret(name.clone());
+                    m.failures.with_label_values(&[&name, e.metric_label()]).inc();
+                    cx.events.publish(true, "SecretNotOurs", e.to_string()).await;
+                }
+                // Only a change of the Secret can end this (the Lease is decided after).
+                tokio::select! {
+                    _ = shutdown.cancelled() => break Ok(()),
+                    r = secret_rx.changed() => if r.is_err() { break Err(Error::order("Secret watch ended")) },
+                }
+                continue;
             }
             Step::Wait { until } => {
                 tokio::select! {

@@ -41,7 +41,9 @@ fn pair(secret: &Secret) -> Option<Pair> {
 
 /// What `secret` holds for a certificate of `domains` at `now` (pure; unit-tested): a real
 /// certificate (not temporary) for exactly `domains`, not expired, with its own key beside
-/// it, is valid — foreign when its issuer-url names another server than `acme_server`.
+/// it, is valid — foreign when its issuer-url names another server than `acme_server`. A
+/// Secret that is not sidecert's ([`is_sidecerts_secret`]) is [`SecretContents::NotOurs`],
+/// whatever it holds.
 pub fn classify(
     secret: Option<&Secret>,
     domains: &[String],
@@ -51,6 +53,9 @@ pub fn classify(
     let Some(secret) = secret else {
         return SecretContents::Absent;
     };
+    if !is_sidecerts_secret(&secret.metadata) {
+        return SecretContents::NotOurs;
+    }
     let Some(pair) = pair(secret) else {
         return SecretContents::Broken(None);
     };
@@ -206,6 +211,10 @@ mod tests {
         Secret {
             metadata: ObjectMeta {
                 name: Some("web-tls".into()),
+                labels: Some(BTreeMap::from([(
+                    MANAGED_BY_LABEL.to_owned(),
+                    MANAGED_BY.to_owned(),
+                )])),
                 annotations: Some(
                     annotations
                         .iter()
@@ -235,8 +244,15 @@ mod tests {
         let class = |s: Option<&Secret>| classify(s, &domains, SERVER, now);
 
         assert!(matches!(class(None), SecretContents::Absent));
-        let empty = Secret::default();
+        let mut empty = secret("", "", &[]);
+        empty.data = None;
         assert!(matches!(class(Some(&empty)), SecretContents::Broken(None)));
+        // Another team's Secret, even one holding a good certificate for the domains: not
+        // ours to take or to replace (it used to be adopted, or ordered for and refused).
+        let mut theirs = secret(&chain, &key_pem, &[]);
+        theirs.metadata.labels = None;
+        assert!(matches!(class(Some(&theirs)), SecretContents::NotOurs));
+        assert!(matches!(class(Some(&Secret::default())), SecretContents::NotOurs));
         let temporary = secret(&chain, &key_pem, &[(annotations::TEMPORARY, "true")]);
         assert!(matches!(
             class(Some(&temporary)),
