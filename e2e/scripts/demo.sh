@@ -48,7 +48,7 @@ CHART_VERSION=$(sed -n 's/^version: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$REPO/cha
   --wait --timeout 120s \
   --set acme.server="$PEBBLE_DIRECTORY" \
   --set-file acme.caBundle="$PEBBLE_CA_FILE" \
-  --set-file webhook.clientCA="$WEBHOOK_CLIENT_CA_FILE" \
+  --set-file webhook.clientCA="${WEBHOOK_CLIENT_CA_FILE:?the plane predates webhook client auth: make cluster-down && make cluster-up}" \
   --set acme.profile=default \
   --set acme.email=demo@sidecert.test >/dev/null
 kubectl -n "$RELEASE_NS" get pods -o wide >&2
