@@ -156,6 +156,10 @@ pub enum ContractError {
     InvalidDomain { domain: String, reason: &'static str },
     #[error("invalid Secret name {0:?}: must be a DNS-1123 subdomain")]
     InvalidSecretName(String),
+    #[error(
+        "Secret name {0:?} is reserved: names starting with {ACCOUNT_SECRET_PREFIX:?} hold the namespace's ACME account"
+    )]
+    ReservedSecretName(String),
     #[error("missing {0}")]
     Missing(&'static str),
     #[error("invalid {name}: {reason}")]
@@ -339,6 +343,17 @@ pub fn parse_domains(value: &str) -> Result<Vec<String>, ContractError> {
     Ok(set.into_iter().collect())
 }
 
+/// Checks the name of a certificate's Secret: a valid Secret name that is not one of the
+/// namespace's ACME account Secrets (every sidecar there may write those; a certificate
+/// written into one would destroy the account).
+pub fn validate_certificate_secret_name(name: &str) -> Result<(), ContractError> {
+    validate_secret_name(name)?;
+    if name.starts_with(ACCOUNT_SECRET_PREFIX) {
+        return Err(ContractError::ReservedSecretName(name.to_owned()));
+    }
+    Ok(())
+}
+
 /// One certificate a sidecar owns: the Secret that holds it and its domains.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -361,7 +376,7 @@ impl CertificateSpec {
         domains: impl IntoIterator<Item = impl AsRef<str>>,
     ) -> Result<Self, ContractError> {
         let secret_name = secret_name.into();
-        validate_secret_name(&secret_name)?;
+        validate_certificate_secret_name(&secret_name)?;
         let joined = domains
             .into_iter()
             .map(|d| d.as_ref().to_owned())
@@ -440,11 +455,16 @@ pub fn validate_service_name(name: &str) -> Result<(), ContractError> {
     }
 }
 
+/// How the names of the namespace's ACME account Secrets begin.
+pub const ACCOUNT_SECRET_PREFIX: &str = "sidecert-acme-account-";
+
 /// Name of the Secret holding the ACME account for (server, email) in a namespace.
-/// Stable across releases: every sidecar of the namespace must derive the same name.
+/// Stable across releases: every sidecar of the namespace must derive the same name. The
+/// hash is no protection (a Pod author picks the email): the webhook grants a right on the
+/// name only after the API server says the Secret is absent or sidecert's.
 pub fn account_secret_name(directory_url: &str, email: Option<&str>) -> String {
     let h = fnv1a64(format!("{directory_url}\n{}", email.unwrap_or("")).as_bytes());
-    format!("sidecert-acme-account-{:012x}", h & 0xffff_ffff_ffff)
+    format!("{ACCOUNT_SECRET_PREFIX}{:012x}", h & 0xffff_ffff_ffff)
 }
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -855,5 +875,19 @@ mod tests {
         assert_ne!(a, account_secret_name("https://ca/dir", None));
         assert!(validate_secret_name(&a).is_ok());
         assert_eq!(a, "sidecert-acme-account-794f0b4680dd"); // pinned: changing it orphans accounts
+    }
+
+    #[test]
+    fn a_certificate_never_lives_in_an_account_secret() {
+        let account = account_secret_name("https://ca/dir", Some("a@b"));
+        for name in [account.as_str(), "sidecert-acme-account-web"] {
+            let err = CertificateSpec::new(name, ["a.example"]).unwrap_err();
+            assert!(matches!(err, ContractError::ReservedSecretName(_)), "{err}");
+            assert!(err.to_string().contains("ACME account"), "{err}");
+        }
+        // What the sidecar decodes is checked the same way.
+        let encoded = format!("[{{\"secretName\":\"{account}\",\"domains\":[\"a.example\"]}}]");
+        assert!(decode_certificates(&encoded).is_err());
+        assert!(CertificateSpec::new("sidecert-acme-web", ["a.example"]).is_ok());
     }
 }

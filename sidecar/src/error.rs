@@ -56,6 +56,11 @@ pub enum Error {
          certificate is ordered for it until it is labelled app.kubernetes.io/managed-by=sidecert or deleted"
     )]
     ForeignSecret(String),
+    #[error(
+        "Secret {0}, where this namespace's ACME account belongs, exists and is not sidecert's; no \
+         account is read from it or written to it until it is deleted or renamed"
+    )]
+    ForeignAccount(String),
     #[error("shutting down")]
     Shutdown,
 }
@@ -82,7 +87,7 @@ impl Error {
             Self::Http { .. } => "http",
             Self::Metrics(_) => "metrics",
             Self::LostLease => "lost_lease",
-            Self::ForeignSecret(_) => "foreign_secret",
+            Self::ForeignSecret(_) | Self::ForeignAccount(_) => "foreign_secret",
             Self::Shutdown => "shutdown",
         }
     }

@@ -933,3 +933,54 @@ async fn another_teams_secret_is_never_overwritten() {
     r.stop().await;
     ns.cleanup().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_secret_that_is_not_sidecerts_is_never_used() {
+    // The account Secret's name follows from the server and an e-mail the Pod's author
+    // picks: a Secret of that name someone else keeps is neither read as the account (its
+    // key would make the namespace's certificates theirs) nor written over.
+    init();
+    let plane = Plane::get().await.unwrap();
+    let ns = plane.namespace("sc-acct", false).await.unwrap();
+    let ip = Ipv4Addr::new(127, 0, 0, 65);
+    let d = domain("acct");
+    plane.add_a(&d, ip).await.unwrap();
+    let secrets: Api<Secret> = ns.api();
+    let spec = CertificateSpec::new("acct-tls", [&d]).unwrap();
+    let opts = options(plane, ns.name(), &spec, ip, Some("default"), true);
+    let account =
+        sidecert_contract::account_secret_name(&opts.config.acme_server, opts.config.acme_email.as_deref());
+    let theirs = Secret {
+        metadata: ObjectMeta {
+            name: Some(account.clone()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "credentials.json".into(),
+            ByteString(b"{\"id\":\"https://elsewhere.example/acct/1\"}".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    let before = secrets.create(&PostParams::default(), &theirs).await.unwrap();
+    let r = start(opts, ns.client()).await;
+    wait_until("the refused account", Duration::from_secs(30), || async {
+        let m = scrape(&r.metrics).await;
+        (sample(
+            &m,
+            "sidecert_failures_total{kind=\"foreign_secret\",secret=\"acct-tls\"}",
+        ) >= 1.0)
+            .then_some(())
+    })
+    .await;
+    let after = secrets.get(&account).await.unwrap();
+    assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
+    assert!(secrets.get_opt("acct-tls").await.unwrap().is_none());
+    // Gone: the sidecar makes its own account at its next attempt and issues.
+    secrets.delete(&account, &Default::default()).await.unwrap();
+    let s = wait_issued(&secrets, "acct-tls", None, Duration::from_secs(90)).await;
+    assert_chains_to(&crt(&s), &plane.pebble_root_pem().await.unwrap(), &spec.domains);
+    let ours = secrets.get(&account).await.unwrap();
+    assert!(sidecert_contract::is_sidecerts_secret(&ours.metadata));
+    r.stop().await;
+    ns.cleanup().await.unwrap();
+}

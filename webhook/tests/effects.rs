@@ -131,7 +131,9 @@ async fn rbac_is_created_then_merged() {
     let effect = Effect::Rbac {
         namespace: "shop".into(),
         service_account: "web".into(),
-        secrets: vec!["web-tls".into(), "sidecert-acme-account-0123456789ab".into()],
+        certificates: vec!["web-tls".into()],
+        account: "sidecert-acme-account-0123456789ab".into(),
+        eab: Some("ca-eab".into()),
         leases: vec!["sidecert-web-tls".into()],
     };
     let task = tokio::spawn(async move { exec.apply_one(&effect).await });
@@ -150,7 +152,12 @@ async fn rbac_is_created_then_merged() {
         role_body["rules"][5],
         json!({"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]})
     );
-    assert_eq!(role_body["rules"].as_array().unwrap().len(), 6);
+    // The operator's EAB Secret is only read.
+    assert_eq!(
+        role_body["rules"][6],
+        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get"],"resourceNames":["ca-eab"]})
+    );
+    assert_eq!(role_body["rules"].as_array().unwrap().len(), 7);
     reply(StatusCode::CREATED, role_body);
     let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
     expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
@@ -167,9 +174,9 @@ async fn rbac_is_created_then_merged() {
 
 #[test]
 fn merging_adds_only_missing_names() {
-    let have = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    let have = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     assert!(merge_role(&have, &have).is_none());
-    let want = role("shop", "web", &["b-tls".into()], &["sidecert-b-tls".into()]);
+    let want = role("shop", "web", &["b-tls".into()], &[], &["sidecert-b-tls".into()]);
     let merged = merge_role(&have, &want).unwrap();
     let rules = merged.rules.unwrap();
     assert_eq!(rules.len(), 6);
@@ -182,13 +189,13 @@ fn merging_adds_only_missing_names() {
 
 #[test]
 fn merging_adds_the_endpointslice_rule_to_an_older_role() {
-    let mut old = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    let mut old = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     old.rules
         .as_mut()
         .unwrap()
         .retain(|r| r.resources.as_deref() != Some(&["endpointslices".to_owned()][..]));
     assert_eq!(old.rules.as_ref().unwrap().len(), 5);
-    let want = role("shop", "web", &["a-tls".into()], &["sidecert-a-tls".into()]);
+    let want = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     let merged = merge_role(&old, &want).expect("the missing rule is added");
     let rules = merged.rules.unwrap();
     assert_eq!(rules.len(), 6);
@@ -317,17 +324,19 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
     // one with an empty list of Lease names would grant every Lease.
     for others in [true, false] {
         let (exec, mut handle) = executor();
-        let mut secrets = vec!["web-tls".to_owned(), "sidecert-acme-account-0123456789ab".into()];
+        let mut certificates = vec!["web-tls".to_owned()];
         let mut leases = vec!["sidecert-web-tls".to_owned()];
         if others {
-            secrets.push("api-tls".into());
+            certificates.push("api-tls".into());
             leases.push("sidecert-api-tls".into());
         }
         let effects = vec![
             Effect::Rbac {
                 namespace: "shop".into(),
                 service_account: "web".into(),
-                secrets,
+                certificates,
+                account: "sidecert-acme-account-0123456789ab".into(),
+                eab: None,
                 leases,
             },
             Effect::TemporarySecret {
@@ -358,7 +367,7 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
             let role_body = expect(&mut handle, Method::POST, roles).await;
             assert_eq!(
                 role_body["rules"][0]["resourceNames"],
-                json!(["sidecert-acme-account-0123456789ab", "api-tls"])
+                json!(["api-tls", "sidecert-acme-account-0123456789ab"])
             );
             assert_eq!(
                 role_body["rules"][2]["resourceNames"],
@@ -386,7 +395,7 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
 
 #[test]
 fn a_role_never_names_an_empty_list() {
-    let r = role("shop", "web", &[], &[]);
+    let r = role("shop", "web", &[], &[], &[]);
     for rule in r.rules.iter().flatten() {
         assert!(
             rule.resource_names.as_ref().is_none_or(|n| !n.is_empty()),

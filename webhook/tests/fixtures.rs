@@ -336,13 +336,12 @@ fn effects_of_a_pod() {
             Effect::Rbac {
                 namespace: "shop".into(),
                 service_account: "web".into(),
-                secrets: vec![
-                    "web-tls".into(),
-                    sidecert_contract::account_secret_name(
-                        sidecert_contract::LETSENCRYPT,
-                        Some("ops@shop.example")
-                    ),
-                ],
+                certificates: vec!["web-tls".into()],
+                account: sidecert_contract::account_secret_name(
+                    sidecert_contract::LETSENCRYPT,
+                    Some("ops@shop.example")
+                ),
+                eab: None,
                 leases: vec!["sidecert-web-tls".into()],
             },
         ]

@@ -9,7 +9,7 @@ use kube::{
     Api,
     api::{ObjectMeta, PostParams},
 };
-use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations};
+use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, annotations, is_sidecerts_secret};
 
 use crate::{
     acme::{AcmeHttp, Eab},
@@ -87,6 +87,9 @@ pub async fn replace_account(
     let Some(mut secret) = api.get_opt(name).await? else {
         return load_or_create_account(api, name, http, directory, email, eab).await;
     };
+    if !is_sidecerts_secret(&secret.metadata) {
+        return Err(Error::ForeignAccount(name.to_owned()));
+    }
     if secret.metadata.resource_version.as_deref() != stale_version {
         tracing::info!(
             secret = name,
@@ -121,7 +124,12 @@ pub async fn replace_account(
     }
 }
 
+/// The account in the Secret `s`, which must be sidecert's: a key someone else put there
+/// would make this namespace's certificates theirs to revoke, and it is never replaced.
 async fn restore(s: &Secret, http: &AcmeHttp, name: &str) -> Result<(Account, Option<String>)> {
+    if !is_sidecerts_secret(&s.metadata) {
+        return Err(Error::ForeignAccount(name.to_owned()));
+    }
     let raw = s
         .data
         .as_ref()

@@ -116,9 +116,10 @@ impl Reviewer {
             .await
     }
 
-    /// Asks the API server whose Secrets the review's certificates name. One that is someone
-    /// else's is left unconfigured (decided again without it: no sidecar, no right, no
-    /// HTTP-01 path for it); one sidecert already holds needs no temporary Secret.
+    /// Asks the API server whose Secrets the review's certificates and the sidecar's ACME
+    /// account name. A certificate whose Secret is someone else's is left unconfigured
+    /// (decided again without it: no sidecar, no right, no HTTP-01 path for it), and so is a
+    /// Pod whose account Secret is; one sidecert already holds needs no temporary Secret.
     async fn leave_foreign_secrets(
         &self,
         request: &Request,
@@ -127,16 +128,21 @@ impl Reviewer {
         deadline: Option<Instant>,
     ) -> Outcome {
         let (names, namespace): (Vec<&str>, &str) = {
-            let names = outcome
+            let mut names = outcome
                 .effects
                 .iter()
                 .filter_map(|e| match e {
-                    Effect::TemporarySecret { name, namespace, .. } => {
-                        Some((name.as_str(), namespace.as_str()))
-                    }
-                    _ => None,
+                    Effect::TemporarySecret { name, namespace, .. }
+                    | Effect::Rbac {
+                        account: name,
+                        namespace,
+                        ..
+                    } => Some((name.as_str(), namespace.as_str())),
+                    Effect::SolverService { .. } => None,
                 })
                 .collect::<Vec<_>>();
+            names.sort_unstable();
+            names.dedup();
             let Some((_, namespace)) = names.first() else {
                 return outcome;
             };

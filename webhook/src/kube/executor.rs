@@ -155,11 +155,15 @@ impl Executor {
             Effect::Rbac {
                 namespace,
                 service_account,
-                secrets,
+                certificates,
+                account,
+                eab,
                 leases,
             } => {
-                self.ensure_rbac(namespace, service_account, secrets, leases)
-                    .await
+                let mut secrets = certificates.clone();
+                secrets.push(account.clone());
+                let wanted = role(namespace, service_account, &secrets, eab.as_slice(), leases);
+                self.ensure_rbac(namespace, service_account, &wanted).await
             }
         }
     }
@@ -344,21 +348,14 @@ impl Executor {
         }
     }
 
-    async fn ensure_rbac(
-        &self,
-        namespace: &str,
-        service_account: &str,
-        secrets: &[String],
-        leases: &[String],
-    ) -> Result<()> {
+    async fn ensure_rbac(&self, namespace: &str, service_account: &str, wanted: &Role) -> Result<()> {
         let roles = Api::<Role>::namespaced(self.client.clone(), namespace);
-        let wanted = role(namespace, service_account, secrets, leases);
         let name = rbac_name(service_account);
         let mut attempts = 0;
         loop {
             attempts += 1;
             let result = match roles.get_opt(&name).await? {
-                None => roles.create(&PostParams::default(), &wanted).await.map(drop),
+                None => roles.create(&PostParams::default(), wanted).await.map(drop),
                 // A Role of that name someone else made is never adopted: merging names into
                 // it would grant its other rules' holders nothing new, but would make
                 // sidecert maintain rights it did not choose.
@@ -369,7 +366,7 @@ impl Executor {
                         name,
                     });
                 }
-                Some(existing) => match merge_role(&existing, &wanted) {
+                Some(existing) => match merge_role(&existing, wanted) {
                     None => Ok(()),
                     Some(merged) => roles
                         .replace(&name, &PostParams::default(), &merged)
@@ -413,12 +410,16 @@ fn without_secrets(effect: &Effect, refused: &BTreeSet<(&str, &str)>) -> Effect 
         Effect::Rbac {
             namespace,
             service_account,
-            secrets,
+            certificates,
+            account,
+            eab,
             leases,
         } if !refused.is_empty() => Effect::Rbac {
             namespace: namespace.clone(),
             service_account: service_account.clone(),
-            secrets: secrets
+            account: account.clone(),
+            eab: eab.clone(),
+            certificates: certificates
                 .iter()
                 .filter(|s| !refused.contains(&(namespace.as_str(), s.as_str())))
                 .cloned()
@@ -446,11 +447,9 @@ mod tests {
         let rbac = Effect::Rbac {
             namespace: "shop".into(),
             service_account: "web".into(),
-            secrets: vec![
-                "web-tls".into(),
-                "team-db".into(),
-                "sidecert-acme-account-x".into(),
-            ],
+            certificates: vec!["web-tls".into(), "team-db".into()],
+            account: "sidecert-acme-account-x".into(),
+            eab: None,
             leases: vec![lease_name("web-tls"), lease_name("team-db")],
         };
         let refused = BTreeSet::from([("shop", "team-db"), ("other", "web-tls")]);
@@ -459,7 +458,9 @@ mod tests {
             Effect::Rbac {
                 namespace: "shop".into(),
                 service_account: "web".into(),
-                secrets: vec!["web-tls".into(), "sidecert-acme-account-x".into()],
+                certificates: vec!["web-tls".into()],
+                account: "sidecert-acme-account-x".into(),
+                eab: None,
                 leases: vec![lease_name("web-tls")],
             }
         );

@@ -25,7 +25,14 @@ pub enum Effect {
     Rbac {
         namespace: String,
         service_account: String,
-        secrets: Vec<String>,
+        /// The certificates' Secrets (read and written).
+        certificates: Vec<String>,
+        /// The namespace's ACME account Secret (read and written; the reviewer asks the API
+        /// server whose it is before the Role may name it).
+        account: String,
+        /// The operator's external-account-binding Secret (read only).
+        eab: Option<String>,
+        /// The certificates' Leases.
         leases: Vec<String>,
     },
 }

@@ -16,7 +16,7 @@ use kube::{
 };
 use sidecert_contract::{
     ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, max_names_per_order,
-    validate_domain, validate_secret_name, validate_service_name,
+    validate_certificate_secret_name, validate_domain, validate_service_name,
 };
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
@@ -187,7 +187,7 @@ pub fn plan(ingress: &Ingress, default_profile: Option<&str>) -> Plan {
             ));
             continue;
         };
-        if let Err(e) = validate_secret_name(secret) {
+        if let Err(e) = validate_certificate_secret_name(secret) {
             plan.warnings.push(format!(
                 "sidecert: spec.tls[{i}] ({}): {e}; no certificate is issued for it",
                 hosts.join(", ")

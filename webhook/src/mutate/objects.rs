@@ -175,8 +175,16 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: Option<&[Str
     }
 }
 
-/// The sidecar's Role: what it needs and nothing more.
-pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: &[String]) -> Role {
+/// The sidecar's Role: what it needs and nothing more. It reads and writes the Secrets
+/// `secrets` (its certificates' and the namespace's ACME account), only reads `read_only`
+/// (the operator's EAB Secret), and elects a leader on the Leases `leases`.
+pub fn role(
+    namespace: &str,
+    service_account: &str,
+    secrets: &[String],
+    read_only: &[String],
+    leases: &[String],
+) -> Role {
     let mut role = Role {
         metadata: ObjectMeta {
             name: Some(rbac_name(service_account)),
@@ -185,8 +193,7 @@ pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: 
             ..Default::default()
         },
         rules: Some(vec![
-            // Its certificate Secrets, the namespace's ACME account Secret and the EAB Secret,
-            // by name. `list`/`watch` serve the sidecar's watch on its own Secrets (a
+            // Its certificate Secrets and the namespace's ACME account Secret, by name. `list`/`watch` serve the sidecar's watch on its own Secrets (a
             // metadata.name field selector, which RBAC matches against resourceNames).
             rule(
                 &[""],
@@ -217,6 +224,8 @@ pub fn role(namespace: &str, service_account: &str, secrets: &[String], leases: 
                 &["list", "watch"],
                 None,
             ),
+            // The EAB Secret is the operator's: read once, never written.
+            rule(&[""], &["secrets"], &["get"], Some(read_only)),
         ]),
     };
     // An empty resourceNames means every name to RBAC: a rule that would name nothing is left

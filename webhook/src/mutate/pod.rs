@@ -243,6 +243,16 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         reload_url,
         &mut out.warnings,
     );
+    // Every sidecar of the namespace with this server and e-mail shares the account Secret,
+    // and its Role may write it: never one that is someone else's, or may be.
+    let account = account_secret_name(&config.acme_server, config.acme_email.as_deref());
+    if let Some(standing) = ctx.secrets.standing(&account) {
+        let reason = match standing {
+            SecretStanding::Foreign => SkipReason::ForeignSecret,
+            SecretStanding::Unknown => SkipReason::SecretOwnerUnknown,
+        };
+        return Outcome::skip_with(reason, out.warnings).warn(account_warning(standing, namespace, &account));
+    }
     let sidecar = to_json(&container(&ctx.sidecar, &config));
 
     // The sidecar first among the init containers, so that it runs alongside the others.
@@ -293,20 +303,32 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
             "sidecert: not injected: serviceAccountName {service_account:?} is not a valid name"
         ));
     }
-    let mut secrets: Vec<String> = certificates.iter().map(|c| c.secret_name.clone()).collect();
-    secrets.push(account_secret_name(
-        &config.acme_server,
-        config.acme_email.as_deref(),
-    ));
-    // The sidecar reads the external-account-binding Secret when one is configured.
-    secrets.extend(config.eab_secret.clone());
     out.effects.push(Effect::Rbac {
         namespace: namespace.to_owned(),
         service_account: service_account.to_owned(),
-        secrets,
+        certificates: certificates.iter().map(|c| c.secret_name.clone()).collect(),
+        account,
+        // The sidecar reads the external-account-binding Secret when one is configured.
+        eab: config.eab_secret.clone(),
         leases: certificates.iter().map(|c| lease_name(&c.secret_name)).collect(),
     });
     out
+}
+
+/// Why a Pod is not injected when its ACME account Secret may not be used.
+fn account_warning(standing: SecretStanding, namespace: &str, name: &str) -> String {
+    match standing {
+        SecretStanding::Foreign => format!(
+            "sidecert: not injected: Secret {namespace}/{name}, where sidecert keeps this \
+             namespace's ACME account for this server and e-mail, exists and is not sidecert's; \
+             delete or rename it, or use another {} for this workload",
+            annotations::ACME_EMAIL
+        ),
+        SecretStanding::Unknown => format!(
+            "sidecert: not injected: cannot tell in time whose Secret {namespace}/{name} (this \
+             namespace's ACME account) is; the next admission decides again"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -412,12 +434,80 @@ mod tests {
             "{:?}",
             out.warnings
         );
-        // Asked about and absent: configured.
+        // Asked about and absent, with the account Secret: configured.
+        let account = account_secret_name(sidecert_contract::LETSENCRYPT, None);
+        let ctx = context(vec![]).with_secret_checks(SecretChecks {
+            left_out: BTreeMap::new(),
+            checked: Some(["web-tls".to_owned(), account].into()),
+        });
+        assert!(!mutate_pod(&annotated, &ctx).patch.is_empty());
+    }
+
+    #[test]
+    fn an_account_secret_that_is_not_sidecerts_stops_the_injection() {
+        use crate::mutate::context::SecretChecks;
+        let annotated = request(json!({"sidecert.io/inject": "true",
+            "sidecert.io/domains": "web.shop.example", "sidecert.io/secret-name": "web-tls",
+            "sidecert.io/acme-email": "ops@shop.example"}));
+        let account = account_secret_name(sidecert_contract::LETSENCRYPT, Some("ops@shop.example"));
+        for (standing, reason, says) in [
+            (
+                SecretStanding::Foreign,
+                SkipReason::ForeignSecret,
+                "exists and is not sidecert's",
+            ),
+            (
+                SecretStanding::Unknown,
+                SkipReason::SecretOwnerUnknown,
+                "cannot tell in time",
+            ),
+        ] {
+            let ctx = context(vec![]).with_secret_checks(SecretChecks {
+                left_out: BTreeMap::from([(account.clone(), standing)]),
+                checked: Some(["web-tls".to_owned(), account.clone()].into()),
+            });
+            let out = mutate_pod(&annotated, &ctx);
+            assert!(out.patch.is_empty() && out.effects.is_empty(), "{out:?}");
+            assert_eq!(out.skipped, Some(reason));
+            assert!(
+                out.warnings
+                    .iter()
+                    .any(|w| w.contains(&format!("shop/{account}")) && w.contains(says)),
+                "{:?}",
+                out.warnings
+            );
+        }
+        // Not asked about (a second decision found another e-mail): unknown, left out.
         let ctx = context(vec![]).with_secret_checks(SecretChecks {
             left_out: BTreeMap::new(),
             checked: Some(["web-tls".to_owned()].into()),
         });
-        assert!(!mutate_pod(&annotated, &ctx).patch.is_empty());
+        assert_eq!(
+            mutate_pod(&annotated, &ctx).skipped,
+            Some(SkipReason::SecretOwnerUnknown)
+        );
+        // The Role names it with the certificate; the EAB Secret, when configured, apart.
+        let out = mutate_pod(&annotated, &context(vec![]));
+        assert!(out.effects.iter().any(|e| matches!(e,
+            Effect::Rbac { certificates, account: a, eab: None, .. }
+                if certificates == &["web-tls"] && a == &account)));
+    }
+
+    #[test]
+    fn a_certificate_may_not_name_an_account_secret() {
+        let out = mutate_pod(
+            &request(json!({"sidecert.io/inject": "true",
+                "sidecert.io/domains": "web.shop.example",
+                "sidecert.io/secret-name": account_secret_name(sidecert_contract::LETSENCRYPT, None)})),
+            &context(vec![]),
+        );
+        assert!(out.patch.is_empty() && out.effects.is_empty(), "{out:?}");
+        assert_eq!(out.skipped, Some(SkipReason::InvalidAnnotations));
+        assert!(
+            out.warnings.iter().any(|w| w.contains("is reserved")),
+            "{:?}",
+            out.warnings
+        );
     }
 
     #[test]
