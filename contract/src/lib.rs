@@ -106,12 +106,13 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "sidecert";
 
-/// Whether sidecert may write an existing Secret: only one it made (its managed-by label),
-/// one holding its temporary certificate, or one its sidecar wrote a certificate into (the
-/// issuer-url annotation: versions before the label wrote only that). Any other Secret a
-/// `secretName` names belongs to someone else and is never overwritten, whatever an Ingress
-/// or Pod asks. (Absent Secrets are sidecert's to create.) Each mark can only be set by
-/// someone who may already write the Secret.
+/// Whether sidecert may write an existing Secret: only one it made (its managed-by label,
+/// which every Secret sidecert ever created carries) or one holding its temporary
+/// certificate. Any other Secret a `secretName` names belongs to someone else and is never
+/// overwritten, whatever an Ingress or Pod asks. (Absent Secrets are sidecert's to create.)
+/// Each mark can only be set by someone who may already write the Secret. The issuer-url
+/// annotation is no mark: sidecars before the ownership rules wrote it into other teams'
+/// Secrets too, and it stays there after their owners restore their data.
 pub fn is_sidecerts_secret(meta: &ObjectMeta) -> bool {
     let labelled = meta
         .labels
@@ -120,18 +121,16 @@ pub fn is_sidecerts_secret(meta: &ObjectMeta) -> bool {
         .is_some_and(|v| v == MANAGED_BY);
     let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
     let temporary = annotation(annotations::TEMPORARY).is_some_and(|v| v == "true");
-    let issued = annotation(annotations::ISSUER_URL).is_some_and(|v| !v.trim().is_empty());
-    labelled || temporary || issued
+    labelled || temporary
 }
 
 /// The warning for a certificate whose Secret is someone else's.
 pub fn foreign_secret_warning(namespace: &str, name: &str) -> String {
     format!(
         "sidecert: Secret {namespace}/{name} exists and is not sidecert's (no {MANAGED_BY_LABEL}={MANAGED_BY} \
-         label, no {} or {} annotation); it is left alone and no certificate is issued for it. Name \
+         label, no {}=true annotation); it is left alone and no certificate is issued for it. Name \
          another Secret, or label this one {MANAGED_BY_LABEL}={MANAGED_BY} to hand it to sidecert",
         annotations::TEMPORARY,
-        annotations::ISSUER_URL,
     )
 }
 
@@ -677,15 +676,11 @@ mod tests {
             &[(annotations::TEMPORARY, "false")]
         )));
         assert!(!is_sidecerts_secret(&meta(&[("sidecert", "sidecert")], &[])));
-        // A certificate the sidecar wrote before it labelled what it wrote (an upgrade must
-        // not leave those to expire).
-        assert!(is_sidecerts_secret(&meta(
-            &[],
-            &[(annotations::ISSUER_URL, "https://acme.example/dir")]
-        )));
+        // Another team's Secret an old sidecar wrote into keeps the issuer-url annotation
+        // after its owner restores it: still theirs.
         assert!(!is_sidecerts_secret(&meta(
             &[],
-            &[(annotations::ISSUER_URL, " ")]
+            &[(annotations::ISSUER_URL, "https://acme.example/dir")]
         )));
         assert_eq!(max_names_per_order(None), 100);
         assert_eq!(max_names_per_order(Some("classic")), 100);

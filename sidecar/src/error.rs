@@ -52,7 +52,7 @@ pub enum Error {
     LostLease,
     #[error(
         "Secret {0} exists and is not sidecert's (no app.kubernetes.io/managed-by=sidecert label, no \
-         sidecert.io/temporary or sidecert.io/issuer-url annotation); it is left alone, and no \
+         sidecert.io/temporary=true annotation); it is left alone, and no \
          certificate is ordered for it until it is labelled app.kubernetes.io/managed-by=sidecert or deleted"
     )]
     ForeignSecret(String),
