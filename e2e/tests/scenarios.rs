@@ -997,6 +997,46 @@ async fn s3_direct_pod(ctx: Ctx) -> Result<()> {
             eprintln!("scenario 3: issued serial {} for {:?}", info.serial, info.sans);
             let pod = pods_api.get("direct").await?;
             ensure!(restarts(&pod) == 0, "Pod direct restarted");
+            // Issued with a Role that has no `create` on Secrets or Leases: the webhook made
+            // the account Secret (the sidecar filled it) and the Lease. Every container of
+            // the ServiceAccount may touch exactly those names, and create nothing else.
+            let sa = format!("--as=system:serviceaccount:{}:default", ns.name());
+            for (what, allowed) in [
+                (vec!["update", "secrets/direct-tls"], true),
+                (
+                    vec!["update", "leases.coordination.k8s.io/sidecert-direct-tls"],
+                    true,
+                ),
+                (vec!["create", "secrets"], false),
+                (vec!["create", "leases.coordination.k8s.io"], false),
+                (vec!["get", "secrets/other-tls"], false),
+            ] {
+                let mut args = vec!["auth", "can-i", "-n", ns.name(), sa.as_str()];
+                args.extend(what.iter().copied());
+                let out = ctx.kubectl(&args, None).await?;
+                ensure!(
+                    out.stdout.trim() == if allowed { "yes" } else { "no" },
+                    "kubectl auth can-i {} as the Pod's ServiceAccount: expected {}: {}",
+                    what.join(" "),
+                    if allowed { "yes" } else { "no" },
+                    out.describe()
+                );
+            }
+            let account = secrets
+                .list(&kube::api::ListParams::default().labels("app.kubernetes.io/managed-by=sidecert"))
+                .await?
+                .items
+                .into_iter()
+                .find(|s| {
+                    s.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("sidecert-acme-account-"))
+                });
+            ensure!(
+                account.is_some_and(|s| s.data.is_some_and(|d| d.contains_key("credentials.json"))),
+                "no filled account Secret"
+            );
             Ok(())
         })
         .await
@@ -1489,6 +1529,41 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     )
                     .await?;
                 ensure!(out.success, "a temporary TLS Secret in a labelled namespace: {}", out.describe());
+                // The empty account Secret and a certificate's Lease: the webhook makes what
+                // the sidecar's Role names (it has no `create`). A filled one, or another
+                // Lease, is refused.
+                let account = |data: Value| {
+                    json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                        "metadata": {"name": "sidecert-acme-account-0123456789ab",
+                            "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                        "data": data})
+                };
+                let lease = |name: &str, holder: Option<&str>| {
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": name,
+                            "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                        "spec": holder.map_or(json!({}), |h| json!({"holderIdentity": h}))})
+                };
+                for (object, allowed, what) in [
+                    (account(json!({})), true, "an empty account Secret"),
+                    (account(json!({"credentials.json": "e30="})), false, "an account Secret with a key"),
+                    (lease("sidecert-web-tls", None), true, "a certificate's Lease"),
+                    (lease("other-lease", None), false, "a Lease of another name"),
+                    (lease("sidecert-web-tls", Some("me")), false, "a Lease with a holder"),
+                ] {
+                    let out = ctx
+                        .kubectl(
+                            &[&as_webhook, "-n", on, "create", "--dry-run=server", "-f", "-"],
+                            Some(&object.to_string()),
+                        )
+                        .await?;
+                    ensure!(
+                        out.success == allowed && (allowed || out.stderr.contains(refused)),
+                        "{what} in a labelled namespace: expected {}: {}",
+                        if allowed { "allowed" } else { "refused by the policy" },
+                        out.describe()
+                    );
+                }
                 let out = attempt(on.to_owned(), role.clone()).await?;
                 ensure!(
                     !out.success && out.stderr.contains("its own sidecar Roles"),

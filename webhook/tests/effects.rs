@@ -137,27 +137,52 @@ async fn rbac_is_created_then_merged() {
         leases: vec!["sidecert-web-tls".into()],
     };
     let task = tokio::spawn(async move { exec.apply_one(&effect).await });
+    // The Role grants no `create` on Secrets or Leases: the webhook makes what it names.
+    // The account Secret, empty and sidecert's:
+    let secrets = "/api/v1/namespaces/shop/secrets";
+    expect(
+        &mut handle,
+        Method::GET,
+        &format!("{secrets}/sidecert-acme-account-0123456789ab"),
+    )
+    .await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    let account = expect(&mut handle, Method::POST, secrets).await;
+    assert_eq!(account["metadata"]["name"], "sidecert-acme-account-0123456789ab");
+    assert_eq!(
+        account["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "sidecert"
+    );
+    assert_eq!(account["type"], "Opaque");
+    assert!(account["data"].is_null(), "{account}");
+    reply(StatusCode::CREATED, account);
+    // The certificate's Lease, with no holder:
+    let leases = "/apis/coordination.k8s.io/v1/namespaces/shop/leases";
+    expect(&mut handle, Method::GET, &format!("{leases}/sidecert-web-tls")).await;
+    reply(StatusCode::NOT_FOUND, not_found());
+    let lease = expect(&mut handle, Method::POST, leases).await;
+    assert_eq!(lease["metadata"]["name"], "sidecert-web-tls");
+    assert!(lease["spec"].is_null(), "{lease}");
+    reply(StatusCode::CREATED, lease);
     let roles = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles";
     expect(&mut handle, Method::GET, &format!("{roles}/sidecert-web")).await;
     reply(StatusCode::NOT_FOUND, not_found());
     let role_body = expect(&mut handle, Method::POST, roles).await;
     assert_eq!(role_body["metadata"]["name"], "sidecert-web");
     assert_eq!(
-        role_body["rules"][0],
-        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
-               "resourceNames":["web-tls","sidecert-acme-account-0123456789ab"]})
+        role_body["rules"],
+        json!([
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
+             "resourceNames":["sidecert-acme-account-0123456789ab","web-tls"]},
+            {"apiGroups":["coordination.k8s.io"],"resources":["leases"],
+             "verbs":["get","list","watch","update","patch"],"resourceNames":["sidecert-web-tls"]},
+            {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch"]},
+            // The leader watches its solver Service's EndpointSlices, selected by label.
+            {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]},
+            // The operator's EAB Secret is only read.
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["get"],"resourceNames":["ca-eab"]},
+        ])
     );
-    // The leader watches its solver Service's EndpointSlices, selected by label: no names.
-    assert_eq!(
-        role_body["rules"][5],
-        json!({"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]})
-    );
-    // The operator's EAB Secret is only read.
-    assert_eq!(
-        role_body["rules"][6],
-        json!({"apiGroups":[""],"resources":["secrets"],"verbs":["get"],"resourceNames":["ca-eab"]})
-    );
-    assert_eq!(role_body["rules"].as_array().unwrap().len(), 7);
     reply(StatusCode::CREATED, role_body);
     let rb = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/rolebindings";
     expect(&mut handle, Method::GET, &format!("{rb}/sidecert-web")).await;
@@ -179,10 +204,10 @@ fn merging_adds_only_missing_names() {
     let want = role("shop", "web", &["b-tls".into()], &[], &["sidecert-b-tls".into()]);
     let merged = merge_role(&have, &want).unwrap();
     let rules = merged.rules.unwrap();
-    assert_eq!(rules.len(), 6);
+    assert_eq!(rules.len(), 4);
     assert_eq!(rules[0].resource_names.as_deref().unwrap(), ["a-tls", "b-tls"]);
     assert_eq!(
-        rules[2].resource_names.as_deref().unwrap(),
+        rules[1].resource_names.as_deref().unwrap(),
         ["sidecert-a-tls", "sidecert-b-tls"]
     );
 }
@@ -194,14 +219,59 @@ fn merging_adds_the_endpointslice_rule_to_an_older_role() {
         .as_mut()
         .unwrap()
         .retain(|r| r.resources.as_deref() != Some(&["endpointslices".to_owned()][..]));
-    assert_eq!(old.rules.as_ref().unwrap().len(), 5);
+    assert_eq!(old.rules.as_ref().unwrap().len(), 3);
     let want = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     let merged = merge_role(&old, &want).expect("the missing rule is added");
     let rules = merged.rules.unwrap();
-    assert_eq!(rules.len(), 6);
-    assert_eq!(rules[5].api_groups.as_deref().unwrap(), ["discovery.k8s.io"]);
-    assert_eq!(rules[5].verbs, ["list", "watch"]);
-    assert!(rules[5].resource_names.is_none());
+    assert_eq!(rules.len(), 4);
+    assert_eq!(rules[3].api_groups.as_deref().unwrap(), ["discovery.k8s.io"]);
+    assert_eq!(rules[3].verbs, ["list", "watch"]);
+    assert!(rules[3].resource_names.is_none());
+}
+
+#[test]
+fn merging_prunes_what_older_versions_granted_too_broadly() {
+    // A Role as versions before this one wrote it: unnamed `create` on Secrets and Leases,
+    // the EAB Secret in the read-write rule, names unsorted, and (39719a4) a Lease rule whose
+    // empty name list the API server read back as no list at all: every Lease.
+    let old: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "sidecert-web", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+        "rules": [
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
+             "resourceNames":["web-tls","ca-eab","old-tls"]},
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["create"]},
+            {"apiGroups":["coordination.k8s.io"],"resources":["leases"],
+             "verbs":["get","list","watch","update","patch"]},
+            {"apiGroups":["coordination.k8s.io"],"resources":["leases"],"verbs":["create"]},
+            {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch"]},
+            {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]},
+        ]
+    }))
+    .unwrap();
+    let want = role(
+        "shop",
+        "web",
+        &["web-tls".into()],
+        &["ca-eab".into()],
+        &["sidecert-web-tls".into()],
+    );
+    let merged = merge_role(&old, &want).expect("pruned");
+    assert_eq!(
+        serde_json::to_value(&merged.rules).unwrap(),
+        json!([
+            // old-tls is not the wanted Role's to judge (pruning unused names is separate).
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["get","list","watch","update","patch"],
+             "resourceNames":["old-tls","web-tls"]},
+            {"apiGroups":["","events.k8s.io"],"resources":["events"],"verbs":["create","patch"]},
+            {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]},
+            {"apiGroups":["coordination.k8s.io"],"resources":["leases"],
+             "verbs":["get","list","watch","update","patch"],"resourceNames":["sidecert-web-tls"]},
+            {"apiGroups":[""],"resources":["secrets"],"verbs":["get"],"resourceNames":["ca-eab"]},
+        ])
+    );
+    // Once in line, nothing more to write.
+    assert!(merge_role(&merged, &want).is_none());
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -361,6 +431,20 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
                    "metadata":{"name":"web-tls","namespace":"shop","labels":{"team":"db"}}}),
         );
         if others {
+            // The account Secret and the remaining Lease exist already.
+            for path in [
+                "/api/v1/namespaces/shop/secrets/sidecert-acme-account-0123456789ab",
+                "/apis/coordination.k8s.io/v1/namespaces/shop/leases/sidecert-api-tls",
+            ] {
+                expect(&mut handle, Method::GET, path).await;
+                let name = path.rsplit('/').next().unwrap();
+                reply(
+                    StatusCode::OK,
+                    json!({"apiVersion":"meta.k8s.io/v1","kind":"PartialObjectMetadata",
+                           "metadata":{"name":name,"namespace":"shop",
+                                       "labels":{"app.kubernetes.io/managed-by":"sidecert"}}}),
+                );
+            }
             let roles = "/apis/rbac.authorization.k8s.io/v1/namespaces/shop/roles";
             expect(&mut handle, Method::GET, &format!("{roles}/sidecert-web")).await;
             reply(StatusCode::NOT_FOUND, not_found());
@@ -370,7 +454,7 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
                 json!(["api-tls", "sidecert-acme-account-0123456789ab"])
             );
             assert_eq!(
-                role_body["rules"][2]["resourceNames"],
+                role_body["rules"][1]["resourceNames"],
                 json!(["sidecert-api-tls"])
             );
             reply(StatusCode::CREATED, role_body);
@@ -401,9 +485,12 @@ fn a_role_never_names_an_empty_list() {
             rule.resource_names.as_ref().is_none_or(|n| !n.is_empty()),
             "{rule:?}"
         );
-        // Without names, only the unnamed verbs remain: never get or update on every Secret.
-        if rule.resources.as_deref() == Some(&["secrets".to_owned()][..]) {
-            assert_eq!(rule.verbs, ["create"]);
+        // Nothing on Secrets or Leases without a name: no get or update on every Secret,
+        // and no `create`, which cannot be narrowed by name.
+        if rule.resources.as_deref() == Some(&["secrets".to_owned()][..])
+            || rule.resources.as_deref() == Some(&["leases".to_owned()][..])
+        {
+            panic!("{rule:?}");
         }
     }
 }

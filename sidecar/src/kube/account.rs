@@ -21,8 +21,11 @@ use crate::{
 pub const ACCOUNT_KEY: &str = "credentials.json";
 
 /// The namespace's ACME account: read from its Secret, or created at the CA and stored
-/// (create-if-absent; a concurrent creator wins and its account is used). Also returns the
-/// Secret's resourceVersion, for [`replace_account`].
+/// there. The webhook creates the Secret empty (the sidecar's Role has no `create` on
+/// Secrets); the first sidecar fills it with an `update` conditional on its version, so a
+/// concurrent filler wins and its account is used. A missing Secret is created empty first
+/// where the Role allows it (older Roles, the `issue` command), before any call to the CA.
+/// Also returns the Secret's resourceVersion, for [`replace_account`].
 pub async fn load_or_create_account(
     api: &Api<Secret>,
     secret_name: &str,
@@ -31,41 +34,81 @@ pub async fn load_or_create_account(
     email: Option<&str>,
     eab: Option<&Eab>,
 ) -> Result<(Account, Option<String>)> {
-    if let Some(s) = api.get_opt(secret_name).await? {
-        return restore(&s, http, secret_name).await;
+    let secret = match api.get_opt(secret_name).await? {
+        Some(s) => s,
+        None => create_empty(api, secret_name).await?,
+    };
+    if !is_sidecerts_secret(&secret.metadata) {
+        return Err(Error::ForeignAccount(secret_name.to_owned()));
     }
-    let (account, creds) = crate::acme::create_account(http, directory, email, eab).await?;
-    let json =
-        serde_json::to_vec(&creds).map_err(|e| Error::order_from("serialising account credentials", e))?;
+    if holds_account(&secret) {
+        return restore(&secret, http, secret_name).await;
+    }
+    store_new_account(api, secret, http, directory, email, eab).await
+}
+
+/// Whether the account Secret holds credentials (the webhook creates it empty).
+fn holds_account(s: &Secret) -> bool {
+    s.data.as_ref().is_some_and(|d| d.contains_key(ACCOUNT_KEY))
+}
+
+/// Creates the account Secret empty and labelled as sidecert's; one made meanwhile is read.
+async fn create_empty(api: &Api<Secret>, name: &str) -> Result<Secret> {
     let secret = Secret {
         metadata: ObjectMeta {
-            name: Some(secret_name.to_owned()),
+            name: Some(name.to_owned()),
             labels: Some(BTreeMap::from([(
                 MANAGED_BY_LABEL.to_owned(),
                 MANAGED_BY.to_owned(),
             )])),
-            annotations: Some(BTreeMap::from([(
-                annotations::ISSUER_URL.to_owned(),
-                directory.to_owned(),
-            )])),
             ..Default::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(ACCOUNT_KEY.to_owned(), ByteString(json))])),
         ..Default::default()
     };
     match api.create(&PostParams::default(), &secret).await {
-        Ok(created) => {
-            tracing::info!(secret = secret_name, "created ACME account");
-            Ok((account, created.metadata.resource_version))
+        Ok(created) => Ok(created),
+        Err(e) if is_conflict(&e) => Ok(api.get(name).await?),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Makes a new account at the CA and stores it in `secret` (sidecert's, read just before),
+/// with `update` conditional on the version read. When another sidecar stored one
+/// meanwhile, its account is used and the one made here is left unused.
+async fn store_new_account(
+    api: &Api<Secret>,
+    mut secret: Secret,
+    http: &AcmeHttp,
+    directory: &str,
+    email: Option<&str>,
+    eab: Option<&Eab>,
+) -> Result<(Account, Option<String>)> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let (account, creds) = crate::acme::create_account(http, directory, email, eab).await?;
+    let json =
+        serde_json::to_vec(&creds).map_err(|e| Error::order_from("serialising account credentials", e))?;
+    secret
+        .data
+        .get_or_insert_with(Default::default)
+        .insert(ACCOUNT_KEY.to_owned(), ByteString(json));
+    secret
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(annotations::ISSUER_URL.to_owned(), directory.to_owned());
+    // `replace` sends the resourceVersion read before: a concurrent change is a conflict.
+    match api.replace(&name, &PostParams::default(), &secret).await {
+        Ok(stored) => {
+            tracing::info!(secret = name, "stored a new ACME account");
+            Ok((account, stored.metadata.resource_version))
         }
         Err(e) if is_conflict(&e) => {
             tracing::info!(
-                secret = secret_name,
-                "account Secret appeared meanwhile, using it"
+                secret = name,
+                "the account Secret was changed meanwhile; using its account"
             );
-            let s = api.get(secret_name).await?;
-            restore(&s, http, secret_name).await
+            restore(&api.get(&name).await?, http, &name).await
         }
         Err(e) => Err(e.into()),
     }
@@ -84,7 +127,7 @@ pub async fn replace_account(
     email: Option<&str>,
     eab: Option<&Eab>,
 ) -> Result<(Account, Option<String>)> {
-    let Some(mut secret) = api.get_opt(name).await? else {
+    let Some(secret) = api.get_opt(name).await? else {
         return load_or_create_account(api, name, http, directory, email, eab).await;
     };
     if !is_sidecerts_secret(&secret.metadata) {
@@ -97,31 +140,7 @@ pub async fn replace_account(
         );
         return restore(&secret, http, name).await;
     }
-    let (account, creds) = crate::acme::create_account(http, directory, email, eab).await?;
-    let json =
-        serde_json::to_vec(&creds).map_err(|e| Error::order_from("serialising account credentials", e))?;
-    secret
-        .data
-        .get_or_insert_with(Default::default)
-        .insert(ACCOUNT_KEY.to_owned(), ByteString(json));
-    // `replace` sends the resourceVersion read above: a concurrent change is a conflict.
-    match api.replace(name, &PostParams::default(), &secret).await {
-        Ok(stored) => {
-            tracing::info!(
-                secret = name,
-                "replaced the ACME account the server had forgotten"
-            );
-            Ok((account, stored.metadata.resource_version))
-        }
-        Err(e) if is_conflict(&e) => {
-            tracing::info!(
-                secret = name,
-                "the account Secret was replaced meanwhile; using it"
-            );
-            restore(&api.get(name).await?, http, name).await
-        }
-        Err(e) => Err(e.into()),
-    }
+    store_new_account(api, secret, http, directory, email, eab).await
 }
 
 /// The account in the Secret `s`, which must be sidecert's: a key someone else put there

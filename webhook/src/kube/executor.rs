@@ -10,6 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::{
+        coordination::v1::Lease,
         core::v1::{Secret, Service},
         rbac::v1::{Role, RoleBinding},
     },
@@ -28,8 +29,8 @@ use crate::{
         effect::Effect,
         lookup::Lookup,
         objects::{
-            is_managed, merge_role, rbac_name, role, role_binding, solver_repair, solver_service,
-            temporary_secret,
+            account_secret, certificate_lease, is_managed, merge_role, rbac_name, role, role_binding,
+            solver_repair, solver_service, temporary_secret,
         },
     },
 };
@@ -160,6 +161,12 @@ impl Executor {
                 eab,
                 leases,
             } => {
+                // What the Role names must exist first: the sidecar may not create them.
+                self.ensure_owned_secret(namespace, account, || Ok(account_secret(namespace, account)))
+                    .await?;
+                for lease in leases {
+                    self.ensure_lease(namespace, lease).await?;
+                }
                 let mut secrets = certificates.clone();
                 secrets.push(account.clone());
                 let wanted = role(namespace, service_account, &secrets, eab.as_slice(), leases);
@@ -205,6 +212,18 @@ impl Executor {
     }
 
     async fn ensure_secret(&self, namespace: &str, name: &str, domains: &[String]) -> Result<()> {
+        self.ensure_owned_secret(namespace, name, || temporary_secret(namespace, name, domains))
+            .await
+    }
+
+    /// Creates the Secret `build` makes unless one of that name exists; an existing one
+    /// must be sidecert's ([`Error::Foreign`] otherwise), and is never touched.
+    async fn ensure_owned_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        build: impl FnOnce() -> Result<Secret>,
+    ) -> Result<()> {
         let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
         // Look first (cheap, and most reviews find it); a create that races another answers
         // 409 and leaves the existing Secret untouched.
@@ -218,10 +237,10 @@ impl Executor {
                 name: name.to_owned(),
             });
         }
-        let secret = temporary_secret(namespace, name, domains)?;
+        let secret = build()?;
         match api.create(&PostParams::default(), &secret).await {
             Ok(_) => {
-                tracing::info!(%namespace, %name, "created temporary Secret");
+                tracing::info!(%namespace, %name, "created Secret");
                 Ok(())
             }
             // Someone created it between the look and the create: sidecert's (another
@@ -344,6 +363,26 @@ impl Executor {
         {
             Ok(_) => Ok(()),
             Err(e) if conflict(&e) => Ok(()), // someone else changed it; the next review heals
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a certificate's Lease unless it exists. A Lease of that name is taken as the
+    /// certificate's whoever made it (sidecars before this made theirs without a label).
+    async fn ensure_lease(&self, namespace: &str, name: &str) -> Result<()> {
+        let api = Api::<Lease>::namespaced(self.client.clone(), namespace);
+        if api.get_metadata_opt(name).await?.is_some() {
+            return Ok(());
+        }
+        match api
+            .create(&PostParams::default(), &certificate_lease(namespace, name))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%namespace, %name, "created Lease");
+                Ok(())
+            }
+            Err(e) if already_exists(&e) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

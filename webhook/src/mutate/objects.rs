@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 use k8s_openapi::{
     ByteString,
     api::{
+        coordination::v1::Lease,
         core::v1::{Secret, Service, ServicePort, ServiceSpec},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
@@ -28,6 +29,36 @@ pub const TEMPORARY_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
 fn managed_labels() -> BTreeMap<String, String> {
     BTreeMap::from([(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())])
+}
+
+/// The namespace's ACME account Secret as the webhook creates it: sidecert's, and empty
+/// until the first sidecar stores the account in it. The sidecar's Role may then name it
+/// for `update` without the Role granting `create` on Secrets of any name.
+pub fn account_secret(namespace: &str, name: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        ..Default::default()
+    }
+}
+
+/// A certificate's Lease as the webhook creates it, with no holder yet: the sidecars elect
+/// their leader on it without the Role granting `create` on Leases of any name.
+pub fn certificate_lease(namespace: &str, name: &str) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        spec: None,
+    }
 }
 
 /// A self-signed certificate for exactly `domains` (ECDSA P-256, PKCS#8 key) as a TLS Secret.
@@ -170,7 +201,13 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str], names: Option<&[Str
         api_groups: Some(strings(groups)),
         resources: Some(strings(resources)),
         verbs: strings(verbs),
-        resource_names: names.map(<[String]>::to_vec),
+        // Sorted, so that a merge with an existing Role compares equal when nothing changed.
+        resource_names: names.map(|n| {
+            let mut n = n.to_vec();
+            n.sort();
+            n.dedup();
+            n
+        }),
         non_resource_urls: None,
     }
 }
@@ -201,19 +238,19 @@ pub fn role(
                 &["get", "list", "watch", "update", "patch"],
                 Some(secrets),
             ),
-            // Kubernetes cannot restrict `create` by name. The sidecar creates the ACME account
-            // Secret (and a certificate Secret someone deleted); `create` alone reads nothing.
-            rule(&[""], &["secrets"], &["create"], None),
-            // Leader election on its certificates' Leases, by name; `create` as above.
-            // Replicas watch the Lease for the key authorizations the leader publishes on it.
+            // Leader election on its certificates' Leases, by name. Replicas watch the Lease
+            // for the key authorizations the leader publishes on it.
             rule(
                 &["coordination.k8s.io"],
                 &["leases"],
                 &["get", "list", "watch", "update", "patch"],
                 Some(leases),
             ),
-            rule(&["coordination.k8s.io"], &["leases"], &["create"], None),
-            // Events about its work (kube's recorder patches a repeated Event's series).
+            // No `create` on Secrets or Leases: Kubernetes cannot narrow `create` by name, and
+            // with `get` on a name not yet taken it would mint a token Secret. The webhook
+            // creates the certificate Secrets, the account Secret and the Leases itself.
+            // Events about its work stay an unnamed `create` (kube's recorder patches a
+            // repeated Event's series); an Event grants nothing.
             rule(&["", "events.k8s.io"], &["events"], &["create", "patch"], None),
             // The leader waits until its solver Service has endpoints (the Ingress routes
             // challenges only then). EndpointSlices are selected by label
@@ -236,39 +273,57 @@ pub fn role(
     role
 }
 
-/// `existing` with the resource names of `wanted` merged in; `None` when nothing is missing.
+/// `existing` brought in line with `wanted`: a rule of a shape `wanted` has no more (the
+/// unnamed `create` on Secrets and Leases older versions granted, a rule with no or an
+/// empty name list, which RBAC reads as every name) is dropped; a name `wanted` mentions
+/// gets exactly the rules `wanted` gives it (the EAB Secret leaves the read-write rule);
+/// other names are kept. `None` when nothing changes.
 pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
+    let same_shape = |have: &PolicyRule, want: &PolicyRule| {
+        have.api_groups == want.api_groups
+            && have.resources == want.resources
+            && have.verbs == want.verbs
+            && have.resource_names.is_some() == want.resource_names.is_some()
+    };
+    let wanted_rules = wanted.rules.as_deref().unwrap_or_default();
+    let mentioned: Vec<&String> = wanted_rules
+        .iter()
+        .flat_map(|r| r.resource_names.iter().flatten())
+        .collect();
     let mut merged = existing.clone();
     let rules = merged.rules.get_or_insert_with(Vec::new);
-    let mut changed = false;
-    for want in wanted.rules.iter().flatten() {
-        let same_shape = |r: &&mut PolicyRule| {
-            r.api_groups == want.api_groups
-                && r.resources == want.resources
-                && r.verbs == want.verbs
-                && r.resource_names.is_some() == want.resource_names.is_some()
+    let before = rules.clone();
+    rules.retain(|r| {
+        wanted_rules.iter().any(|w| same_shape(r, w))
+            && r.resource_names.as_ref().is_none_or(|n| !n.is_empty())
+    });
+    for have in rules.iter_mut() {
+        let Some(want) = wanted_rules.iter().find(|w| same_shape(have, w)) else {
+            continue;
         };
-        match rules.iter_mut().find(same_shape) {
-            Some(have) => {
-                if let (Some(have_names), Some(want_names)) =
-                    (have.resource_names.as_mut(), &want.resource_names)
-                {
-                    for n in want_names {
-                        if !have_names.contains(n) {
-                            have_names.push(n.clone());
-                            changed = true;
-                        }
-                    }
-                    have_names.sort();
-                }
-            }
-            None => {
-                rules.push(want.clone());
-                changed = true;
-            }
+        if let (Some(names), Some(want_names)) = (have.resource_names.as_mut(), &want.resource_names) {
+            names.retain(|n| !mentioned.contains(&n) || want_names.contains(n));
         }
     }
-    changed.then_some(merged)
+    for want in wanted_rules {
+        match rules.iter_mut().find(|r| same_shape(r, want)) {
+            Some(have) => {
+                if let (Some(names), Some(want_names)) = (have.resource_names.as_mut(), &want.resource_names)
+                {
+                    for n in want_names {
+                        if !names.contains(n) {
+                            names.push(n.clone());
+                        }
+                    }
+                    names.sort();
+                }
+            }
+            None => rules.push(want.clone()),
+        }
+    }
+    // A rule whose names all moved elsewhere would now match every name.
+    rules.retain(|r| r.resource_names.as_ref().is_none_or(|n| !n.is_empty()));
+    (*rules != before).then_some(merged)
 }
 
 /// The RoleBinding of the sidecar's Role to the ServiceAccount.
