@@ -322,104 +322,185 @@ async fn an_account_secret_that_is_not_sidecerts_gets_no_right() {
     ns.cleanup().await.unwrap();
 }
 
-/// The Ingresses `first` on the first look at a namespace, `later` on every look after it:
-/// what a watch cache that catches up between two decisions of one review answers.
-struct CatchingUp {
-    looks: AtomicUsize,
-    first: Snapshot,
-    later: Snapshot,
-}
-
-impl Lookup for CatchingUp {
-    fn ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
-        match self.looks.fetch_add(1, Ordering::SeqCst) {
-            0 => self.first.ingresses(namespace),
-            _ => self.later.ingresses(namespace),
-        }
-    }
-
-    fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>> {
-        self.later.service(namespace, name)
-    }
-
-    fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
-        self.later.services(namespace)
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_name_only_the_second_decision_finds_gets_no_right() {
-    sidecert_webhook::install_crypto_provider();
-    let plane = Plane::get().await.expect("local plane");
-    let client = plane.client().await.unwrap();
-    let ns = plane.namespace("forged-second", true).await.unwrap();
-    let name = ns.name().to_owned();
-    ns.api::<Secret>()
-        .create(&PostParams::default(), &unlabelled_secret("team-db"))
-        .await
-        .unwrap();
-    // The same name, made by another team between the review's look and its second
-    // decision: the API server was never asked about it.
-    ns.api::<Secret>()
-        .create(&PostParams::default(), &unlabelled_secret("late-tls"))
-        .await
-        .unwrap();
-    let ingress = |ingress: &str, secret: &str, host: &str| -> Arc<Ingress> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"name": ingress, "namespace": name, "uid": format!("uid-{ingress}"),
-                    "resourceVersion": "1",
-                    "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
-                "spec": {
-                    "tls": [{"hosts": [host], "secretName": secret}],
-                    "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
-                        "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]
-                }
-            }))
-            .unwrap(),
-        )
-    };
-    let web: Arc<Service> = Arc::new(
+/// An annotated Ingress of `namespace` with these TLS entries (Secret, host), each host's rule
+/// going to the Service `web`.
+fn annotated_ingress(namespace: &str, name: &str, tls: &[(&str, &str)]) -> Arc<Ingress> {
+    let entries: Vec<Value> = tls
+        .iter()
+        .map(|(secret, host)| json!({"hosts": [host], "secretName": secret}))
+        .collect();
+    let mut hosts: Vec<&str> = tls.iter().map(|(_, h)| *h).collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    let rules: Vec<Value> = hosts
+        .iter()
+        .map(|host| {
+            json!({"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}})
+        })
+        .collect();
+    Arc::new(
         serde_json::from_value(json!({
-            "metadata": {"name": "web", "namespace": name},
+            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                "resourceVersion": "1",
+                "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+            "spec": {"tls": entries, "rules": rules}
+        }))
+        .unwrap(),
+    )
+}
+
+fn web_service(namespace: &str) -> Arc<Service> {
+    Arc::new(
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": namespace},
             "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}
         }))
         .unwrap(),
-    );
-    let first = ingress("db", "team-db", "db.second.example");
-    let lookup = Arc::new(CatchingUp {
-        looks: AtomicUsize::new(0),
-        first: Snapshot {
-            ingresses: vec![first.clone()],
-            services: vec![web.clone()],
-        },
-        later: Snapshot {
-            ingresses: vec![first, ingress("late", "late-tls", "late.second.example")],
-            services: vec![web],
-        },
-    });
-    let reviewer = reviewer_over(&client, lookup.clone());
-    let body = create_review(
-        &name,
+    )
+}
+
+/// A review of a Pod labelled `app: web` (selected through the Service `web`).
+fn web_pod_review(namespace: &str) -> Vec<u8> {
+    create_review(
+        namespace,
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"generateName": "web-", "labels": {"app": "web"}},
             "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
         }),
         false,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gets_the_hosts_next_entry_when_the_first_is_someone_elses() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let ns = plane.namespace("forged-next", true).await.unwrap();
+    let name = ns.name().to_owned();
+    for theirs in ["their-tls", "their-2", "their-3"] {
+        ns.api::<Secret>()
+            .create(&PostParams::default(), &unlabelled_secret(theirs))
+            .await
+            .unwrap();
+    }
+    // The host's first three TLS entries name other teams' Secrets, its fourth one sidecert
+    // may write. The Ingress's challenge route goes to the fourth; the Pod behind it got
+    // nothing (its selection knew only the first entry, which was then left out), and then,
+    // finding one more Secret per decision, ran out of decisions before the fourth.
+    let host = "web.next.example";
+    let ingress = annotated_ingress(
+        &name,
+        "web",
+        &[
+            ("their-tls", host),
+            ("their-2", host),
+            ("their-3", host),
+            ("own-tls", host),
+        ],
     );
-    let pod = respond(&reviewer, &body).await;
-    assert!(
-        lookup.looks.load(Ordering::SeqCst) >= 2,
-        "the review decided only once"
-    );
-    // team-db was asked about (foreign), late-tls never was: both are left out.
-    assert!(pod["patch"].is_null(), "{pod}");
+    let lookup = Arc::new(Snapshot {
+        ingresses: vec![ingress.clone()],
+        services: vec![web_service(&name)],
+    });
+    let reviewer = reviewer_over(&client, lookup);
+    let mut object = serde_json::to_value(ingress.as_ref()).unwrap();
+    object["metadata"].as_object_mut().unwrap().remove("uid");
+    let body = create_review(&name, object, false);
+    let ing = respond(&reviewer, &body).await;
+    assert!(ing["patch"].is_string(), "the host's challenge route: {ing}");
+    assert!(ing["warnings"].to_string().contains("their-tls"), "{ing}");
+    let pod = respond(&reviewer, &web_pod_review(&name)).await;
+    assert!(pod["patch"].is_string(), "{pod}");
     assert!(
         pod["warnings"]
             .to_string()
-            .contains(&format!("cannot tell in time whose Secret {name}/late-tls is")),
+            .contains(&format!("Secret {name}/their-tls exists and is not sidecert's")),
         "{pod}"
+    );
+    let role = ns.api::<Role>().get("sidecert-default").await.unwrap();
+    let names = serde_json::to_value(&role.rules).unwrap().to_string();
+    assert!(names.contains("\"own-tls\""), "{names}");
+    assert!(
+        !names.contains("their-"),
+        "a right on another team's Secret: {names}"
+    );
+    let theirs = ns.api::<Secret>().get("their-tls").await.unwrap();
+    assert!(theirs.metadata.labels.is_none(), "{theirs:?}");
+    ns.cleanup().await.unwrap();
+}
+
+/// One more Ingress at every look at a namespace: what watch caches that keep catching up
+/// while one review decides again and again answer.
+struct Growing {
+    looks: AtomicUsize,
+    ingresses: Vec<Arc<Ingress>>,
+    services: Vec<Arc<Service>>,
+}
+
+impl Lookup for Growing {
+    fn ingresses(&self, _namespace: &str) -> Vec<Arc<Ingress>> {
+        let look = self.looks.fetch_add(1, Ordering::SeqCst);
+        self.ingresses.iter().take(look + 1).cloned().collect()
+    }
+
+    fn service(&self, _namespace: &str, name: &str) -> Option<Arc<Service>> {
+        self.services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .cloned()
+    }
+
+    fn services(&self, _namespace: &str) -> Vec<Arc<Service>> {
+        self.services.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_a_decision_made_again_finds_are_asked_about_and_never_granted_unasked() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let ns = plane.namespace("forged-again", true).await.unwrap();
+    let name = ns.name().to_owned();
+    // Every decision finds one more Ingress, each naming another team's Secret. The names
+    // the second and third decisions find are asked about (and refused as someone else's);
+    // the name the last decision finds was never asked about, and is left out as unknown.
+    let secrets = ["team-0", "team-1", "team-2", "team-3"];
+    for secret in secrets {
+        ns.api::<Secret>()
+            .create(&PostParams::default(), &unlabelled_secret(secret))
+            .await
+            .unwrap();
+    }
+    let lookup = Arc::new(Growing {
+        looks: AtomicUsize::new(0),
+        ingresses: secrets
+            .iter()
+            .map(|s| annotated_ingress(&name, s, &[(s, &format!("{s}.again.example"))]))
+            .collect(),
+        services: vec![web_service(&name)],
+    });
+    let reviewer = reviewer_over(&client, lookup.clone());
+    let pod = respond(&reviewer, &web_pod_review(&name)).await;
+    assert!(
+        lookup.looks.load(Ordering::SeqCst) >= 3,
+        "the review decided fewer than three times"
+    );
+    assert!(pod["patch"].is_null(), "{pod}");
+    let warnings = pod["warnings"].to_string();
+    for asked in ["team-0", "team-1", "team-2"] {
+        assert!(
+            warnings.contains(&format!("Secret {name}/{asked} exists and is not sidecert's")),
+            "{asked} was asked about: {warnings}"
+        );
+    }
+    assert!(
+        warnings.contains(&format!("cannot tell in time whose Secret {name}/team-3 is")),
+        "{warnings}"
     );
     assert!(
         ns.api::<Role>()

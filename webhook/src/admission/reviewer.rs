@@ -2,7 +2,10 @@
 //! decision, then (when it has a cluster) the live re-check the Pod decision asks for and the
 //! side effects (unless dry run), then the response.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::AdmissionRequest;
@@ -11,7 +14,11 @@ use sidecert_contract::foreign_secret_warning;
 use crate::{
     admission::codec::{Request, operation_label, parse, respond},
     error::{Error, Result},
-    kube::{executor::Executor, live::LiveCheck, namespaces::NamespaceGate},
+    kube::{
+        executor::{Executor, SecretOwners},
+        live::LiveCheck,
+        namespaces::NamespaceGate,
+    },
     metrics::Metrics,
     mutate::{
         context::{Context, SecretChecks},
@@ -39,6 +46,39 @@ pub struct Reviewer {
 
 /// Time budget for the live check of one Pod.
 pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many times a review asks the API server whose Secrets its decision names (each
+/// decision made again may name new ones).
+pub const MAX_OWNER_ROUNDS: usize = 3;
+
+/// The namespace and the sorted names of the Secrets an outcome's effects would write or
+/// grant rights on.
+fn secret_names(outcome: &Outcome) -> Option<(String, Vec<String>)> {
+    let mut names = outcome
+        .effects
+        .iter()
+        .flat_map(|e| -> Vec<(&String, &String)> {
+            match e {
+                Effect::TemporarySecret { name, namespace, .. } => vec![(namespace, name)],
+                Effect::Rbac {
+                    namespace,
+                    certificates,
+                    account,
+                    ..
+                } => std::iter::once(account)
+                    .chain(certificates)
+                    .map(|n| (namespace, n))
+                    .collect(),
+                Effect::SolverService { .. } => Vec::new(),
+            }
+        })
+        .peekable();
+    let namespace = names.peek()?.0.clone();
+    let mut names: Vec<String> = names.map(|(_, n)| n.clone()).collect();
+    names.sort_unstable();
+    names.dedup();
+    Some((namespace, names))
+}
 
 impl Reviewer {
     pub fn new(ctx: Context, metrics: Metrics, executor: Option<Executor>) -> Self {
@@ -119,7 +159,13 @@ impl Reviewer {
     /// Asks the API server whose Secrets the review's certificates and the sidecar's ACME
     /// account name. A certificate whose Secret is someone else's is left unconfigured
     /// (decided again without it: no sidecar, no right, no HTTP-01 path for it), and so is a
-    /// Pod whose account Secret is; one sidecert already holds needs no temporary Secret.
+    /// Pod whose account Secret is. The effects look at every Secret again before the Role
+    /// names it (one found to be sidecert's here may have been replaced since).
+    ///
+    /// A decision made again may name Secrets the first did not (a host's next TLS entry, or
+    /// an Ingress a fresh look found): those are asked about in turn, for at most
+    /// [`MAX_OWNER_ROUNDS`] look-ups; the last decision may use only names asked about, so no
+    /// unchecked name ever reaches a Role.
     async fn leave_foreign_secrets(
         &self,
         request: &Request,
@@ -127,51 +173,71 @@ impl Reviewer {
         mut outcome: Outcome,
         deadline: Option<Instant>,
     ) -> Outcome {
-        let (names, namespace): (Vec<&str>, &str) = {
-            let mut names = outcome
-                .effects
+        // At most half of what is left, however many rounds: the side effects follow, and
+        // with no time left they would all fail (no Secret, no Lease, no Role).
+        let decide_by = deadline.map(|d| {
+            let now = Instant::now();
+            now + d.saturating_duration_since(now) / 2
+        });
+        let mut owners = SecretOwners::default();
+        let mut asked: BTreeSet<String> = BTreeSet::new();
+        for round in 1..=MAX_OWNER_ROUNDS {
+            let Some((namespace, names)) = secret_names(&outcome) else {
+                break;
+            };
+            // The candidates too: a Pod then picks the same Secret for a host as its Ingress.
+            let mut new: Vec<&str> = names
                 .iter()
-                .filter_map(|e| match e {
-                    Effect::TemporarySecret { name, namespace, .. }
-                    | Effect::Rbac {
-                        account: name,
-                        namespace,
-                        ..
-                    } => Some((name.as_str(), namespace.as_str())),
-                    Effect::SolverService { .. } => None,
-                })
-                .collect::<Vec<_>>();
-            names.sort_unstable();
-            names.dedup();
-            let Some((_, namespace)) = names.first() else {
-                return outcome;
-            };
-            (names.iter().map(|(n, _)| *n).collect(), namespace)
-        };
-        let budget = deadline
-            .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
-            .min(LIVE_LOOKUP_TIMEOUT);
-        let owners = exec.secret_owners(namespace, &names, budget).await;
-        let left_out = owners.left_out();
-        if !left_out.is_empty() {
-            tracing::info!(uid = request.uid(), secrets = ?left_out, "certificates naming Secrets that are not (or not known to be) sidecert's are left out");
-            // Decided again without them. A Pod's second decision reads the caches (and
-            // perhaps the API server) again and may find a certificate the first did not:
-            // only the names just asked about may be used, any other is left out as unknown.
-            let ctx = self.ctx.with_secret_checks(SecretChecks {
+                .chain(&outcome.secret_candidates)
+                .map(String::as_str)
+                .filter(|n| !asked.contains(*n))
+                .collect();
+            new.sort_unstable();
+            new.dedup();
+            if !new.is_empty() {
+                let budget = decide_by
+                    .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
+                    .min(LIVE_LOOKUP_TIMEOUT);
+                owners.extend(exec.secret_owners(&namespace, &new, budget).await);
+                asked.extend(new.iter().map(|n| (*n).to_owned()));
+            }
+            if names.iter().all(|n| owners.allows(n)) {
+                break;
+            }
+            let left_out = owners.left_out();
+            tracing::info!(uid = request.uid(), secrets = ?left_out, round, "certificates naming Secrets that are not (or not known to be) sidecert's are left out");
+            // Decided again without them; in the last round, with only the names asked about.
+            let checks = SecretChecks {
                 left_out,
-                checked: Some(names.iter().map(|n| (*n).to_owned()).collect()),
-            });
-            outcome = match request {
-                Request::Pod(pod) => self.decide_pod(pod, exec, &ctx, deadline).await,
-                Request::Ingress(ingress) => mutate_ingress(ingress, &ctx),
-                Request::Other { .. } => outcome,
+                checked: (round == MAX_OWNER_ROUNDS).then(|| asked.clone()),
             };
+            outcome = self
+                .decide_again(
+                    request,
+                    exec,
+                    &self.ctx.with_secret_checks(checks),
+                    decide_by,
+                    outcome,
+                )
+                .await;
         }
         outcome
-            .effects
-            .retain(|e| !matches!(e, Effect::TemporarySecret { name, .. } if owners.ours.contains(name)));
-        outcome
+    }
+
+    /// The review decided again with `ctx` (which knows whose Secrets are whose).
+    async fn decide_again(
+        &self,
+        request: &Request,
+        exec: &Executor,
+        ctx: &Context,
+        deadline: Option<Instant>,
+        outcome: Outcome,
+    ) -> Outcome {
+        match request {
+            Request::Pod(pod) => self.decide_pod(pod, exec, ctx, deadline).await,
+            Request::Ingress(ingress) => mutate_ingress(ingress, ctx),
+            Request::Other { .. } => outcome,
+        }
     }
 
     /// Reviews a body and returns the serialised AdmissionReview response. `Err` means the

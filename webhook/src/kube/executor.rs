@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -47,6 +48,20 @@ pub struct SecretOwners {
 }
 
 impl SecretOwners {
+    /// Adds what a later look-up found.
+    pub fn extend(&mut self, other: Self) {
+        self.ours.extend(other.ours);
+        self.foreign.extend(other.foreign);
+        self.unknown.extend(other.unknown);
+    }
+
+    /// Whether a certificate may use the Secret `name`: not found to be someone else's, nor
+    /// of an owner not known in time. A name never asked about is allowed too; the caller
+    /// asks about every name before it looks.
+    pub fn allows(&self, name: &str) -> bool {
+        !self.foreign.contains(name) && !self.unknown.contains(name)
+    }
+
     /// The Secrets a certificate may not use, and why.
     pub fn left_out(&self) -> BTreeMap<String, SecretStanding> {
         let foreign = self.foreign.iter().map(|n| (n.clone(), SecretStanding::Foreign));
@@ -54,6 +69,9 @@ impl SecretOwners {
         foreign.chain(unknown).collect()
     }
 }
+
+/// How many Secrets [`Executor::secret_owners`] looks up at once.
+const OWNER_LOOKS_AT_ONCE: usize = 16;
 
 /// Carries out [`Effect`]s against the API server.
 #[derive(Clone)]
@@ -181,30 +199,40 @@ impl Executor {
     /// like one (no right on it) until a later review can tell.
     pub async fn secret_owners(&self, namespace: &str, names: &[&str], budget: Duration) -> SecretOwners {
         let api = Api::<Secret>::namespaced(self.client.clone(), namespace);
-        let looks = names.iter().map(|name| {
-            let api = api.clone();
-            async move {
-                let found = tokio::time::timeout(budget, api.get_metadata_opt(name)).await;
-                (*name, found)
-            }
-        });
+        // One deadline for all, and a few looks at a time: a review names at most some
+        // hundred Secrets, and they must not crowd out the API server's other requests.
+        let deadline = tokio::time::Instant::now() + budget;
+        let looks: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let (api, name) = (api.clone(), (*name).to_owned());
+                async move {
+                    let found = tokio::time::timeout_at(deadline, api.get_metadata_opt(&name)).await;
+                    (name, found)
+                }
+            })
+            .collect();
+        let found: Vec<_> = futures::stream::iter(looks)
+            .buffer_unordered(OWNER_LOOKS_AT_ONCE)
+            .collect()
+            .await;
         let mut owners = SecretOwners::default();
-        for (name, found) in futures::future::join_all(looks).await {
+        for (name, found) in found {
             match found {
                 Ok(Ok(Some(meta))) if is_sidecerts_secret(&meta.metadata) => {
-                    owners.ours.insert(name.to_owned());
+                    owners.ours.insert(name);
                 }
                 Ok(Ok(Some(_))) => {
-                    owners.foreign.insert(name.to_owned());
+                    owners.foreign.insert(name);
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(%namespace, secret = name, error = %e, "cannot tell whose Secret this is");
-                    owners.unknown.insert(name.to_owned());
+                    tracing::warn!(%namespace, secret = %name, error = %e, "cannot tell whose Secret this is");
+                    owners.unknown.insert(name);
                 }
                 Err(_) => {
-                    tracing::warn!(%namespace, secret = name, "cannot tell whose Secret this is in time");
-                    owners.unknown.insert(name.to_owned());
+                    tracing::warn!(%namespace, secret = %name, "cannot tell whose Secret this is in time");
+                    owners.unknown.insert(name);
                 }
             }
         }

@@ -100,13 +100,21 @@ impl Plan {
         }
         self.secrets.retain(|s| checks.standing(&s.secret_name).is_none());
         // A host that a later TLS entry also names keeps its route, for that entry's Secret.
-        let secrets = &self.secrets;
+        let (secrets, warnings) = (&self.secrets, &mut self.warnings);
         self.routes.retain_mut(|r| {
             if checks.standing(&r.secret_name).is_none() {
                 return true;
             }
-            match secrets.iter().find(|s| s.domains.contains(&r.host)) {
+            match secrets.iter().find(|s| s.domains.binary_search(&r.host).is_ok()) {
                 Some(other) => {
+                    warnings.push(format!(
+                        "sidecert: {host}'s HTTP-01 challenges are routed for Secret {other} \
+                         instead; an ingress controller may still serve {left} for {host}, as \
+                         the first TLS entry naming it",
+                        host = r.host,
+                        other = other.secret_name,
+                        left = r.secret_name,
+                    ));
                     r.secret_name = other.secret_name.clone();
                     true
                 }
@@ -168,8 +176,8 @@ pub fn plan(ingress: &Ingress, default_profile: Option<&str>) -> Plan {
         tls_entries = tls_entries.get(..MAX_TLS_ENTRIES).unwrap_or_default();
     }
 
-    // host -> secret, first TLS entry wins.
-    let mut host_secret: BTreeMap<String, String> = BTreeMap::new();
+    // host -> its Secrets in TLS entry order: the first one left after the name limits wins.
+    let mut host_secrets: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (i, tls) in tls_entries.iter().enumerate() {
         let hosts = tls.hosts.as_deref().unwrap_or_default();
         if hosts.len() > limit {
@@ -212,9 +220,10 @@ pub fn plan(ingress: &Ingress, default_profile: Option<&str>) -> Plan {
                     "sidecert: TLS host {host} has no rule; its HTTP-01 challenge cannot be routed"
                 ));
             }
-            host_secret
-                .entry(host.clone())
-                .or_insert_with(|| secret.to_owned());
+            let secrets = host_secrets.entry(host.clone()).or_default();
+            if !secrets.iter().any(|s| s == secret) {
+                secrets.push(secret.to_owned());
+            }
             domains.push(host);
         }
         match plan.secrets.iter_mut().find(|s| s.secret_name == secret) {
@@ -247,7 +256,13 @@ pub fn plan(ingress: &Ingress, default_profile: Option<&str>) -> Plan {
         let Some(host) = rule.host.as_deref().map(str::to_ascii_lowercase) else {
             continue;
         };
-        let Some(secret) = host_secret.get(&host) else {
+        // A Secret left out above (too many names) takes no route: the host's next one does.
+        let Some(secret) = host_secrets
+            .get(&host)
+            .into_iter()
+            .flatten()
+            .find(|s| plan.secret(s).is_some())
+        else {
             continue;
         };
         let Some(http) = rule.http.as_ref() else {
@@ -637,6 +652,36 @@ mod tests {
         assert_eq!(p.routes.len(), 1, "{p:?}");
         assert_eq!(p.routes[0].secret_name, "own-tls");
         assert!(!route_patch(&p).is_empty());
+    }
+
+    #[test]
+    fn a_host_keeps_its_route_when_its_first_secret_is_over_the_name_limit() {
+        // big-tls gathers 30 names from two entries (over shortlived's 25) and is left out;
+        // web.shop.example is also in own-tls. Its route pointed at big-tls, a Secret the plan
+        // no longer has: a solver route and Service for no certificate, and no Pod selected.
+        let mut ing = ingress(true, false);
+        let many = |from: usize, to: usize| -> Vec<String> {
+            (from..to).map(|i| format!("h{i}.shop.example")).collect()
+        };
+        let mut first = many(0, 19);
+        first.push("web.shop.example".into());
+        let tls = ing.spec.as_mut().unwrap().tls.as_mut().unwrap();
+        *tls = vec![
+            serde_json::from_value(serde_json::json!({"hosts": first, "secretName": "big-tls"})).unwrap(),
+            serde_json::from_value(serde_json::json!({"hosts": many(19, 29), "secretName": "big-tls"}))
+                .unwrap(),
+            serde_json::from_value(
+                serde_json::json!({"hosts": ["web.shop.example"], "secretName": "own-tls"}),
+            )
+            .unwrap(),
+        ];
+        let p = plan(&ing, Some("shortlived"));
+        assert_eq!(p.secret_names(), ["own-tls"], "{p:?}");
+        assert_eq!(p.routes.len(), 1, "{p:?}");
+        assert_eq!(p.routes[0].secret_name, "own-tls");
+        // With the default profile both fit, and the first entry keeps the route.
+        let p = plan(&ing, None);
+        assert_eq!(p.routes[0].secret_name, "big-tls");
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     pub effects: Vec<Effect>,
     pub skipped: Option<SkipReason>,
+    /// Secrets a decision made again may pick instead of the ones the effects name (a host's
+    /// later TLS entries): the reviewer asks the API server about them with the others, so
+    /// that a Pod and its Ingress settle on the same Secret.
+    pub secret_candidates: Vec<String>,
 }
 
 impl Outcome {

@@ -148,6 +148,7 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         pod_annotations,
         ctx.lookup.as_ref(),
         ctx.acme.profile.as_deref(),
+        &ctx.secrets,
     );
     if selection.certificates.is_empty() {
         let reason = if selection.invalid {
@@ -190,6 +191,7 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
     }
     let mut out = Outcome {
         warnings: selection.warnings,
+        secret_candidates: selection.candidates,
         ..Outcome::default()
     };
     // The profile decides how many names one order may hold (25 for tlsserver and
@@ -412,6 +414,56 @@ mod tests {
         );
         assert!(!own.outcome.patch.is_empty());
         assert!(own.recheck.is_none());
+    }
+
+    #[test]
+    fn one_sidecar_holds_a_bounded_number_of_certificates() {
+        // 70 annotated Ingresses route to the Service web: each would add a certificate,
+        // an owner look-up, a Lease and a key to one Pod's review, without end.
+        let web: Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"selector": {"app": "web"}}
+        }))
+        .unwrap();
+        let ingresses = (0..70)
+            .map(|i| {
+                let host = format!("h{i:02}.shop.example");
+                serde_json::from_value(json!({
+                    "metadata": {"name": format!("i{i:02}"), "namespace": "shop",
+                        "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+                    "spec": {"tls": [{"hosts": [host], "secretName": format!("s{i:02}")}],
+                        "rules": [{"host": host, "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                            "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}
+                }))
+                .map(Arc::new)
+                .unwrap()
+            })
+            .collect();
+        let ctx = Context {
+            lookup: Arc::new(Snapshot {
+                ingresses,
+                services: vec![Arc::new(web)],
+            }),
+            ..context(Vec::new())
+        };
+        let out = mutate_pod(&request(json!({})), &ctx);
+        let rbac = out.effects.iter().find_map(|e| match e {
+            Effect::Rbac { certificates, .. } => Some(certificates.clone()),
+            _ => None,
+        });
+        let certificates = rbac.expect("injected");
+        assert_eq!(
+            certificates.len(),
+            crate::mutate::select::MAX_CERTIFICATES_PER_POD
+        );
+        assert_eq!(certificates.first().map(String::as_str), Some("s00"));
+        assert!(
+            out.warnings
+                .iter()
+                .any(|w| w.contains("70 certificates select this Pod")),
+            "{:?}",
+            out.warnings
+        );
     }
 
     #[test]

@@ -4,13 +4,17 @@
 //! ([`recheck`]); the live check feeds fresh objects back into this same [`select`] as
 //! another [`Lookup`].
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
 use sidecert_contract::{CertificateSpec, annotations};
 
 use crate::mutate::{
     container::Overrides,
+    context::SecretChecks,
     ingress::{is_annotated, plan, solver_service_name},
     lookup::Lookup,
 };
@@ -40,11 +44,21 @@ pub fn annotated_versions(ingresses: &[Arc<Ingress>]) -> BTreeMap<String, String
         .collect()
 }
 
+/// Certificates one Pod's sidecar may hold: far more than any real workload needs, and what
+/// keeps a Pod review's API calls (one owner look-up, one Lease, one key per certificate)
+/// bounded however many Ingresses select it.
+pub const MAX_CERTIFICATES_PER_POD: usize = 64;
+
 /// The outcome of selection for one Pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
-    /// Sorted, deduplicated by Secret name.
+    /// Sorted, deduplicated by Secret name; at most [`MAX_CERTIFICATES_PER_POD`].
     pub certificates: Vec<CertificateSpec>,
+    /// The Secrets of other TLS entries for the hosts selected, which a decision made
+    /// without one of [`Selection::certificates`] may pick instead (see
+    /// [`crate::mutate::outcome::Outcome::secret_candidates`]); at most
+    /// [`MAX_CERTIFICATES_PER_POD`].
+    pub candidates: Vec<String>,
     /// ACME overrides: the Pod's own annotations, then the first selecting Ingress's.
     pub overrides: Overrides,
     pub warnings: Vec<String>,
@@ -66,16 +80,22 @@ fn selects(service: &Service, labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// Selects the certificates for a Pod with these labels and annotations in `namespace`.
-/// The caller has already honoured `sidecert.io/inject: "false"`.
+/// The caller has already honoured `sidecert.io/inject: "false"`. A certificate whose Secret
+/// `checks` leaves out is still selected (the caller leaves it out, with a warning), and so is
+/// the Ingress's first other Secret for the same host that is not left out, since
+/// [`Plan::leave_out`](crate::mutate::ingress::Plan::leave_out) routes that host's challenges
+/// to it.
 pub fn select(
     namespace: &str,
     labels: &BTreeMap<String, String>,
     pod_annotations: &BTreeMap<String, String>,
     lookup: &dyn Lookup,
     default_profile: Option<&str>,
+    checks: &SecretChecks,
 ) -> Selection {
     let mut sel = Selection::default();
     let mut certs: BTreeMap<String, CertificateSpec> = BTreeMap::new();
+    let mut candidates: BTreeSet<String> = BTreeSet::new();
 
     // Direct request on the Pod.
     let wants = pod_annotations
@@ -123,19 +143,37 @@ pub fn select(
             let Some(tls) = plan.secret(&route.secret_name) else {
                 continue;
             };
-            // The leader waits for this solver Service's endpoints before telling the CA to
-            // validate. If the certificate's hosts go to several backends that select this
-            // Pod, the first route (in rule order) wins: its solver is the one this Pod is
-            // surely an endpoint of, and the other solvers select Pods through their own
-            // backends' selectors.
-            let spec = CertificateSpec::new(tls.secret_name.clone(), &tls.domains)
-                .and_then(|spec| spec.with_solver_service(solver_service_name(&route.backend)));
-            match spec {
-                Ok(spec) => {
-                    selected = true;
-                    certs.entry(spec.secret_name.clone()).or_insert(spec);
+            // A host whose Secret is left out (someone else's) has its challenges routed for
+            // the first other Secret of the Ingress naming it that is not, as
+            // `Plan::leave_out` does: that certificate is this Pod's too.
+            let others = || {
+                plan.secrets.iter().filter(|s| {
+                    s.secret_name != tls.secret_name && s.domains.binary_search(&route.host).is_ok()
+                })
+            };
+            for other in others() {
+                if candidates.len() < MAX_CERTIFICATES_PER_POD {
+                    candidates.insert(other.secret_name.clone());
                 }
-                Err(e) => sel.warnings.push(format!("sidecert: {e}")),
+            }
+            let next = checks
+                .standing(&tls.secret_name)
+                .and_then(|_| others().find(|s| checks.standing(&s.secret_name).is_none()));
+            for tls in std::iter::once(tls).chain(next) {
+                // The leader waits for this solver Service's endpoints before telling the CA
+                // to validate. If the certificate's hosts go to several backends that select
+                // this Pod, the first route (in rule order) wins: its solver is the one this
+                // Pod is surely an endpoint of, and the other solvers select Pods through
+                // their own backends' selectors.
+                let spec = CertificateSpec::new(tls.secret_name.clone(), &tls.domains)
+                    .and_then(|spec| spec.with_solver_service(solver_service_name(&route.backend)));
+                match spec {
+                    Ok(spec) => {
+                        selected = true;
+                        certs.entry(spec.secret_name.clone()).or_insert(spec);
+                    }
+                    Err(e) => sel.warnings.push(format!("sidecert: {e}")),
+                }
             }
         }
         if selected {
@@ -160,7 +198,16 @@ pub fn select(
         Some((_, o)) => pod_overrides.or(&o),
         None => pod_overrides,
     };
-    sel.certificates = certs.into_values().collect();
+    if certs.len() > MAX_CERTIFICATES_PER_POD {
+        sel.warnings.push(format!(
+            "sidecert: {} certificates select this Pod, more than one sidecar holds \
+             ({MAX_CERTIFICATES_PER_POD}); the first {MAX_CERTIFICATES_PER_POD} by Secret name \
+             are configured",
+            certs.len()
+        ));
+    }
+    sel.certificates = certs.into_values().take(MAX_CERTIFICATES_PER_POD).collect();
+    sel.candidates = candidates.into_iter().collect();
     if !sel.certificates.is_empty() {
         sel.invalid = false;
     }
