@@ -213,6 +213,38 @@ fn merging_adds_only_missing_names() {
 }
 
 #[test]
+fn a_secret_and_a_lease_of_one_name_keep_each_others_rights() {
+    // The Lease of the certificate web-tls is sidecert-web-tls; a Pod sharing the
+    // ServiceAccount may name a certificate Secret sidecert-web-tls. Its merge took the Lease
+    // name out of the Lease rule (the names mentioned were pooled across resources), and the
+    // running sidecar of web-tls lost its Lease.
+    let have = role(
+        "shop",
+        "web",
+        &["web-tls".into()],
+        &[],
+        &["sidecert-web-tls".into()],
+    );
+    let want = role(
+        "shop",
+        "web",
+        &["sidecert-web-tls".into()],
+        &[],
+        &["sidecert-sidecert-web-tls".into()],
+    );
+    let merged = merge_role(&have, &want).unwrap();
+    let rules = merged.rules.unwrap();
+    assert_eq!(
+        rules[0].resource_names.as_deref().unwrap(),
+        ["sidecert-web-tls", "web-tls"]
+    );
+    assert_eq!(
+        rules[1].resource_names.as_deref().unwrap(),
+        ["sidecert-sidecert-web-tls", "sidecert-web-tls"]
+    );
+}
+
+#[test]
 fn merging_adds_the_endpointslice_rule_to_an_older_role() {
     let mut old = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     old.rules
@@ -474,6 +506,71 @@ async fn a_secret_someone_else_creates_meanwhile_gets_no_right() {
             tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await,
             Err(_) | Ok(None)
         ));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_secret_that_could_not_be_made_sidecerts_gets_no_role() {
+    // The create fails (500), or answers 409 and the Secret is gone again (whose it was is
+    // unknown), or the API server does not answer within the budget: the Secret may not be
+    // sidecert's, so no Role names it (and with no certificate left, none is written).
+    for case in ["500", "409 then 404", "no answer"] {
+        let (exec, mut handle) = executor();
+        let effects = vec![
+            Effect::Rbac {
+                namespace: "shop".into(),
+                service_account: "web".into(),
+                certificates: vec!["web-tls".into()],
+                account: "sidecert-acme-account-0123456789ab".into(),
+                eab: None,
+                leases: vec!["sidecert-web-tls".into()],
+            },
+            Effect::TemporarySecret {
+                namespace: "shop".into(),
+                name: "web-tls".into(),
+                domains: vec!["shop.example".into()],
+            },
+        ];
+        let budget = Duration::from_millis(300);
+        let task = tokio::spawn(async move { exec.apply(&effects, budget).await });
+        let secret = "/api/v1/namespaces/shop/secrets/web-tls";
+        expect(&mut handle, Method::GET, secret).await;
+        if case != "no answer" {
+            reply(StatusCode::NOT_FOUND, not_found());
+            expect(&mut handle, Method::POST, "/api/v1/namespaces/shop/secrets").await;
+        }
+        match case {
+            "500" => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"InternalError","code":500,"message":"etcd"}),
+            ),
+            "409 then 404" => {
+                reply(
+                    StatusCode::CONFLICT,
+                    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"AlreadyExists","code":409,"message":"exists"}),
+                );
+                expect(&mut handle, Method::GET, secret).await;
+                reply(StatusCode::NOT_FOUND, not_found());
+            }
+            _ => {} // the GET stays unanswered (its response is held in STASH)
+        }
+        let failures = task.await.unwrap();
+        assert!(
+            matches!(&failures[..], [(Effect::TemporarySecret { name, .. }, _)] if name == "web-tls"),
+            "{case}: {failures:?}"
+        );
+        if case == "no answer" {
+            assert_eq!(failures[0].1.metric_label(), "timeout", "{case}");
+        }
+        // No Role, no RoleBinding, no account Secret or Lease: nothing more was asked.
+        assert!(
+            matches!(
+                tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await,
+                Err(_) | Ok(None)
+            ),
+            "{case}"
+        );
+        STASH.with(|s| s.borrow_mut().take());
     }
 }
 

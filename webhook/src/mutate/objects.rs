@@ -276,8 +276,8 @@ pub fn role(
 /// `existing` brought in line with `wanted`: a rule of a shape `wanted` has no more (the
 /// unnamed `create` on Secrets and Leases older versions granted, a rule with no or an
 /// empty name list, which RBAC reads as every name) is dropped; a name `wanted` mentions
-/// gets exactly the rules `wanted` gives it (the EAB Secret leaves the read-write rule);
-/// other names are kept. `None` when nothing changes.
+/// gets exactly the rules of its resource `wanted` gives it (the EAB Secret leaves the
+/// read-write rule); other names are kept. `None` when nothing changes.
 pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
     let same_shape = |have: &PolicyRule, want: &PolicyRule| {
         have.api_groups == want.api_groups
@@ -286,10 +286,16 @@ pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
             && have.resource_names.is_some() == want.resource_names.is_some()
     };
     let wanted_rules = wanted.rules.as_deref().unwrap_or_default();
-    let mentioned: Vec<&String> = wanted_rules
-        .iter()
-        .flat_map(|r| r.resource_names.iter().flatten())
-        .collect();
+    // The names `wanted` gives rules of this API group and resource: a Secret and a Lease
+    // may share a name (the Lease of the certificate `x` is `sidecert-x`, a Secret's name
+    // too), and one must not take the other's right away.
+    let mentioned = |have: &PolicyRule| -> Vec<&String> {
+        wanted_rules
+            .iter()
+            .filter(|w| w.api_groups == have.api_groups && w.resources == have.resources)
+            .flat_map(|w| w.resource_names.iter().flatten())
+            .collect()
+    };
     let mut merged = existing.clone();
     let rules = merged.rules.get_or_insert_with(Vec::new);
     let before = rules.clone();
@@ -301,6 +307,7 @@ pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
         let Some(want) = wanted_rules.iter().find(|w| same_shape(have, w)) else {
             continue;
         };
+        let mentioned = mentioned(have);
         if let (Some(names), Some(want_names)) = (have.resource_names.as_mut(), &want.resource_names) {
             names.retain(|n| !mentioned.contains(&n) || want_names.contains(n));
         }
