@@ -1570,6 +1570,57 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     "a Role of another name in a labelled namespace: {}",
                     out.describe()
                 );
+                // Its own Roles hold only the sidecar's rules: a sidecert-* Role granting
+                // create on every Secret (then bound to a ServiceAccount of the thief's
+                // choosing) is refused; the sidecar's own rules are not.
+                let sidecar_role = |rules: Value| {
+                    json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                        "metadata": {"name": "sidecert-s9-probe",
+                            "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                        "rules": rules})
+                };
+                let named = |group: &str, resource: &str, verbs: Value| {
+                    json!({"apiGroups": [group], "resources": [resource], "verbs": verbs,
+                        "resourceNames": ["web-tls"]})
+                };
+                let rw = json!(["get", "list", "watch", "update", "patch"]);
+                // Some: refused by the policy (the webhook holds the right, so RBAC's own
+                // escalation check lets it through); None: either refuses.
+                let policy = "only the sidecar's rules";
+                let escalation = "not currently held";
+                for (rules, allowed, by_policy, what) in [
+                    (
+                        json!([named("", "secrets", rw.clone()),
+                            named("coordination.k8s.io", "leases", rw.clone()),
+                            {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+                            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+                            named("", "secrets", json!(["get"]))]),
+                        true,
+                        false,
+                        "the sidecar's rules",
+                    ),
+                    (json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]}]), false, true, "create on every Secret"),
+                    (json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]), false, true, "get on every Secret"),
+                    (json!([named("coordination.k8s.io", "leases", json!(["create"]))]), false, true, "create on Leases"),
+                    (json!([named("", "services", json!(["get"]))]), false, true, "a rule on Services"),
+                    (json!([named("", "secrets", json!(["get", "delete"]))]), false, false, "delete on a Secret"),
+                    (json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]), false, false, "every right"),
+                ] {
+                    let out = ctx
+                        .kubectl(
+                            &[&as_webhook, "-n", on, "create", "--dry-run=server", "-f", "-"],
+                            Some(&sidecar_role(rules).to_string()),
+                        )
+                        .await?;
+                    let refused_as_expected = out.stderr.contains(policy)
+                        || (!by_policy && out.stderr.contains(escalation));
+                    ensure!(
+                        out.success == allowed && (allowed || refused_as_expected),
+                        "a sidecert Role with {what} in a labelled namespace: expected {}: {}",
+                        if allowed { "allowed" } else if by_policy { "refused by the policy" } else { "refused" },
+                        out.describe()
+                    );
+                }
 
                 // Sent straight to a webhook Pod, without the API server's client certificate,
                 // a review is refused before it is read; the kubelet's probes still answer.
