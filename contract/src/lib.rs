@@ -403,9 +403,11 @@ impl CertificateSpec {
     }
 }
 
-/// The Lease name for the certificate held in `secret_name`.
+/// The Lease name for the certificate held in `secret_name`: `sidecert-<secret_name>`, at
+/// most 253 characters; a longer one is cut and ends in a hash of the whole name, so two
+/// long Secret names with one prefix do not share a Lease (they did when it was cut).
 pub fn lease_name(secret_name: &str) -> String {
-    truncate_name(format!("sidecert-{secret_name}"))
+    bounded_name(&format!("sidecert-{secret_name}"), 253)
 }
 
 /// Encodes a certificate list (for the `certificates` annotation and the env).
@@ -488,16 +490,6 @@ pub fn bounded_name(name: &str, max: usize) -> String {
     }
     let prefix = name.get(..cut).unwrap_or_default().trim_end_matches(['-', '.']);
     format!("{prefix}-{hash}")
-}
-
-fn truncate_name(mut s: String) -> String {
-    if s.len() > 253 {
-        s.truncate(253);
-        while s.ends_with(['-', '.']) {
-            s.pop();
-        }
-    }
-    s
 }
 
 /// Environment variable names of the injected sidecar container.
@@ -686,6 +678,15 @@ mod tests {
         assert_eq!(max_names_per_order(Some("classic")), 100);
         assert_eq!(max_names_per_order(Some(" ShortLived ")), 25);
         assert_eq!(max_names_per_order(Some("tlsserver")), 25);
+    }
+
+    #[test]
+    fn long_secret_names_with_one_prefix_get_their_own_leases() {
+        let (a, b) = (format!("{}-a", "x".repeat(248)), format!("{}-b", "x".repeat(248)));
+        let (la, lb) = (lease_name(&a), lease_name(&b));
+        assert!(la.len() <= 253 && lb.len() <= 253, "{la} {lb}");
+        assert_ne!(la, lb);
+        assert_eq!(lease_name("web-tls"), "sidecert-web-tls");
     }
 
     #[test]
