@@ -1570,6 +1570,28 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     "a Role of another name in a labelled namespace: {}",
                     out.describe()
                 );
+                // A tenant's Role of a sidecert-* name is not adopted by labelling it.
+                let tenant = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                    "metadata": {"name": "sidecert-s9-tenant"},
+                    "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+                        "resourceNames": ["web-tls"]}]});
+                let out = ctx
+                    .kubectl(&["-n", on, "create", "-o", "json", "-f", "-"], Some(&tenant.to_string()))
+                    .await?;
+                ensure!(out.success, "the tenant's Role: {}", out.describe());
+                let mut adopted: Value = serde_json::from_str(&out.stdout)?;
+                adopted["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "sidecert"});
+                let out = ctx
+                    .kubectl(
+                        &[&as_webhook, "-n", on, "replace", "--dry-run=server", "-f", "-"],
+                        Some(&adopted.to_string()),
+                    )
+                    .await?;
+                ensure!(
+                    !out.success && out.stderr.contains("never one that was not labelled so"),
+                    "a tenant's sidecert-* Role adopted by labelling it: {}",
+                    out.describe()
+                );
                 // Its own Roles hold only the sidecar's rules: a sidecert-* Role granting
                 // create on every Secret (then bound to a ServiceAccount of the thief's
                 // choosing) is refused; the sidecar's own rules are not.
@@ -1580,8 +1602,9 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                         "rules": rules})
                 };
                 let named = |group: &str, resource: &str, verbs: Value| {
+                    let name = if resource == "leases" { "sidecert-web-tls" } else { "web-tls" };
                     json!({"apiGroups": [group], "resources": [resource], "verbs": verbs,
-                        "resourceNames": ["web-tls"]})
+                        "resourceNames": [name]})
                 };
                 let rw = json!(["get", "list", "watch", "update", "patch"]);
                 // Some: refused by the policy (the webhook holds the right, so RBAC's own
@@ -1603,6 +1626,8 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     (json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]), false, true, "get on every Secret"),
                     (json!([named("coordination.k8s.io", "leases", json!(["create"]))]), false, true, "create on Leases"),
                     (json!([named("", "services", json!(["get"]))]), false, true, "a rule on Services"),
+                    (json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"], "resourceNames": [""]}]), false, true, "list on every Secret (the name \"\")"),
+                    (json!([{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "update"], "resourceNames": ["app-leader"]}]), false, true, "another app's Lease"),
                     (json!([named("", "secrets", json!(["get", "delete"]))]), false, false, "delete on a Secret"),
                     (json!([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]), false, false, "every right"),
                 ] {

@@ -245,6 +245,39 @@ fn a_secret_and_a_lease_of_one_name_keep_each_others_rights() {
 }
 
 #[test]
+fn merging_drops_names_sidecert_never_writes() {
+    // A name planted in a sidecert Role (with a stolen token, before the policy checked
+    // names): "" grants a list of every Secret, and a Lease not named sidecert-* is another
+    // app's. The policy now refuses a Role holding either, so the merge must drop them, or
+    // the Role could never be written again.
+    let mut have = role(
+        "shop",
+        "web",
+        &["web-tls".into()],
+        &[],
+        &["sidecert-web-tls".into()],
+    );
+    let rules = have.rules.as_mut().unwrap();
+    rules[0].resource_names.as_mut().unwrap().push(String::new());
+    rules[1]
+        .resource_names
+        .as_mut()
+        .unwrap()
+        .push("app-leader".into());
+    let want = role(
+        "shop",
+        "web",
+        &["web-tls".into()],
+        &[],
+        &["sidecert-web-tls".into()],
+    );
+    let merged = merge_role(&have, &want).expect("the planted names go");
+    let rules = merged.rules.unwrap();
+    assert_eq!(rules[0].resource_names.as_deref().unwrap(), ["web-tls"]);
+    assert_eq!(rules[1].resource_names.as_deref().unwrap(), ["sidecert-web-tls"]);
+}
+
+#[test]
 fn merging_adds_the_endpointslice_rule_to_an_older_role() {
     let mut old = role("shop", "web", &["a-tls".into()], &[], &["sidecert-a-tls".into()]);
     old.rules

@@ -17,7 +17,9 @@ use k8s_openapi::{
     },
 };
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
-use sidecert_contract::{HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations, bounded_name};
+use sidecert_contract::{
+    HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations, bounded_name, validate_secret_name,
+};
 
 use crate::error::Result;
 
@@ -308,8 +310,15 @@ pub fn merge_role(existing: &Role, wanted: &Role) -> Option<Role> {
             continue;
         };
         let mentioned = mentioned(have);
+        let leases = have.resources.as_deref() == Some(&["leases".to_owned()][..]);
         if let (Some(names), Some(want_names)) = (have.resource_names.as_mut(), &want.resource_names) {
-            names.retain(|n| !mentioned.contains(&n) || want_names.contains(n));
+            // A name sidecert never writes (the policy refuses a Role holding one: "" would
+            // grant a list of every Secret) is dropped, or the Role could never be merged again.
+            names.retain(|n| {
+                validate_secret_name(n).is_ok()
+                    && (!leases || n.starts_with("sidecert-"))
+                    && (!mentioned.contains(&n) || want_names.contains(n))
+            });
         }
     }
     for want in wanted_rules {
