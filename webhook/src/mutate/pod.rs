@@ -21,7 +21,7 @@ use crate::mutate::{
     context::{Context, SecretStanding},
     effect::Effect,
     outcome::{Outcome, SkipReason, add, to_json},
-    select::{Recheck, recheck, select},
+    select::{MAX_CERTIFICATES_PER_POD, Recheck, recheck, select},
 };
 
 /// Whether `url` is an `http://` or `https://` URL on the Pod's own loopback: the sidecar
@@ -211,8 +211,21 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
             out.warnings.push(standing.warning(namespace, &cert.secret_name));
         }
     }
-    let (certificates, too_many): (Vec<_>, Vec<_>) =
+    let (mut certificates, too_many): (Vec<_>, Vec<_>) =
         certificates.into_iter().partition(|c| c.domains.len() <= limit);
+    if certificates.len() > MAX_CERTIFICATES_PER_POD {
+        out.warnings.push(format!(
+            "sidecert: {} certificates select this Pod, more than one sidecar holds \
+             ({MAX_CERTIFICATES_PER_POD}); the first {MAX_CERTIFICATES_PER_POD} by Secret name \
+             are configured",
+            certificates.len()
+        ));
+        // Asked about with the others: a decision made again without one that is left out
+        // takes the next.
+        let cut = certificates.split_off(MAX_CERTIFICATES_PER_POD);
+        out.secret_candidates
+            .extend(cut.into_iter().map(|c| c.secret_name));
+    }
     for cert in &too_many {
         out.warnings.push(format!(
             "sidecert: Secret {} would hold {} names, more than the ACME profile {} accepts in \
@@ -418,14 +431,14 @@ mod tests {
 
     #[test]
     fn one_sidecar_holds_a_bounded_number_of_certificates() {
-        // 70 annotated Ingresses route to the Service web: each would add a certificate,
+        // 80 annotated Ingresses route to the Service web: each would add a certificate,
         // an owner look-up, a Lease and a key to one Pod's review, without end.
         let web: Service = serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"selector": {"app": "web"}}
         }))
         .unwrap();
-        let ingresses = (0..70)
+        let ingresses = (0..80)
             .map(|i| {
                 let host = format!("h{i:02}.shop.example");
                 serde_json::from_value(json!({
@@ -439,11 +452,19 @@ mod tests {
                 .unwrap()
             })
             .collect();
+        // The first ten by name are other teams': the cap counts only what may be used
+        // (it came first, and Secrets sorting first could push every usable one out).
         let ctx = Context {
             lookup: Arc::new(Snapshot {
                 ingresses,
                 services: vec![Arc::new(web)],
             }),
+            secrets: crate::mutate::context::SecretChecks {
+                left_out: (0..10)
+                    .map(|i| (format!("s{i:02}"), SecretStanding::Foreign))
+                    .collect(),
+                checked: None,
+            },
             ..context(Vec::new())
         };
         let out = mutate_pod(&request(json!({})), &ctx);
@@ -452,11 +473,8 @@ mod tests {
             _ => None,
         });
         let certificates = rbac.expect("injected");
-        assert_eq!(
-            certificates.len(),
-            crate::mutate::select::MAX_CERTIFICATES_PER_POD
-        );
-        assert_eq!(certificates.first().map(String::as_str), Some("s00"));
+        assert_eq!(certificates.len(), MAX_CERTIFICATES_PER_POD);
+        assert_eq!(certificates.first().map(String::as_str), Some("s10"));
         assert!(
             out.warnings
                 .iter()

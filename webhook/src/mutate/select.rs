@@ -45,19 +45,22 @@ pub fn annotated_versions(ingresses: &[Arc<Ingress>]) -> BTreeMap<String, String
 }
 
 /// Certificates one Pod's sidecar may hold: far more than any real workload needs, and what
-/// keeps a Pod review's API calls (one owner look-up, one Lease, one key per certificate)
-/// bounded however many Ingresses select it.
+/// keeps a Pod review's writes (one Lease, one key per certificate) bounded however many
+/// Ingresses select it. Applied after the Secrets that may not be used are left out.
 pub const MAX_CERTIFICATES_PER_POD: usize = 64;
+
+/// Certificates (and, apart, candidates) one selection returns: what keeps a Pod review's
+/// owner look-ups bounded, with room for many left out before [`MAX_CERTIFICATES_PER_POD`].
+pub const MAX_SELECTED: usize = 4 * MAX_CERTIFICATES_PER_POD;
 
 /// The outcome of selection for one Pod.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Selection {
-    /// Sorted, deduplicated by Secret name; at most [`MAX_CERTIFICATES_PER_POD`].
+    /// Sorted, deduplicated by Secret name; at most [`MAX_SELECTED`].
     pub certificates: Vec<CertificateSpec>,
     /// The Secrets of other TLS entries for the hosts selected, which a decision made
     /// without one of [`Selection::certificates`] may pick instead (see
-    /// [`crate::mutate::outcome::Outcome::secret_candidates`]); at most
-    /// [`MAX_CERTIFICATES_PER_POD`].
+    /// [`crate::mutate::outcome::Outcome::secret_candidates`]); at most [`MAX_SELECTED`].
     pub candidates: Vec<String>,
     /// ACME overrides: the Pod's own annotations, then the first selecting Ingress's.
     pub overrides: Overrides,
@@ -152,7 +155,7 @@ pub fn select(
                 })
             };
             for other in others() {
-                if candidates.len() < MAX_CERTIFICATES_PER_POD {
+                if candidates.len() < MAX_SELECTED {
                     candidates.insert(other.secret_name.clone());
                 }
             }
@@ -198,15 +201,14 @@ pub fn select(
         Some((_, o)) => pod_overrides.or(&o),
         None => pod_overrides,
     };
-    if certs.len() > MAX_CERTIFICATES_PER_POD {
+    if certs.len() > MAX_SELECTED {
         sel.warnings.push(format!(
-            "sidecert: {} certificates select this Pod, more than one sidecar holds \
-             ({MAX_CERTIFICATES_PER_POD}); the first {MAX_CERTIFICATES_PER_POD} by Secret name \
-             are configured",
+            "sidecert: {} certificates select this Pod; sidecert reads the first {MAX_SELECTED} \
+             by Secret name",
             certs.len()
         ));
     }
-    sel.certificates = certs.into_values().take(MAX_CERTIFICATES_PER_POD).collect();
+    sel.certificates = certs.into_values().take(MAX_SELECTED).collect();
     sel.candidates = candidates.into_iter().collect();
     if !sel.certificates.is_empty() {
         sel.invalid = false;
