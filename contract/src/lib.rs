@@ -159,6 +159,10 @@ pub enum ContractError {
         "Secret name {0:?} is reserved: names starting with {ACCOUNT_SECRET_PREFIX:?} hold the namespace's ACME account"
     )]
     ReservedSecretName(String),
+    #[error(
+        "Secret name {0:?} is too long for a certificate: at most {MAX_CERTIFICATE_SECRET_NAME} characters, so that its Lease (sidecert-<name>) is a valid name of its own"
+    )]
+    CertificateSecretNameTooLong(String),
     #[error("missing {0}")]
     Missing(&'static str),
     #[error("invalid {name}: {reason}")]
@@ -350,8 +354,16 @@ pub fn validate_certificate_secret_name(name: &str) -> Result<(), ContractError>
     if name.starts_with(ACCOUNT_SECRET_PREFIX) {
         return Err(ContractError::ReservedSecretName(name.to_owned()));
     }
+    if name.len() > MAX_CERTIFICATE_SECRET_NAME {
+        return Err(ContractError::CertificateSecretNameTooLong(name.to_owned()));
+    }
     Ok(())
 }
+
+/// The longest certificate Secret name: its Lease, `sidecert-<name>`, must fit in 253
+/// characters as it is. A cut name (even with a hash) could equal another certificate's
+/// Lease name, and two certificates would share a Lease.
+pub const MAX_CERTIFICATE_SECRET_NAME: usize = 253 - "sidecert-".len();
 
 /// One certificate a sidecar owns: the Secret that holds it and its domains.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -403,9 +415,9 @@ impl CertificateSpec {
     }
 }
 
-/// The Lease name for the certificate held in `secret_name`: `sidecert-<secret_name>`, at
-/// most 253 characters; a longer one is cut and ends in a hash of the whole name, so two
-/// long Secret names with one prefix do not share a Lease (they did when it was cut).
+/// The Lease name for the certificate held in `secret_name`: `sidecert-<secret_name>`. A
+/// certificate's Secret name is at most [`MAX_CERTIFICATE_SECRET_NAME`] long, so this is
+/// never cut; for any longer input it stays a valid name (cut, with a hash).
 pub fn lease_name(secret_name: &str) -> String {
     bounded_name(&format!("sidecert-{secret_name}"), 253)
 }
@@ -681,11 +693,21 @@ mod tests {
     }
 
     #[test]
-    fn long_secret_names_with_one_prefix_get_their_own_leases() {
-        let (a, b) = (format!("{}-a", "x".repeat(248)), format!("{}-b", "x".repeat(248)));
-        let (la, lb) = (lease_name(&a), lease_name(&b));
-        assert!(la.len() <= 253 && lb.len() <= 253, "{la} {lb}");
-        assert_ne!(la, lb);
+    fn no_two_certificates_share_a_lease() {
+        // Two Secret names of 245+ characters with one prefix shared a Lease when it was cut
+        // at 253; with a hash instead, a short name could still equal the cut one. A
+        // certificate's Secret name is now short enough for its Lease to be never cut.
+        let longest = "x".repeat(MAX_CERTIFICATE_SECRET_NAME);
+        assert!(CertificateSpec::new(longest.as_str(), ["a.example"]).is_ok());
+        assert_eq!(lease_name(&longest), format!("sidecert-{longest}"));
+        assert_eq!(lease_name(&longest).len(), 253);
+        let longer = format!("{longest}x");
+        let err = CertificateSpec::new(longer.as_str(), ["a.example"]).unwrap_err();
+        assert!(
+            matches!(err, ContractError::CertificateSecretNameTooLong(_)),
+            "{err}"
+        );
+        assert!(lease_name(&longer).len() <= 253);
         assert_eq!(lease_name("web-tls"), "sidecert-web-tls");
     }
 
