@@ -12,6 +12,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 use k8s_openapi::api::{
     admissionregistration::v1::MutatingWebhookConfiguration,
     apps::v1::Deployment,
+    coordination::v1::Lease,
     core::v1::{Namespace, Pod, Secret, Service},
     events::v1::Event,
     networking::v1::Ingress,
@@ -295,6 +296,40 @@ async fn scenarios(apps: &TestNamespace, replicas: &mut [Replica], leader: usize
     })
     .await
     .expect("the rolled Pod's sidecar replaces the temporary certificate");
+
+    // The certificate's Lease, deleted: the sidecar's Role cannot create it, so the
+    // reconciler does (at its next pass; a change of the backend Service brings that on).
+    let leases: Api<Lease> = apps.api();
+    leases
+        .delete("sidecert-web-tls", &DeleteParams::default())
+        .await
+        .unwrap();
+    let touch = json!({"metadata": {"annotations": {"test/touched": "lease"}}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&touch))
+        .await
+        .unwrap();
+    let lease = wait_for(Duration::from_secs(20), || {
+        let leases = leases.clone();
+        async move {
+            leases
+                .get_opt("sidecert-web-tls")
+                .await
+                .ok()?
+                .filter(|l| l.metadata.deletion_timestamp.is_none())
+        }
+    })
+    .await
+    .expect("the reconciler creates the certificate's Lease again");
+    assert_eq!(
+        lease
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("sidecert")
+    );
 
     // Once per Ingress generation: no second restart.
     tokio::time::sleep(Duration::from_secs(3)).await;

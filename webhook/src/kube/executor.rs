@@ -397,7 +397,7 @@ impl Executor {
 
     /// Creates a certificate's Lease unless it exists. A Lease of that name is taken as the
     /// certificate's whoever made it (sidecars before this made theirs without a label).
-    async fn ensure_lease(&self, namespace: &str, name: &str) -> Result<()> {
+    pub(crate) async fn ensure_lease(&self, namespace: &str, name: &str) -> Result<()> {
         let api = Api::<Lease>::namespaced(self.client.clone(), namespace);
         if api.get_metadata_opt(name).await?.is_some() {
             return Ok(());

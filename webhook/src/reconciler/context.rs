@@ -22,7 +22,7 @@ use kube::{
 };
 use serde_json::json;
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning,
+    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning, lease_name,
 };
 
 use crate::{
@@ -204,6 +204,17 @@ impl Reconciler {
             };
             if let Err(e) = result {
                 tracing::warn!(namespace = ns, ingress = %name, effect = effect.describe(), error = %e, "reconcile");
+                first_error.get_or_insert(e);
+            }
+        }
+
+        // The certificates' Leases: the sidecar's Role has no `create`, so one deleted (by
+        // hand, or with its namespace's Leases) would stop its renewals until a Pod is
+        // admitted again. A Lease grants nothing: it is made whether or not a Pod runs yet.
+        for secret in &plan.secrets {
+            let lease = lease_name(&secret.secret_name);
+            if let Err(e) = self.executor.ensure_lease(ns, &lease).await {
+                tracing::warn!(namespace = ns, ingress = %name, lease, error = %e, "reconcile");
                 first_error.get_or_insert(e);
             }
         }

@@ -5,7 +5,8 @@
 //!
 //! For an annotated Ingress:
 //! - the HTTP-01 path is on every TLS host's rule ([`crate::mutate::ingress::route_patch`]);
-//! - the temporary Secrets exist where no Secret does (an existing Secret is never touched);
+//! - the temporary Secrets exist where no Secret does (an existing Secret is never touched),
+//!   and so do the certificates' Leases (the sidecar's Role cannot create them);
 //! - the solver Services exist, are owned by the Ingress and carry their backend's selector;
 //! - Pods behind its backends that lack the sidecar get their workload restarted once per
 //!   Ingress generation (like `kubectl rollout restart`), with an Event on the Ingress; Pods
