@@ -105,7 +105,7 @@ impl Plan {
             if checks.standing(&r.secret_name).is_none() {
                 return true;
             }
-            match secrets.iter().find(|s| s.domains.binary_search(&r.host).is_ok()) {
+            match usable_secret_for(secrets, &r.host, checks) {
                 Some(other) => {
                     warnings.push(format!(
                         "sidecert: {host}'s HTTP-01 challenges are routed for Secret {other} \
@@ -127,6 +127,22 @@ impl Plan {
     pub fn secret_names(&self) -> Vec<&str> {
         self.secrets.iter().map(|s| s.secret_name.as_str()).collect()
     }
+}
+
+/// The Secret a host's challenges are routed for when the one its first TLS entry names is
+/// left out: the first of `secrets` (a plan's, in TLS entry order) that names the host and
+/// that `checks` does not leave out. [`Plan::leave_out`] routes by it and
+/// [`crate::mutate::select::select`] gives the Pods behind the route its certificate, so the
+/// two always agree.
+pub fn usable_secret_for<'a>(
+    secrets: &'a [TlsSecret],
+    host: &str,
+    checks: &SecretChecks,
+) -> Option<&'a TlsSecret> {
+    secrets.iter().find(|s| {
+        checks.standing(&s.secret_name).is_none()
+            && s.domains.binary_search_by(|d| d.as_str().cmp(host)).is_ok()
+    })
 }
 
 fn service_of(backend: &IngressBackend) -> Option<&IngressServiceBackend> {

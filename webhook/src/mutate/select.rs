@@ -15,7 +15,7 @@ use sidecert_contract::{CertificateSpec, annotations};
 use crate::mutate::{
     container::Overrides,
     context::SecretChecks,
-    ingress::{is_annotated, plan, solver_service_name},
+    ingress::{is_annotated, plan, solver_service_name, usable_secret_for},
     lookup::Lookup,
 };
 
@@ -147,21 +147,20 @@ pub fn select(
                 continue;
             };
             // A host whose Secret is left out (someone else's) has its challenges routed for
-            // the first other Secret of the Ingress naming it that is not, as
-            // `Plan::leave_out` does: that certificate is this Pod's too.
-            let others = || {
-                plan.secrets.iter().filter(|s| {
-                    s.secret_name != tls.secret_name && s.domains.binary_search(&route.host).is_ok()
-                })
-            };
-            for other in others() {
+            // another of the Ingress's Secrets (`Plan::leave_out`): that certificate is this
+            // Pod's too. The others naming the host are candidates, asked about up front.
+            let others = plan
+                .secrets
+                .iter()
+                .filter(|s| s.secret_name != tls.secret_name && s.domains.binary_search(&route.host).is_ok());
+            for other in others {
                 if candidates.len() < MAX_SELECTED {
                     candidates.insert(other.secret_name.clone());
                 }
             }
             let next = checks
                 .standing(&tls.secret_name)
-                .and_then(|_| others().find(|s| checks.standing(&s.secret_name).is_none()));
+                .and_then(|_| usable_secret_for(&plan.secrets, &route.host, checks));
             for tls in std::iter::once(tls).chain(next) {
                 // The leader waits for this solver Service's endpoints before telling the CA
                 // to validate. If the certificate's hosts go to several backends that select
