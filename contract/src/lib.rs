@@ -35,6 +35,8 @@ pub const INJECTION_ENABLED: &str = "enabled";
 /// Namespaces that are never mutated, whatever their labels say.
 pub const NEVER_MUTATED_NAMESPACES: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
+pub mod hosts;
+
 /// Annotation keys.
 pub mod annotations {
     /// Ingress: the switch (`"true"`).

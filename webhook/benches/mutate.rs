@@ -19,6 +19,7 @@ fn bench(c: &mut Criterion) {
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     let reviewer = Reviewer::new(ctx, Metrics::new().unwrap(), None);
     let request = parse(&body).unwrap();

@@ -18,6 +18,7 @@ pub mod defaults {
     pub const LEADER_LEASE_DURATION: &str = "15s";
     pub const RECONCILE_NAMESPACE_SELECTOR: &str = concat!(sidecert_contract::key!("injection"), "=enabled");
     pub const RECONCILE_INTERVAL: &str = "5m";
+    pub const HOST_CLAIM_RELEASE_AFTER: &str = "15m";
     pub const CA_SECRET_NAME: &str = "sidecert-webhook-ca";
     pub const SERVICE_NAME: &str = "sidecert-webhook";
     pub const WEBHOOK_CONFIGURATION_NAME: &str = "sidecert";
@@ -271,6 +272,11 @@ pub struct ReconcilerArgs {
     /// How often every annotated Ingress is looked at again, changed or not.
     #[arg(long, env = "SIDECERT_WEBHOOK_RECONCILE_INTERVAL", default_value = defaults::RECONCILE_INTERVAL, value_parser = parse_duration)]
     pub reconcile_interval: Duration,
+    /// How long a host's claim outlives the last object of its namespace that asks for the
+    /// host (annotated Ingress, or Pod with a certificate for it); then another namespace
+    /// may claim it.
+    #[arg(long, env = "SIDECERT_WEBHOOK_HOST_CLAIM_RELEASE_AFTER", default_value = defaults::HOST_CLAIM_RELEASE_AFTER, value_parser = parse_duration)]
+    pub host_claim_release_after: Duration,
 }
 
 impl Default for ReconcilerArgs {
@@ -284,6 +290,7 @@ impl Default for ReconcilerArgs {
             leader_identity: None,
             reconcile_namespace_selector: defaults::RECONCILE_NAMESPACE_SELECTOR.to_owned(),
             reconcile_interval: default_duration(defaults::RECONCILE_INTERVAL),
+            host_claim_release_after: default_duration(defaults::HOST_CLAIM_RELEASE_AFTER),
         }
     }
 }
@@ -417,6 +424,11 @@ pub struct MutationArgs {
     /// warning and no certificate, so a tenant cannot point sidecars at a CA of its choice.
     #[arg(long, env = "SIDECERT_WEBHOOK_ALLOWED_ACME_SERVERS", value_delimiter = ',')]
     pub allowed_acme_servers: Vec<String>,
+    /// The domains any namespace may claim, comma separated: `shop.example.com` itself,
+    /// `*.example.com` one label under it (not deeper). Unset: any domain. A Namespace's
+    /// `sidecert.io/allowed-domains` narrows it, never widens it.
+    #[arg(long, env = "SIDECERT_WEBHOOK_ALLOWED_DOMAINS")]
+    pub allowed_domains: Option<String>,
     /// Default ACME account email.
     #[arg(long, env = "SIDECERT_WEBHOOK_ACME_EMAIL")]
     pub acme_email: Option<String>,
@@ -446,6 +458,7 @@ impl Default for MutationArgs {
             sidecar_memory_limit: defaults::SIDECAR_MEMORY_LIMIT.to_owned(),
             acme_server: defaults::ACME_SERVER.to_owned(),
             allowed_acme_servers: Vec::new(),
+            allowed_domains: None,
             acme_email: None,
             acme_profile: None,
             key_algorithm: KeyAlgorithm::default(),

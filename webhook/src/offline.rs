@@ -64,6 +64,7 @@ pub fn offline_context(args: &MutationArgs, lookup: Arc<dyn Lookup>) -> Result<C
         acme: AcmeDefaults::from_args(args)?,
         lookup,
         secrets: Default::default(),
+        hosts: Default::default(),
     })
 }
 

@@ -3,6 +3,7 @@
 use std::{pin::pin, sync::Arc, time::Duration};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
+use sidecert_contract::hosts::{AllowedDomains, DomainPolicy};
 use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
@@ -10,7 +11,7 @@ use crate::{
     config::{ServeArgs, TlsSource},
     error::{Error, Result},
     https::{HttpsSettings, serve_https},
-    kube::{cache::Cache, client::client, executor::Executor, namespaces::NamespaceGate},
+    kube::{cache::Cache, claims::HostClaims, client::client, executor::Executor, namespaces::NamespaceGate},
     metrics::Metrics,
     mutate::{
         container::{AcmeDefaults, SidecarSettings},
@@ -97,6 +98,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         acme: AcmeDefaults::from_args(&args.mutation)?,
         lookup: lookup.clone(),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     let metrics = Metrics::new()?;
     let executor = Executor::new(client.clone(), lookup.clone(), args.side_effect_timeout);
@@ -107,6 +109,27 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         &args.reconciler.reconcile_namespace_selector,
         &release_namespace(&args).unwrap_or_default(),
     );
+    // Host claims live in the release namespace; without one (certificate files outside a
+    // Pod, no --namespace, --reconcile=false), every host is its namespace's.
+    let policy = DomainPolicy {
+        cluster: args
+            .mutation
+            .allowed_domains
+            .as_deref()
+            .map(AllowedDomains::parse)
+            .transpose()
+            .map_err(|e| Error::Config(format!("--allowed-domains: {e}")))?,
+        namespace: None,
+    };
+    let claims = match release_namespace(&args) {
+        Ok(ns) => Some(HostClaims::new(client.clone(), &ns, policy)),
+        Err(_) => {
+            tracing::warn!(
+                "no release namespace: hosts are not claimed (one owner per host is not enforced)"
+            );
+            None
+        }
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reconciler = if args.reconciler.enabled {
         let namespace = release_namespace(&args)?;
@@ -126,6 +149,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
                 .acme_profile
                 .clone()
                 .filter(|p| !p.trim().is_empty()),
+            host_claim_release_after: r.host_claim_release_after,
         };
         let leader = reconciler::LeaderSettings {
             namespace,
@@ -135,6 +159,7 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         Some(tokio::spawn(reconciler::run(
             client.clone(),
             lookup,
+            claims.clone(),
             settings,
             leader,
             metrics.clone(),
@@ -207,7 +232,12 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
     let limits = Limits::from_args(&args.limits);
     let state = web::Data::new(
         AppState::new(
-            Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
+            match claims.clone() {
+                Some(claims) => Reviewer::new(ctx, metrics.clone(), Some(executor))
+                    .with_namespace_gate(namespaces)
+                    .with_host_claims(claims),
+                None => Reviewer::new(ctx, metrics.clone(), Some(executor)).with_namespace_gate(namespaces),
+            },
             ready.clone(),
             &limits,
         )

@@ -46,6 +46,7 @@ fn context() -> Context {
         },
         lookup: Arc::new(cluster()),
         secrets: Default::default(),
+        hosts: Default::default(),
     }
 }
 

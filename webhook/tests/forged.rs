@@ -90,6 +90,7 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
         acme: AcmeDefaults::default(),
         lookup: cache.clone(),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", OWN);
     assert!(gate.wait_until_ready().await);
@@ -259,6 +260,7 @@ fn reviewer_over(client: &kube::Client, lookup: Arc<dyn Lookup>) -> Reviewer {
         acme: AcmeDefaults::default(),
         lookup: lookup.clone(),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     let executor = Executor::new(client.clone(), lookup, Duration::from_secs(4));
     Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))

@@ -62,6 +62,7 @@ fn reviewer() -> Reviewer {
         acme: AcmeDefaults::default(),
         lookup: Arc::new(cluster),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     Reviewer::new(ctx, Metrics::new().unwrap(), None)
 }

@@ -18,6 +18,7 @@ fn state(ready: bool) -> web::Data<AppState> {
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     web::Data::new(AppState::new(
         Reviewer::new(ctx, Metrics::new().unwrap(), None),

@@ -66,6 +66,7 @@ fn start_with(tag: &str, limits: Limits, client_ca: Option<&str>) -> Running {
             acme: AcmeDefaults::default(),
             lookup: Arc::new(Snapshot::default()),
             secrets: Default::default(),
+            hosts: Default::default(),
         };
         let state = web::Data::new(
             AppState::new(Reviewer::new(ctx, m, None), Readiness::new(true, true), &limits)

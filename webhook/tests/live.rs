@@ -29,6 +29,7 @@ fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
         acme: AcmeDefaults::default(),
         lookup: cache.clone(),
         secrets: Default::default(),
+        hosts: Default::default(),
     };
     let executor = Executor::new(client, cache, Duration::from_secs(4));
     Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))

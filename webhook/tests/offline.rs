@@ -11,6 +11,7 @@ fn ctx() -> Context {
         acme: AcmeDefaults::default(),
         lookup: Arc::new(Snapshot::default()),
         secrets: Default::default(),
+        hosts: Default::default(),
     }
 }
 

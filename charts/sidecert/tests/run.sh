@@ -147,6 +147,7 @@ check defaults '[x["verbs"] for x in one("ClusterRole")["rules"] if x["resources
 render overrides --set webhook.failurePolicy.pods=Ignore --set webhook.failurePolicy.ingresses=Fail --set webhook.timeoutSeconds=5 \
 	--set acme.email=ops@example.com --set acme.server=https://acme.example/dir --set acme.profile=shortlived \
 	--set 'acme.allowedServers={https://ca.example/dir,letsencrypt-staging}' \
+	--set 'acme.allowedDomains={shop.example.com,*.shop.example.com}' --set reconciler.hostClaimReleaseAfter=1h \
 	--set certificates.servingValidity=10m --set sidecar.resources.limits.cpu=100m --set webhook.extraArgs[0]=--workers=2
 check overrides 'pods()["failurePolicy"] == "Ignore" and ingresses()["failurePolicy"] == "Fail"' "failurePolicy overrides"
 check overrides 'pods()["timeoutSeconds"] == ingresses()["timeoutSeconds"] == 5' "timeoutSeconds override"
@@ -154,6 +155,11 @@ check overrides 'arg("--acme-email") == "ops@example.com" and arg("--acme-server
 check overrides 'arg("--allowed-acme-servers") == "https://ca.example/dir,letsencrypt-staging"' "allowed ACME servers, comma separated"
 check defaults 'arg("--allowed-acme-servers") is None' "no extra ACME servers by default"
 refuse "an allowed ACME server that is not https" "allowedServers" --set 'acme.allowedServers={http://ca.example/dir}'
+check overrides 'arg("--allowed-domains") == "shop.example.com,*.shop.example.com" and arg("--host-claim-release-after") == "1h"' "allowed domains, comma separated; claim release delay"
+check defaults 'arg("--allowed-domains") is None and arg("--host-claim-release-after") == "15m"' "any domain by default; claims released after 15m"
+refuse "an allowed domain that is not a name" "allowedDomains" --set 'acme.allowedDomains={shop example}'
+check defaults '"sidecert-host-" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and ["delete"] in [x["verbs"] for x in one("Role")["rules"] if x["resources"] == ["leases"]]' \
+	"the webhook writes and deletes host claims in its own namespace"
 check overrides 'arg("--serving-validity") == "10m" and arg("--sidecar-cpu-limit") == "100m" and args()[-1] == "--workers=2"' "certificate, sidecar and extra flags"
 
 render servicemonitor --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.labels.release=prom

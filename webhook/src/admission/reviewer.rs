@@ -15,9 +15,10 @@ use crate::{
     admission::codec::{Request, operation_label, parse, respond},
     error::{Error, Result},
     kube::{
+        claims::{Claimed, HostClaims},
         executor::{Executor, SecretOwners},
         live::LiveCheck,
-        namespaces::NamespaceGate,
+        namespaces::{NamespaceGate, Served},
     },
     metrics::Metrics,
     mutate::{
@@ -42,6 +43,8 @@ pub struct Reviewer {
     /// Which namespaces opted in, asked of the API server (the server sets it; offline
     /// commands and tests without it trust the review's namespace).
     namespaces: Option<NamespaceGate>,
+    /// Who owns which host (the server sets it; without it, every host is the namespace's).
+    claims: Option<HostClaims>,
 }
 
 /// Time budget for the live check of one Pod.
@@ -50,6 +53,19 @@ pub const LIVE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// How many times a review asks the API server whose Secrets its decision names (each
 /// decision made again may name new ones).
 pub const MAX_OWNER_ROUNDS: usize = 3;
+
+/// Every host the outcome's certificates hold (their temporary Secrets name them all).
+fn hosts_of(outcome: &Outcome) -> BTreeSet<&str> {
+    outcome
+        .effects
+        .iter()
+        .flat_map(|e| match e {
+            Effect::TemporarySecret { domains, .. } => domains.as_slice(),
+            _ => &[],
+        })
+        .map(String::as_str)
+        .collect()
+}
 
 /// The namespace and the sorted names of the Secrets an outcome's effects would write or
 /// grant rights on.
@@ -88,7 +104,15 @@ impl Reviewer {
             executor,
             live: LiveCheck::default(),
             namespaces: None,
+            claims: None,
         }
+    }
+
+    /// Claims the hosts of every review for its namespace before any certificate is
+    /// configured for them: one owner per host, within the allowed domains.
+    pub fn with_host_claims(mut self, claims: HostClaims) -> Self {
+        self.claims = Some(claims);
+        self
     }
 
     /// Applies the namespace rules to every review before anything else: a Pod or Ingress in
@@ -99,19 +123,26 @@ impl Reviewer {
         self
     }
 
-    /// `Some(outcome)` when the namespace rules leave this review unchanged.
-    async fn refused(&self, request: &Request, deadline: Option<Instant>) -> Option<Outcome> {
-        let gate = self.namespaces.as_ref()?;
+    /// `Err(outcome)` when the namespace rules leave this review unchanged; else what the
+    /// API server said of the namespace (`None` without a gate).
+    async fn gate(
+        &self,
+        request: &Request,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Served>, Box<Outcome>> {
+        let Some(gate) = self.namespaces.as_ref() else {
+            return Ok(None);
+        };
         if matches!(request, Request::Other { .. }) {
-            return None;
+            return Ok(None);
         }
         let ns = request.namespace();
         let budget = deadline.map_or(LIVE_LOOKUP_TIMEOUT, |d| {
             d.saturating_duration_since(Instant::now())
         });
         let result = match gate.serves(ns, budget.min(LIVE_LOOKUP_TIMEOUT)).await {
-            Ok(true) => return None,
-            Ok(false) => "not_served",
+            Ok(Some(served)) => return Ok(Some(served)),
+            Ok(None) => "not_served",
             Err(e) => {
                 tracing::warn!(uid = request.uid(), namespace = ns, error = %e, "cannot tell whether the namespace opted in");
                 e.metric_label()
@@ -123,7 +154,9 @@ impl Reviewer {
             result,
             "review for a namespace sidecert does not serve: unchanged"
         );
-        Some(Outcome::skip(SkipReason::NamespaceNotServed).warn(not_served_warning(ns)))
+        Err(Box::new(
+            Outcome::skip(SkipReason::NamespaceNotServed).warn(not_served_warning(ns)),
+        ))
     }
 
     /// The pure part of a review.
@@ -156,22 +189,26 @@ impl Reviewer {
             .await
     }
 
-    /// Asks the API server whose Secrets the review's certificates and the sidecar's ACME
-    /// account name. A certificate whose Secret is someone else's is left unconfigured
-    /// (decided again without it: no sidecar, no right, no HTTP-01 path for it), and so is a
-    /// Pod whose account Secret is. The effects look at every Secret again before the Role
-    /// names it (one found to be sidecert's here may have been replaced since).
+    /// Asks the API server who owns the hosts and whose are the Secrets the review's
+    /// certificates and the sidecar's ACME account name. A host claimed by another namespace
+    /// (or outside the domains this one may claim, or whose claim is not known in time) is
+    /// left out of its certificate, and a certificate left with no host goes; a certificate
+    /// whose Secret is someone else's is left unconfigured (decided again without it: no
+    /// sidecar, no right, no HTTP-01 path for it), and so is a Pod whose account Secret is.
+    /// The effects look at every Secret again before the Role names it (one found to be
+    /// sidecert's here may have been replaced since).
     ///
-    /// A decision made again may name Secrets the first did not (a host's next TLS entry, or
-    /// an Ingress a fresh look found): those are asked about in turn, for at most
-    /// [`MAX_OWNER_ROUNDS`] look-ups; the last decision may use only names asked about, so no
-    /// unchecked name ever reaches a Role.
-    async fn leave_foreign_secrets(
+    /// A decision made again may name hosts and Secrets the first did not (a host's next TLS
+    /// entry, or an Ingress a fresh look found): those are asked about in turn, for at most
+    /// [`MAX_OWNER_ROUNDS`] look-ups; the last decision may use only hosts claimed and names
+    /// asked about, so no unchecked name ever reaches a Role or a certificate.
+    async fn check_names(
         &self,
         request: &Request,
         exec: &Executor,
         mut outcome: Outcome,
         deadline: Option<Instant>,
+        served: Option<&Served>,
     ) -> Outcome {
         // At most half of what is left, however many rounds: the side effects follow, and
         // with no time left they would all fail (no Secret, no Lease, no Role).
@@ -179,47 +216,88 @@ impl Reviewer {
             let now = Instant::now();
             now + d.saturating_duration_since(now) / 2
         });
+        let claims = self.claims.as_ref();
+        let policy = claims.map(|c| {
+            c.policy
+                .clone()
+                .with_namespace_annotation(served.and_then(|s| s.allowed_domains.as_deref()))
+        });
+        let namespace = request.namespace().to_owned();
         let mut owners = SecretOwners::default();
         let mut asked: BTreeSet<String> = BTreeSet::new();
+        let mut hosts = Claimed::default();
         for round in 1..=MAX_OWNER_ROUNDS {
-            let Some((namespace, names)) = secret_names(&outcome) else {
-                break;
+            let names = secret_names(&outcome);
+            let wanted_hosts = if claims.is_some() {
+                hosts_of(&outcome)
+            } else {
+                BTreeSet::new()
             };
+            if names.is_none() && wanted_hosts.is_empty() {
+                break;
+            }
             // The candidates too: a Pod then picks the same Secret for a host as its Ingress.
             let mut new: Vec<&str> = names
                 .iter()
+                .flat_map(|(_, n)| n)
                 .chain(&outcome.secret_candidates)
                 .map(String::as_str)
                 .filter(|n| !asked.contains(*n))
                 .collect();
             new.sort_unstable();
             new.dedup();
-            if !new.is_empty() {
-                let budget = decide_by
-                    .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
-                    .min(LIVE_LOOKUP_TIMEOUT);
-                owners.extend(exec.secret_owners(&namespace, &new, budget).await);
-                asked.extend(new.iter().map(|n| (*n).to_owned()));
+            let new_hosts: Vec<&str> = wanted_hosts
+                .iter()
+                .copied()
+                .filter(|h| !hosts.owned.contains(*h) && !hosts.left_out.contains_key(*h))
+                .collect();
+            let budget = decide_by
+                .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
+                .min(LIVE_LOOKUP_TIMEOUT);
+            let look_secrets = async {
+                match &names {
+                    Some((ns, _)) if !new.is_empty() => Some(exec.secret_owners(ns, &new, budget).await),
+                    _ => None,
+                }
+            };
+            let claim_hosts = async {
+                match (claims, &policy) {
+                    (Some(c), Some(p)) if !new_hosts.is_empty() => Some(
+                        c.claim(&namespace, &new_hosts, p, request.dry_run(), budget)
+                            .await,
+                    ),
+                    _ => None,
+                }
+            };
+            let (found, claimed) = futures::join!(look_secrets, claim_hosts);
+            if let Some(found) = found {
+                owners.extend(found);
             }
-            if names.iter().all(|n| owners.allows(n)) {
+            asked.extend(new.iter().map(|n| (*n).to_owned()));
+            if let Some(claimed) = claimed {
+                hosts.extend(claimed);
+            }
+            let secrets_ok = names
+                .as_ref()
+                .is_none_or(|(_, names)| names.iter().all(|n| owners.allows(n)));
+            let hosts_ok = wanted_hosts.iter().all(|h| hosts.owned.contains(*h));
+            if secrets_ok && hosts_ok {
                 break;
             }
             let left_out = owners.left_out();
-            tracing::info!(uid = request.uid(), secrets = ?left_out, round, "certificates naming Secrets that are not (or not known to be) sidecert's are left out");
-            // Decided again without them; in the last round, with only the names asked about.
+            tracing::info!(uid = request.uid(), secrets = ?left_out, hosts = ?hosts.left_out.keys().collect::<Vec<_>>(), round, "certificates naming hosts or Secrets that are not (or not known to be) the namespace's are left out");
+            // Decided again without them; in the last round, with only the names asked about
+            // and the hosts claimed.
+            let last = round == MAX_OWNER_ROUNDS;
             let checks = SecretChecks {
                 left_out,
-                checked: (round == MAX_OWNER_ROUNDS).then(|| asked.clone()),
+                checked: last.then(|| asked.clone()),
             };
-            outcome = self
-                .decide_again(
-                    request,
-                    exec,
-                    &self.ctx.with_secret_checks(checks),
-                    decide_by,
-                    outcome,
-                )
-                .await;
+            let ctx = self
+                .ctx
+                .with_secret_checks(checks)
+                .with_host_checks(hosts.checks(last && claims.is_some()));
+            outcome = self.decide_again(request, exec, &ctx, decide_by, outcome).await;
         }
         outcome
     }
@@ -250,17 +328,17 @@ impl Reviewer {
         timer.operation = operation_label(request.operation());
         // One budget for the review's API calls: the live check, then the side effects.
         let deadline = self.executor.as_ref().map(|e| Instant::now() + e.budget());
-        let refused = self.refused(&request, deadline).await;
-        let mut outcome = match (&request, &self.executor, refused) {
-            (_, _, Some(refused)) => refused,
-            (Request::Pod(pod), Some(exec), None) => {
+        let served = self.gate(&request, deadline).await;
+        let mut outcome = match (&request, &self.executor, served) {
+            (_, _, Err(refused)) => *refused,
+            (Request::Pod(pod), Some(exec), Ok(served)) => {
                 let outcome = self.decide_pod(pod, exec, &self.ctx, deadline).await;
-                self.leave_foreign_secrets(&request, exec, outcome, deadline)
+                self.check_names(&request, exec, outcome, deadline, served.as_ref())
                     .await
             }
-            (Request::Ingress(_), Some(exec), None) => {
+            (Request::Ingress(_), Some(exec), Ok(served)) => {
                 let outcome = self.mutate(&request);
-                self.leave_foreign_secrets(&request, exec, outcome, deadline)
+                self.check_names(&request, exec, outcome, deadline, served.as_ref())
                     .await
             }
             _ => self.mutate(&request),

@@ -3,6 +3,7 @@
 //! [`crate::mutate::Effect`]s, the [`namespaces`] sidecert serves, and the [`client`] itself.
 
 pub mod cache;
+pub mod claims;
 pub mod client;
 pub mod executor;
 pub mod live;

@@ -14,6 +14,9 @@ use kube::{
 };
 use tokio::task::JoinHandle;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use sidecert_contract::hosts::ALLOWED_DOMAINS;
+
 use crate::{error::Error, mutate::namespace::may_serve};
 
 /// A reflector store of the namespaces `selector` selects, kept current until the task is
@@ -65,22 +68,42 @@ impl NamespaceGate {
         self.store.wait_until_ready().await.is_ok()
     }
 
-    /// Whether sidecert serves `namespace`: never a system namespace or its own; else the
-    /// watch cache, and on a miss the API server, within `budget`.
-    pub async fn serves(&self, namespace: &str, budget: Duration) -> Result<bool, Error> {
+    /// Whether sidecert serves `namespace` (`Some`, with the Namespace's
+    /// `sidecert.io/allowed-domains`): never a system namespace or its own; else the watch
+    /// cache, and on a miss the API server, within `budget`.
+    pub async fn serves(&self, namespace: &str, budget: Duration) -> Result<Option<Served>, Error> {
         if !may_serve(namespace, &self.own) {
-            return Ok(false);
+            return Ok(None);
         }
-        if self.store.get(&reflector::ObjectRef::new(namespace)).is_some() {
-            return Ok(true);
+        if let Some(ns) = self.store.get(&reflector::ObjectRef::new(namespace)) {
+            return Ok(Some(Served::of(&ns.metadata)));
         }
         let params = ListParams::default()
             .labels(&self.selector)
             .fields(&format!("metadata.name={namespace}"));
         let api = Api::<Namespace>::all(self.client.clone());
         match tokio::time::timeout(budget, api.list_metadata(&params)).await {
-            Ok(list) => Ok(!list?.items.is_empty()),
+            Ok(list) => Ok(list?.items.first().map(|ns| Served::of(&ns.metadata))),
             Err(_) => Err(Error::Timeout(budget)),
+        }
+    }
+}
+
+/// A namespace sidecert serves, as the API server has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Its `sidecert.io/allowed-domains` annotation, if it has one.
+    pub allowed_domains: Option<String>,
+}
+
+impl Served {
+    fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            allowed_domains: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ALLOWED_DOMAINS))
+                .cloned(),
         }
     }
 }

@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use sidecert_contract::foreign_secret_warning;
+use sidecert_contract::{foreign_secret_warning, hosts::MAX_CLAIMABLE_HOST};
 
 use crate::mutate::{
     container::{AcmeDefaults, SidecarSettings},
@@ -23,6 +23,88 @@ pub struct Context {
     /// Which Secrets of the review's namespace a certificate may use, as the reviewer found
     /// them; empty (every name allowed) elsewhere.
     pub secrets: SecretChecks,
+    /// Which hosts the review's namespace may have certificates for, as the reviewer found
+    /// them (claims and allowed domains); empty (every host allowed) elsewhere.
+    pub hosts: HostChecks,
+}
+
+/// What the reviewer found of the hosts a review's certificates name: claimed by another
+/// namespace, outside the namespace's allowed domains, or not known in time. A host with a
+/// standing gets no certificate, no HTTP-01 path and no temporary Secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostChecks {
+    /// The hosts left out, with the warning that says why.
+    pub left_out: BTreeMap<String, HostStanding>,
+    /// When set, the only hosts claimed for the namespace: any other (one a decision made
+    /// again found) is left out as [`HostStanding::Unknown`].
+    pub claimed: Option<BTreeSet<String>>,
+}
+
+impl HostChecks {
+    /// Why the namespace may not have a certificate for `host`, if it may not.
+    pub fn standing(&self, host: &str) -> Option<&HostStanding> {
+        if let Some(standing) = self.left_out.get(host) {
+            return Some(standing);
+        }
+        match &self.claimed {
+            Some(claimed) if !claimed.contains(host) => Some(&HostStanding::Unknown),
+            _ => None,
+        }
+    }
+
+    /// `domains` without the hosts left out; a warning for each one left out.
+    pub fn keep(&self, namespace: &str, domains: &[String], warnings: &mut Vec<String>) -> Vec<String> {
+        domains
+            .iter()
+            .filter(|d| match self.standing(d) {
+                Some(standing) => {
+                    let warning = standing.warning(namespace, d);
+                    if !warnings.contains(&warning) {
+                        warnings.push(warning);
+                    }
+                    false
+                }
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Why a host is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostStanding {
+    /// Another namespace claimed it first.
+    Claimed,
+    /// Outside the domains the namespace may claim; the warning says which list refused it.
+    NotAllowed(String),
+    /// Too long to have a claim.
+    Unclaimable,
+    /// The API server did not say in time who owns it.
+    Unknown,
+}
+
+impl HostStanding {
+    /// The admission warning for `host` in `namespace`.
+    pub fn warning(&self, namespace: &str, host: &str) -> String {
+        match self {
+            Self::Claimed => format!(
+                "sidecert: {host} is claimed by another namespace, which asked for it first; namespace \
+                 {namespace} gets no certificate, HTTP-01 path or temporary Secret for it (a cluster \
+                 admin can see the claim: kubectl get leases -n <sidecert's namespace> \
+                 sidecert-host-{host})"
+            ),
+            Self::NotAllowed(warning) => warning.clone(),
+            Self::Unclaimable => format!(
+                "sidecert: {host} is longer than the {MAX_CLAIMABLE_HOST} characters a host claim \
+                 takes; it gets no certificate, HTTP-01 path or temporary Secret"
+            ),
+            Self::Unknown => format!(
+                "sidecert: cannot tell in time whether namespace {namespace} owns {host}; no \
+                 certificate is configured for it this time (the next admission decides again)"
+            ),
+        }
+    }
 }
 
 /// What the API server said of the Secrets a review's certificates name.
@@ -79,6 +161,14 @@ impl Context {
     pub fn with_lookup(&self, lookup: Arc<dyn Lookup>) -> Self {
         Self {
             lookup,
+            ..self.clone()
+        }
+    }
+
+    /// The same context, knowing which hosts the namespace may have certificates for.
+    pub fn with_host_checks(&self, hosts: HostChecks) -> Self {
+        Self {
+            hosts,
             ..self.clone()
         }
     }

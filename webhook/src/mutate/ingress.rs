@@ -23,7 +23,7 @@ use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
 use crate::mutate::{
-    context::{Context, SecretChecks, SecretStanding},
+    context::{Context, HostChecks, SecretChecks, SecretStanding},
     effect::Effect,
     objects::SOLVER_PORT_NAME,
     outcome::{Outcome, SkipReason, add, to_json},
@@ -121,6 +121,25 @@ impl Plan {
                 None => false,
             }
         });
+    }
+
+    /// Leaves out the hosts of `checks` (claimed by another namespace, not allowed, or not
+    /// known in time), with a warning each: their routes go, a Secret keeps its other hosts,
+    /// and one left with none goes too (no temporary Secret, no sidecar for it).
+    pub fn leave_out_hosts(&mut self, namespace: &str, checks: &HostChecks) {
+        for secret in &mut self.secrets {
+            secret.domains = checks.keep(namespace, &secret.domains, &mut self.warnings);
+        }
+        self.secrets.retain(|s| !s.domains.is_empty());
+        self.routes.retain(|r| checks.standing(&r.host).is_none());
+    }
+
+    /// Every host of the plan's Secrets.
+    pub fn hosts(&self) -> BTreeSet<&str> {
+        self.secrets
+            .iter()
+            .flat_map(|s| s.domains.iter().map(String::as_str))
+            .collect()
     }
 
     /// The names of the Secrets the plan would create if absent.
@@ -360,6 +379,8 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, ctx: &Context) -> Outcome
         .unwrap_or_else(|| "default".to_owned());
     let mut plan = plan(ingress, ctx.acme.profile.as_deref());
     let before = plan.secrets.len();
+    plan.leave_out_hosts(&namespace, &ctx.hosts);
+    let hosts_left_out = plan.secrets.len() < before;
     let foreign = plan
         .secrets
         .iter()
@@ -373,7 +394,9 @@ pub fn mutate_ingress(req: &AdmissionRequest<Ingress>, ctx: &Context) -> Outcome
     };
     if out.patch.is_empty() {
         out.skipped = Some(if plan.secrets.is_empty() && before > 0 {
-            if foreign {
+            if hosts_left_out && !foreign {
+                SkipReason::HostNotOwned
+            } else if foreign {
                 SkipReason::ForeignSecret
             } else {
                 SkipReason::SecretOwnerUnknown
@@ -462,9 +485,20 @@ pub fn routed_solvers(ingress: &Ingress) -> Vec<String> {
 /// [`route_patch`]), each guarded by a `test` of the path it removes, from the last index
 /// down so earlier removals do not shift later ones.
 pub fn route_removal_patch(ingress: &Ingress) -> Vec<PatchOperation> {
+    route_removal_patch_for(ingress, |_| true)
+}
+
+/// [`route_removal_patch`] for the rules whose host (lower case; `""` for none) `remove`
+/// picks: the HTTP-01 paths of hosts the namespace may not have any more (claimed by
+/// another namespace, or outside its allowed domains).
+pub fn route_removal_patch_for(ingress: &Ingress, remove: impl Fn(&str) -> bool) -> Vec<PatchOperation> {
     let mut patch = Vec::new();
     let rules = ingress.spec.iter().flat_map(|s| s.rules.iter().flatten());
     for (i, rule) in rules.enumerate() {
+        let host = rule.host.as_deref().unwrap_or_default().to_ascii_lowercase();
+        if !remove(&host) {
+            continue;
+        }
         let paths = rule.http.iter().flat_map(|h| h.paths.iter());
         let found: Vec<(usize, &HTTPIngressPath)> =
             paths.enumerate().filter(|(_, p)| is_challenge_path(p)).collect();
@@ -514,7 +548,10 @@ pub fn owner_reference(ingress: &Ingress) -> Option<OwnerReference> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::{mutate::objects::rbac_name, testing::ingress};
+    use crate::{
+        mutate::{context::HostStanding, objects::rbac_name},
+        testing::ingress,
+    };
 
     #[test]
     fn generated_names_fit_whatever_the_input() {
@@ -640,6 +677,59 @@ mod tests {
             names(&plan(&ing, Some("shortlived"))) >= 26,
             "the Ingress's own profile wins"
         );
+    }
+
+    #[test]
+    fn a_host_the_namespace_does_not_own_loses_its_route_and_leaves_its_secret() {
+        // One TLS entry with two hosts, a second entry with only the foreign one: the first
+        // Secret keeps its other host, the second goes, and the foreign host's path (added
+        // before the claim) is what the reconciler takes off.
+        let mut ing = ingress(true, true);
+        let spec = ing.spec.as_mut().unwrap();
+        spec.tls = Some(
+            serde_json::from_value(serde_json::json!([
+                {"hosts": ["web.shop.example", "api.shop.example"], "secretName": "web-tls"},
+                {"hosts": ["web.shop.example"], "secretName": "only-tls"}]))
+            .unwrap(),
+        );
+        let mut api_rule = spec.rules.as_ref().unwrap()[0].clone();
+        api_rule.host = Some("API.shop.example".to_owned());
+        spec.rules.as_mut().unwrap().push(api_rule);
+        let mut p = plan(&ing, None);
+        assert_eq!(p.routes.len(), 2);
+        let checks = HostChecks {
+            left_out: BTreeMap::from([("web.shop.example".to_owned(), HostStanding::Claimed)]),
+            claimed: None,
+        };
+        p.leave_out_hosts("shop", &checks);
+        assert_eq!(p.secret_names(), ["web-tls"]);
+        assert_eq!(p.secrets[0].domains, ["api.shop.example"]);
+        assert_eq!(p.routes.len(), 1);
+        assert_eq!(p.routes[0].host, "api.shop.example");
+        assert_eq!(p.warnings.len(), 1, "one warning per host: {:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("claimed by another namespace"),
+            "{:?}",
+            p.warnings
+        );
+        let removal = route_removal_patch_for(&ing, |h| checks.standing(h).is_some());
+        // A test and a remove, of rule 0 only.
+        assert_eq!(removal.len(), 2, "{removal:?}");
+        assert!(
+            serde_json::to_string(&removal)
+                .unwrap()
+                .contains("/spec/rules/0/http/paths/0")
+        );
+        // With only the hosts claimed allowed, one never claimed is left out too.
+        let mut p = plan(&ing, None);
+        p.leave_out_hosts(
+            "shop",
+            &HostChecks {
+                left_out: BTreeMap::new(),
+                claimed: Some(BTreeSet::from(["api.shop.example".to_owned()])),
+            },
+        );
+        assert_eq!(p.hosts(), BTreeSet::from(["api.shop.example"]));
     }
 
     #[test]

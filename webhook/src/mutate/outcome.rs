@@ -38,6 +38,9 @@ pub enum SkipReason {
     SecretOwnerUnknown,
     /// Every certificate holds more names than the ACME profile takes in one order.
     TooManyNames,
+    /// Every host the review asks for is claimed by another namespace, outside the domains
+    /// the namespace may claim, or of an owner not known in time.
+    HostNotOwned,
 }
 
 impl SkipReason {
@@ -57,6 +60,7 @@ impl SkipReason {
             Self::ForeignSecret => "foreign_secret",
             Self::SecretOwnerUnknown => "secret_owner_unknown",
             Self::TooManyNames => "too_many_names",
+            Self::HostNotOwned => "host_not_owned",
         }
     }
 }

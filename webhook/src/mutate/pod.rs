@@ -149,10 +149,13 @@ pub fn mutate_pod_in(pod: &Pod, namespace: &str, ctx: &Context) -> Outcome {
         ctx.lookup.as_ref(),
         ctx.acme.profile.as_deref(),
         &ctx.secrets,
+        &ctx.hosts,
     );
     if selection.certificates.is_empty() {
         let reason = if selection.invalid {
             SkipReason::InvalidAnnotations
+        } else if selection.hosts_left_out {
+            SkipReason::HostNotOwned
         } else {
             SkipReason::NotSelected
         };
@@ -386,6 +389,7 @@ mod tests {
                 services: services.into_iter().map(Arc::new).collect(),
             }),
             secrets: Default::default(),
+            hosts: Default::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use sidecert_contract::{CertificateSpec, annotations};
 
 use crate::mutate::{
     container::Overrides,
-    context::SecretChecks,
+    context::{HostChecks, SecretChecks},
     ingress::{is_annotated, plan, solver_service_name, usable_secret_for},
     lookup::Lookup,
 };
@@ -67,6 +67,8 @@ pub struct Selection {
     pub warnings: Vec<String>,
     /// `true` when the Pod's annotations ask for injection but are invalid.
     pub invalid: bool,
+    /// `true` when a certificate was left out for its hosts (see [`HostChecks`]).
+    pub hosts_left_out: bool,
 }
 
 fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
@@ -95,6 +97,7 @@ pub fn select(
     lookup: &dyn Lookup,
     default_profile: Option<&str>,
     checks: &SecretChecks,
+    hosts: &HostChecks,
 ) -> Selection {
     let mut sel = Selection::default();
     let mut certs: BTreeMap<String, CertificateSpec> = BTreeMap::new();
@@ -109,8 +112,13 @@ pub fn select(
         let secret = pod_annotations.get(annotations::SECRET_NAME);
         match (domains, secret) {
             (Some(d), Some(s)) => match CertificateSpec::new(s.trim(), d.split(',')) {
-                Ok(spec) => {
-                    certs.insert(spec.secret_name.clone(), spec);
+                Ok(mut spec) => {
+                    spec.domains = hosts.keep(namespace, &spec.domains, &mut sel.warnings);
+                    if spec.domains.is_empty() {
+                        sel.hosts_left_out = true;
+                    } else {
+                        certs.insert(spec.secret_name.clone(), spec);
+                    }
                 }
                 Err(e) => {
                     sel.invalid = true;
@@ -134,7 +142,25 @@ pub fn select(
     let mut ingresses = lookup.ingresses(namespace);
     ingresses.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for ing in ingresses.iter().filter(|i| is_annotated(i)) {
-        let plan = plan(ing, default_profile);
+        let mut plan = plan(ing, default_profile);
+        // The hosts this namespace may not have: said for the routes to this Pod, then left
+        // out as the Ingress's own review leaves them out.
+        for route in &plan.routes {
+            let Some(standing) = hosts.standing(&route.host) else {
+                continue;
+            };
+            if lookup
+                .service(namespace, &route.backend)
+                .is_some_and(|svc| selects(&svc, labels))
+            {
+                sel.hosts_left_out = true;
+                let warning = standing.warning(namespace, &route.host);
+                if !sel.warnings.contains(&warning) {
+                    sel.warnings.push(warning);
+                }
+            }
+        }
+        plan.leave_out_hosts(namespace, hosts);
         let mut selected = false;
         for route in &plan.routes {
             let Some(svc) = lookup.service(namespace, &route.backend) else {

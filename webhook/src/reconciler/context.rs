@@ -22,17 +22,22 @@ use kube::{
 };
 use serde_json::json;
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning, lease_name,
+    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning,
+    hosts::ALLOWED_DOMAINS, lease_name,
 };
 
 use crate::{
     error::{Error, Result},
-    kube::executor::Executor,
+    kube::{claims::HostClaims, executor::Executor},
     metrics::Metrics,
     mutate::{
+        context::HostStanding,
         context::SecretChecks,
         effect::Effect,
-        ingress::{effects, plan, route_patch, route_removal_patch, routed_solvers},
+        ingress::{
+            Plan, effects, is_annotated, plan, route_patch, route_removal_patch, route_removal_patch_for,
+            routed_solvers,
+        },
         lookup::Lookup,
         namespace::may_serve,
     },
@@ -45,6 +50,9 @@ use crate::{
 /// What every reconcile shares.
 pub struct Reconciler {
     pub(super) client: Client,
+    /// Who owns which host (`None`: every host is its namespace's).
+    pub(super) claims: Option<HostClaims>,
+    pub(super) lookup: Arc<dyn Lookup>,
     pub(super) executor: Executor,
     pub(super) namespaces: Store<Namespace>,
     recorder: Recorder,
@@ -60,6 +68,7 @@ impl Reconciler {
     pub fn new(
         client: Client,
         lookup: Arc<dyn Lookup>,
+        claims: Option<HostClaims>,
         namespaces: Store<Namespace>,
         settings: Settings,
         metrics: Metrics,
@@ -72,8 +81,10 @@ impl Reconciler {
             },
         );
         Self {
-            executor: Executor::new(client.clone(), lookup, Duration::from_secs(10)),
+            executor: Executor::new(client.clone(), lookup.clone(), Duration::from_secs(10)),
             client,
+            claims,
+            lookup,
             namespaces,
             recorder,
             settings,
@@ -85,6 +96,89 @@ impl Reconciler {
 
     pub(super) fn namespace_enabled(&self, ns: &str) -> bool {
         may_serve(ns, &self.settings.own_namespace) && self.namespaces.get(&ObjectRef::new(ns)).is_some()
+    }
+
+    /// Whether the cached annotated Ingresses of `ns` (a namespace served) ask for `host`.
+    pub(super) fn host_in_use(&self, ns: &str, host: &str) -> bool {
+        self.namespace_enabled(ns)
+            && self
+                .lookup
+                .ingresses(ns)
+                .iter()
+                .filter(|i| is_annotated(i))
+                .any(|i| {
+                    plan(i, self.settings.default_profile.as_deref())
+                        .hosts()
+                        .contains(host)
+                })
+    }
+
+    /// Claims the plan's hosts for `ns` and leaves out the ones it may not have, with a
+    /// warning Event; the HTTP-01 paths of those hosts (added before the claim, or before
+    /// sidecert claimed hosts at all) come off the Ingress.
+    async fn leave_out_hosts(&self, ingress: &Ingress, ns: &str, plan: &mut Plan) -> Result<Option<Ingress>> {
+        let Some(claims) = &self.claims else {
+            return Ok(None);
+        };
+        let allowed = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .and_then(|n| n.annotations().get(ALLOWED_DOMAINS).cloned());
+        let policy = claims
+            .policy
+            .clone()
+            .with_namespace_annotation(allowed.as_deref());
+        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+        let claimed = claims
+            .claim(ns, &hosts, &policy, false, self.executor.budget())
+            .await;
+        let checks = claimed.checks(false);
+        if checks.left_out.is_empty() {
+            return Ok(None);
+        }
+        let note = checks
+            .left_out
+            .iter()
+            .map(|(host, standing)| standing.warning(ns, host))
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.warn_once(ingress, "HostNotOwned", note).await;
+        plan.leave_out_hosts(ns, &checks);
+        // Only hosts another namespace owns or this one may not claim: a claim not known in
+        // time keeps its path until the next reconcile.
+        let gone = |host: &str| {
+            checks
+                .left_out
+                .get(host)
+                .is_some_and(|s| !matches!(s, HostStanding::Unknown))
+        };
+        let patch = route_removal_patch_for(ingress, gone);
+        if patch.is_empty() {
+            return Ok(None);
+        }
+        let name = ingress.name_any();
+        let updated = Api::<Ingress>::namespaced(self.client.clone(), ns)
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
+            )
+            .await?;
+        self.action("route_removed");
+        tracing::info!(namespace = ns, ingress = %name, "removed the HTTP-01 path of hosts the namespace does not own");
+        self.event(
+            ingress,
+            EventType::Normal,
+            "ChallengeRouteRemoved",
+            "Reconcile",
+            format!(
+                "removed the HTTP-01 path {ACME_CHALLENGE_PATH} of hosts this namespace does not own \
+                 (claimed by another namespace first, or outside its allowed domains)"
+            ),
+            None,
+        )
+        .await;
+        Ok(Some(updated))
     }
 
     pub(super) fn action(&self, action: &str) {
@@ -129,6 +223,9 @@ impl Reconciler {
     pub(super) async fn ensure(&self, ingress: &Ingress, ns: &str) -> Result<()> {
         let name = ingress.name_any();
         let mut plan = plan(ingress, self.settings.default_profile.as_deref());
+        // One owner per host: what another namespace owns is left out, and its path goes.
+        let trimmed = self.leave_out_hosts(ingress, ns, &mut plan).await?;
+        let ingress = trimmed.as_ref().unwrap_or(ingress);
         // A Secret of someone else's is never written, routed to or rolled for.
         let owners = self
             .executor

@@ -123,6 +123,37 @@ pub async fn run_controller(ctx: Arc<Reconciler>, stop: impl Future<Output = ()>
         .await;
 }
 
+/// How often the leader looks at every host claim: a fifth of the release delay, between
+/// 10 s and 5 minutes.
+pub fn sweep_interval(release_after: Duration) -> Duration {
+    (release_after / 5).clamp(Duration::from_secs(10), Duration::from_secs(300))
+}
+
+/// Releases, while this replica leads, the host claims no object of their namespace has
+/// used for `--host-claim-release-after`.
+pub async fn sweep_claims(ctx: Arc<Reconciler>) {
+    let Some(claims) = ctx.claims.clone() else {
+        return;
+    };
+    let release_after = ctx.settings.host_claim_release_after;
+    let mut tick = tokio::time::interval(sweep_interval(release_after));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match claims
+            .sweep(&ctx.client, |ns, host| ctx.host_in_use(ns, host), release_after)
+            .await
+        {
+            Ok(released) => {
+                for _ in released {
+                    ctx.action("host_claim_released");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look at the host claims"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

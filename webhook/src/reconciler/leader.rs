@@ -14,12 +14,12 @@ use sidecert_runtime::{Backoff, Election, LeaseSpec};
 use tokio::sync::{oneshot, watch};
 
 use crate::{
-    kube::namespaces::namespace_store,
+    kube::{claims::HostClaims, namespaces::namespace_store},
     metrics::Metrics,
     mutate::lookup::Lookup,
     reconciler::{
         context::Reconciler,
-        controller::run_controller,
+        controller::{run_controller, sweep_claims},
         settings::{CONTROLLER_NAME, Settings},
     },
 };
@@ -58,6 +58,7 @@ pub fn default_identity() -> String {
 pub async fn run(
     client: Client,
     lookup: Arc<dyn Lookup>,
+    claims: Option<HostClaims>,
     settings: Settings,
     leader: LeaderSettings,
     metrics: Metrics,
@@ -113,10 +114,12 @@ pub async fn run(
             let ctx = Arc::new(Reconciler::new(
                 client.clone(),
                 lookup.clone(),
+                claims.clone(),
                 namespaces,
                 settings.clone(),
                 metrics.clone(),
             ));
+            let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let controller = run_controller(ctx, stop_rx.map(drop));
             tokio::pin!(controller);
@@ -139,6 +142,7 @@ pub async fn run(
                 tracing::warn!("reconciles still running after 5 s; leaving them");
             }
             ns_watch.abort();
+            sweeps.abort();
             metrics.leader.set(0);
             match outcome {
                 Some(true) => break *shutdown.borrow(),

@@ -21,4 +21,6 @@ pub struct Settings {
     /// The chart's ACME profile (`--acme-profile`), which decides how many names an
     /// Ingress's certificate may hold unless the Ingress names its own.
     pub default_profile: Option<String>,
+    /// How long a host's claim outlives the last object of its namespace that asks for it.
+    pub host_claim_release_after: Duration,
 }

@@ -1,0 +1,304 @@
+//! One owner per host, decided by the API server: a claim Lease per host in sidecert's own
+//! namespace ([`sidecert_contract::hosts`]), created only if absent, holder the namespace
+//! that asked first. Admission claims the hosts a review's certificates name (a dry run only
+//! looks); the reconciler's leader releases a claim after its owner has had no object for
+//! that host for a while ([`HostClaims::sweep`]).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{coordination::v1::Lease, coordination::v1::LeaseSpec, core::v1::Pod, networking::v1::Ingress},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::{SignedDuration, Timestamp},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
+};
+use sidecert_contract::{
+    MANAGED_BY, MANAGED_BY_LABEL, annotations, decode_certificates,
+    hosts::{CLAIM_HOST_ANNOTATION, CLAIM_LABEL, CLAIM_LABEL_VALUE, CLAIM_PREFIX, DomainPolicy, claim_name},
+};
+
+use crate::{
+    error::Result,
+    kube::executor::already_exists,
+    mutate::{
+        context::{HostChecks, HostStanding},
+        ingress::{is_annotated, plan},
+    },
+};
+
+/// How many claims [`HostClaims::claim`] asks about at once.
+const CLAIMS_AT_ONCE: usize = 16;
+
+/// The claims in sidecert's namespace.
+#[derive(Clone)]
+pub struct HostClaims {
+    api: Api<Lease>,
+    /// The chart's `allowedDomains` (none: any domain).
+    pub policy: DomainPolicy,
+}
+
+/// What a review learned of its hosts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Hosts the namespace owns (or, on a dry run, would own).
+    pub owned: BTreeSet<String>,
+    /// Hosts it may not have, and why.
+    pub left_out: BTreeMap<String, HostStanding>,
+}
+
+impl Claimed {
+    pub fn extend(&mut self, other: Self) {
+        self.owned.extend(other.owned);
+        self.left_out.extend(other.left_out);
+    }
+
+    /// The checks a decision is made again with; `last`: only the hosts owned are allowed.
+    pub fn checks(&self, last: bool) -> HostChecks {
+        HostChecks {
+            left_out: self.left_out.clone(),
+            claimed: last.then(|| self.owned.clone()),
+        }
+    }
+}
+
+/// The claim Lease for `host`, held by `owner`.
+pub fn claim_lease(name: &str, host: &str, owner: &str) -> Lease {
+    let now = MicroTime(Timestamp::now());
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some(
+                [
+                    (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+                    (CLAIM_LABEL.to_owned(), CLAIM_LABEL_VALUE.to_owned()),
+                ]
+                .into(),
+            ),
+            annotations: Some([(CLAIM_HOST_ANNOTATION.to_owned(), host.to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(owner.to_owned()),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..LeaseSpec::default()
+        }),
+    }
+}
+
+fn holder(lease: &Lease) -> Option<&str> {
+    lease.spec.as_ref()?.holder_identity.as_deref()
+}
+
+/// The host a claim is for: its annotation, else its name without the prefix.
+fn claimed_host(lease: &Lease) -> Option<String> {
+    lease
+        .annotations()
+        .get(CLAIM_HOST_ANNOTATION)
+        .cloned()
+        .or_else(|| lease.name_any().strip_prefix(CLAIM_PREFIX).map(str::to_owned))
+}
+
+/// When the owner was last seen using the claim.
+fn renewed(lease: &Lease) -> Option<Timestamp> {
+    let spec = lease.spec.as_ref()?;
+    spec.renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| lease.creation_timestamp().map(|t| t.0))
+}
+
+impl HostClaims {
+    /// Claims live in `namespace` (sidecert's own).
+    pub fn new(client: Client, namespace: &str, policy: DomainPolicy) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            policy,
+        }
+    }
+
+    /// Claims `hosts` (normalised) for `namespace`, within `budget`: each one allowed by
+    /// `policy` is created if absent (looked at only, on a dry run) and then owned by
+    /// whoever holds it. A host whose claim the API server did not answer for in time is
+    /// [`HostStanding::Unknown`].
+    pub async fn claim(
+        &self,
+        namespace: &str,
+        hosts: &[&str],
+        policy: &DomainPolicy,
+        dry_run: bool,
+        budget: Duration,
+    ) -> Claimed {
+        let mut out = Claimed::default();
+        let mut asks = Vec::new();
+        for host in hosts {
+            let host = (*host).to_owned();
+            if !policy.allows(&host) {
+                let warning = policy.refusal(namespace, &host);
+                out.left_out.insert(host, HostStanding::NotAllowed(warning));
+                continue;
+            }
+            let Some(name) = claim_name(&host) else {
+                out.left_out.insert(host, HostStanding::Unclaimable);
+                continue;
+            };
+            asks.push((host, name));
+        }
+        let deadline = tokio::time::Instant::now() + budget;
+        let looks: Vec<_> = asks
+            .into_iter()
+            .map(|(host, name)| async move {
+                let found =
+                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, namespace, dry_run)).await;
+                (host, found)
+            })
+            .collect();
+        let found: Vec<_> = futures::stream::iter(looks)
+            .buffer_unordered(CLAIMS_AT_ONCE)
+            .collect()
+            .await;
+        for (host, found) in found {
+            match found {
+                Ok(Ok(true)) => {
+                    out.owned.insert(host);
+                }
+                Ok(Ok(false)) => {
+                    tracing::info!(%namespace, %host, "host claimed by another namespace: left out");
+                    out.left_out.insert(host, HostStanding::Claimed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%namespace, %host, error = %e, "cannot claim the host");
+                    out.left_out.insert(host, HostStanding::Unknown);
+                }
+                Err(_) => {
+                    tracing::warn!(%namespace, %host, "cannot claim the host in time");
+                    out.left_out.insert(host, HostStanding::Unknown);
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether `namespace` holds the claim `name` (after creating it, unless `dry_run`).
+    async fn claim_one(&self, name: &str, host: &str, namespace: &str, dry_run: bool) -> Result<bool> {
+        // Look first: most reviews find their namespace's claim.
+        if let Some(lease) = self.api.get_opt(name).await? {
+            return Ok(holder(&lease) == Some(namespace));
+        }
+        if dry_run {
+            return Ok(true);
+        }
+        match self
+            .api
+            .create(&PostParams::default(), &claim_lease(name, host, namespace))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(%namespace, %host, "host claimed");
+                Ok(true)
+            }
+            // Another review was first: whoever it was holds it.
+            Err(e) if already_exists(&e) => Ok(self
+                .api
+                .get_opt(name)
+                .await?
+                .is_some_and(|l| holder(&l) == Some(namespace))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The leader's pass over every claim: one whose owner still has an object for the host
+    /// (per `in_use`, the caches) is renewed when its renewal is older than half of
+    /// `release_after`; one unused and older than `release_after` is looked at live (the
+    /// owner's Ingresses and Pods) and deleted if it is still unused, with preconditions,
+    /// so that a claim renewed meanwhile stays. Returns the hosts released.
+    pub async fn sweep(
+        &self,
+        client: &Client,
+        in_use: impl Fn(&str, &str) -> bool,
+        release_after: Duration,
+    ) -> Result<Vec<String>> {
+        let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
+        let now = Timestamp::now();
+        let after = SignedDuration::try_from(release_after).unwrap_or(SignedDuration::MAX);
+        let mut released = Vec::new();
+        for lease in self.api.list(&lp).await?.items {
+            let (Some(owner), Some(host)) = (holder(&lease).map(str::to_owned), claimed_host(&lease)) else {
+                continue;
+            };
+            let age = renewed(&lease).map_or(SignedDuration::MAX, |t| now.duration_since(t));
+            let used = in_use(&owner, &host) || (age >= after && used_live(client, &owner, &host).await?);
+            if used {
+                if age >= after / 2 {
+                    self.renew(lease).await?;
+                }
+            } else if age >= after {
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        uid: lease.uid(),
+                        resource_version: lease.resource_version(),
+                    }),
+                    ..DeleteParams::default()
+                };
+                match self.api.delete(&lease.name_any(), &dp).await {
+                    Ok(_) => {
+                        tracing::info!(namespace = owner, %host, "host claim released: no object used it for a while");
+                        released.push(host);
+                    }
+                    Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    async fn renew(&self, mut lease: Lease) -> Result<()> {
+        let name = lease.name_any();
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.renew_time = Some(MicroTime(Timestamp::now()));
+        }
+        match self.api.replace(&name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Whether `namespace` has, as the API server says now, an annotated Ingress or a Pod with
+/// a certificate for `host`.
+async fn used_live(client: &Client, namespace: &str, host: &str) -> Result<bool> {
+    let ingresses = Api::<Ingress>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await?;
+    if ingresses
+        .items
+        .iter()
+        .filter(|i| is_annotated(i))
+        .any(|i| plan(i, None).hosts().contains(host))
+    {
+        return Ok(true);
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list_metadata(&ListParams::default())
+        .await?;
+    Ok(pods.items.iter().any(|p| pod_uses(&p.metadata, host)))
+}
+
+/// Whether a Pod's status annotation lists a certificate for `host`.
+pub fn pod_uses(meta: &ObjectMeta, host: &str) -> bool {
+    meta.annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::CERTIFICATES))
+        .and_then(|v| decode_certificates(v).ok())
+        .is_some_and(|certs| certs.iter().any(|c| c.domains.iter().any(|d| d == host)))
+}

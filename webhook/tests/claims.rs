@@ -1,0 +1,287 @@
+//! One owner per host, against the real API server: the first namespace to claim a host
+//! owns it (a claim Lease in sidecert's namespace, created only if absent); a later claim
+//! from another namespace, by Ingress or by Pod, gets a warning and nothing else; a dry run
+//! claims nothing; a Namespace's `sidecert.io/allowed-domains` narrows what it may claim;
+//! and the leader releases a claim no object uses any more.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Namespace, Secret},
+    networking::v1::Ingress,
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::{Value, json};
+use sidecert_contract::hosts::DomainPolicy;
+use sidecert_e2e::{Plane, TestNamespace};
+use sidecert_webhook::{
+    AcmeDefaults, Context, Reviewer, SidecarSettings,
+    kube::{Executor, NamespaceGate, claims::HostClaims},
+    metrics::Metrics,
+    mutate::Snapshot,
+};
+
+mod common;
+use common::create_review;
+
+fn ingress(namespace: &str, name: &str, secret: &str, hosts: &[&str]) -> Value {
+    json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": name, "namespace": namespace,
+            "annotations": {"sidecert.io/issue-temporary-certificate": "true"}},
+        "spec": {
+            "tls": [{"hosts": hosts, "secretName": secret}],
+            "rules": hosts.iter().map(|h| json!({"host": h, "http": {"paths": [{"path": "/",
+                "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}))
+                .collect::<Vec<_>>()
+        }
+    })
+}
+
+fn pod(secret: &str, host: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"generateName": "p-", "annotations": {
+            "sidecert.io/inject": "true", "sidecert.io/domains": host,
+            "sidecert.io/secret-name": secret}},
+        "spec": {"containers": [{"name": "app", "image": "example.invalid/app:1"}]}
+    })
+}
+
+async fn respond(reviewer: &Reviewer, namespace: &str, object: Value, dry_run: bool) -> Value {
+    let body = create_review(namespace, object, dry_run);
+    let out: Value = serde_json::from_slice(&reviewer.review(&body).await.unwrap()).unwrap();
+    assert_eq!(out["response"]["allowed"], true, "{out}");
+    out["response"].clone()
+}
+
+fn warned(response: &Value, text: &str) -> bool {
+    response["warnings"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains(text)))
+}
+
+/// A reviewer with the namespace gate and host claims in `release`.
+async fn reviewer(client: &kube::Client, release: &str, policy: DomainPolicy) -> Reviewer {
+    let cache = Arc::new(Snapshot::default());
+    let ctx = Context {
+        sidecar: SidecarSettings::default(),
+        acme: AcmeDefaults::default(),
+        lookup: cache.clone(),
+        secrets: Default::default(),
+        hosts: Default::default(),
+    };
+    let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", release);
+    assert!(gate.wait_until_ready().await);
+    let executor = Executor::new(client.clone(), cache, Duration::from_secs(4));
+    Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
+        .with_namespace_gate(gate)
+        .with_host_claims(HostClaims::new(client.clone(), release, policy))
+}
+
+async fn holder(release: &TestNamespace, host: &str) -> Option<String> {
+    release
+        .api::<Lease>()
+        .get_opt(&format!("sidecert-host-{host}"))
+        .await
+        .unwrap()
+        .and_then(|l| l.spec?.holder_identity)
+}
+
+async fn has_secret(ns: &TestNamespace, name: &str) -> bool {
+    ns.api::<Secret>().get_opt(name).await.unwrap().is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_namespace_to_claim_a_host_owns_it() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let release = plane.namespace("claims-release", false).await.unwrap();
+    let a = plane.namespace("claims-a", true).await.unwrap();
+    let b = plane.namespace("claims-b", true).await.unwrap();
+    let reviewer = reviewer(&client, release.name(), DomainPolicy::default()).await;
+    let host = format!("shop.{}.example", a.name());
+    let other = format!("blog.{}.example", b.name());
+
+    // A dry run only looks: no claim, no Secret.
+    let dry = respond(
+        &reviewer,
+        a.name(),
+        ingress(a.name(), "web", "web-tls", &[&host]),
+        true,
+    )
+    .await;
+    assert!(dry["patch"].is_string(), "{dry}");
+    assert_eq!(holder(&release, &host).await, None);
+
+    // A claims the host first: routed, its temporary Secret made, the claim held by A.
+    let first = respond(
+        &reviewer,
+        a.name(),
+        ingress(a.name(), "web", "web-tls", &[&host]),
+        false,
+    )
+    .await;
+    assert!(first["patch"].is_string(), "{first}");
+    assert_eq!(holder(&release, &host).await.as_deref(), Some(a.name()));
+    assert!(has_secret(&a, "web-tls").await);
+    // A again (an update, another Ingress): still A's.
+    let again = respond(
+        &reviewer,
+        a.name(),
+        ingress(a.name(), "web2", "web2-tls", &[&host]),
+        false,
+    )
+    .await;
+    assert!(again["patch"].is_string(), "{again}");
+
+    // B asks for the same host, by Ingress and by Pod: a warning, no path, no Secret, no
+    // sidecar; B's other host in the same TLS entry goes on.
+    let late = respond(
+        &reviewer,
+        b.name(),
+        ingress(b.name(), "web", "steal-tls", &[&host]),
+        false,
+    )
+    .await;
+    assert!(late["patch"].is_null(), "{late}");
+    assert!(warned(&late, "claimed by another namespace"), "{late}");
+    assert!(!has_secret(&b, "steal-tls").await);
+    let mixed = respond(
+        &reviewer,
+        b.name(),
+        ingress(b.name(), "mixed", "mixed-tls", &[&host, &other]),
+        false,
+    )
+    .await;
+    assert!(warned(&mixed, "claimed by another namespace"), "{mixed}");
+    assert!(mixed["patch"].is_string(), "B's own host is routed: {mixed}");
+    let patch: k8s_openapi::ByteString = serde_json::from_value(mixed["patch"].clone()).unwrap();
+    let patch = String::from_utf8(patch.0).unwrap();
+    assert!(
+        patch.contains("/spec/rules/1/"),
+        "only B's own host (rule 1) is routed: {patch}"
+    );
+    assert!(!patch.contains("/spec/rules/0/"), "{patch}");
+    assert_eq!(holder(&release, &other).await.as_deref(), Some(b.name()));
+    let pod = respond(&reviewer, b.name(), pod("pod-steal-tls", &host), false).await;
+    assert!(pod["patch"].is_null(), "{pod}");
+    assert!(warned(&pod, "claimed by another namespace"), "{pod}");
+    assert!(!has_secret(&b, "pod-steal-tls").await);
+    assert_eq!(holder(&release, &host).await.as_deref(), Some(a.name()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_claims_only_its_allowed_domains() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let release = plane.namespace("claims-release", false).await.unwrap();
+    let shop = plane.namespace("claims-shop", true).await.unwrap();
+    let typo = plane.namespace("claims-typo", true).await.unwrap();
+    let base = format!("{}.example", shop.name());
+    let annotate = |ns: &str, value: &str| {
+        let api = Api::<Namespace>::all(client.clone());
+        let (ns, patch) = (
+            ns.to_owned(),
+            json!({"metadata": {"annotations": {"sidecert.io/allowed-domains": value}}}),
+        );
+        async move {
+            api.patch(&ns, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    };
+    annotate(shop.name(), &format!("*.{base}")).await;
+    annotate(typo.name(), &format!("*.{base},not a domain")).await;
+    // The chart's list: the cluster's own domains; the annotation only narrows it.
+    let policy = DomainPolicy {
+        cluster: Some(sidecert_contract::hosts::AllowedDomains::parse("*.example,www.shop.example").unwrap()),
+        namespace: None,
+    };
+    let reviewer = reviewer(&client, release.name(), policy).await;
+
+    let ok = format!("www.{base}");
+    let allowed = respond(
+        &reviewer,
+        shop.name(),
+        ingress(shop.name(), "a", "a-tls", &[&ok]),
+        false,
+    )
+    .await;
+    assert!(allowed["patch"].is_string(), "{allowed}");
+    assert_eq!(holder(&release, &ok).await.as_deref(), Some(shop.name()));
+
+    // Outside the annotation (the apex, two labels down, another domain): refused, unclaimed.
+    for host in [base.clone(), format!("a.b.{base}"), "www.shop.example".to_owned()] {
+        let out = respond(
+            &reviewer,
+            shop.name(),
+            ingress(shop.name(), "b", "b-tls", &[&host]),
+            false,
+        )
+        .await;
+        assert!(out["patch"].is_null(), "{host}: {out}");
+        assert!(warned(&out, "is not among the domains"), "{host}: {out}");
+        assert_eq!(holder(&release, &host).await, None, "{host}");
+    }
+    // An invalid annotation allows nothing.
+    let host = format!("www.{}.example", typo.name());
+    let out = respond(&reviewer, typo.name(), pod("t-tls", &host), false).await;
+    assert!(out["patch"].is_null(), "{out}");
+    assert!(warned(&out, "annotation is invalid"), "{out}");
+    assert_eq!(holder(&release, &host).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let release = plane.namespace("claims-release", false).await.unwrap();
+    let a = plane.namespace("claims-sweep", true).await.unwrap();
+    let claims = HostClaims::new(client.clone(), release.name(), DomainPolicy::default());
+    let used = format!("used.{}.example", a.name());
+    let idle = format!("idle.{}.example", a.name());
+    let claimed = claims
+        .claim(
+            a.name(),
+            &[&used, &idle],
+            &DomainPolicy::default(),
+            false,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert_eq!(claimed.owned.len(), 2, "{claimed:?}");
+    // Only `used` has an object: an annotated Ingress (the caches say nothing of it).
+    let object: Ingress = serde_json::from_value(ingress(a.name(), "used", "used-tls", &[&used])).unwrap();
+    a.api::<Ingress>()
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    let released = claims.sweep(&client, |_, _| false, Duration::ZERO).await.unwrap();
+    assert_eq!(released.as_slice(), std::slice::from_ref(&idle));
+    assert_eq!(holder(&release, &idle).await, None);
+    assert_eq!(holder(&release, &used).await.as_deref(), Some(a.name()));
+    // Released, the host is free for the next namespace to claim.
+    let b = plane.namespace("claims-next", true).await.unwrap();
+    let next = claims
+        .claim(
+            b.name(),
+            &[&idle, &used],
+            &DomainPolicy::default(),
+            false,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(
+        next.owned.contains(&idle) && !next.owned.contains(&used),
+        "{next:?}"
+    );
+}
