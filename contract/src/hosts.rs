@@ -21,6 +21,10 @@ pub const CLAIM_LABEL_VALUE: &str = "host";
 /// Annotation on a claim: the host it claims.
 pub const CLAIM_HOST_ANNOTATION: &str = crate::key!("host");
 
+/// Annotation on a claim: the uid of the namespace holding it, so that a namespace deleted
+/// and created again under the same name (perhaps by another tenant) does not inherit it.
+pub const CLAIM_NAMESPACE_UID_ANNOTATION: &str = crate::key!("namespace-uid");
+
 /// Namespace annotation narrowing the domains its objects may claim.
 pub const ALLOWED_DOMAINS: &str = crate::key!("allowed-domains");
 

@@ -1678,6 +1678,37 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     );
                 }
 
+                // In the release namespace, host claims (labelled) but no other Lease.
+                let lease = |name: &str, claim: bool| {
+                    let labels = if claim {
+                        json!({"app.kubernetes.io/managed-by": "sidecert", "sidecert.io/claim": "host"})
+                    } else {
+                        json!({"app.kubernetes.io/managed-by": "sidecert"})
+                    };
+                    json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": name, "labels": labels},
+                        "spec": {"holderIdentity": on}})
+                    .to_string()
+                };
+                for (name, claim, allowed) in [
+                    ("sidecert-host-s9.example", true, true),
+                    ("sidecert-host-s9.example", false, false),
+                    ("s9-other-lease", true, false),
+                ] {
+                    let out = ctx
+                        .kubectl(
+                            &[&as_webhook, "-n", &ctx.release_ns, "create", "--dry-run=server", "-f", "-"],
+                            Some(&lease(name, claim)),
+                        )
+                        .await?;
+                    ensure!(
+                        out.success == allowed && (allowed || out.stderr.contains(refused)),
+                        "Lease {name} (claim label: {claim}) in the release namespace: expected {}: {}",
+                        if allowed { "allowed" } else { "refused" },
+                        out.describe()
+                    );
+                }
+
             // In a labelled namespace, only the writes sidecert makes: no Secret update, no
             // change to a workload's Pod spec, no binding of a Role that is not its own.
             let admin = |args: &[&str], stdin: Option<String>| {

@@ -21,7 +21,10 @@ use sidecert_contract::hosts::DomainPolicy;
 use sidecert_e2e::{Plane, TestNamespace};
 use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
-    kube::{Executor, NamespaceGate, claims::HostClaims},
+    kube::{
+        Executor, NamespaceGate,
+        claims::{HostClaims, Owner},
+    },
     metrics::Metrics,
     mutate::Snapshot,
 };
@@ -91,6 +94,17 @@ async fn holder(release: &TestNamespace, host: &str) -> Option<String> {
         .await
         .unwrap()
         .and_then(|l| l.spec?.holder_identity)
+}
+
+/// The namespace's uid, as the API server has it.
+async fn uid(client: &kube::Client, ns: &TestNamespace) -> String {
+    Api::<Namespace>::all(client.clone())
+        .get(ns.name())
+        .await
+        .unwrap()
+        .metadata
+        .uid
+        .unwrap()
 }
 
 async fn has_secret(ns: &TestNamespace, name: &str) -> bool {
@@ -200,9 +214,11 @@ async fn a_namespace_claims_only_its_allowed_domains() {
     };
     annotate(shop.name(), &format!("*.{base}")).await;
     annotate(typo.name(), &format!("*.{base},not a domain")).await;
-    // The chart's list: the cluster's own domains; the annotation only narrows it.
+    // The chart's list: the cluster's own domains; the annotation only narrows it (the
+    // apex and www.shop.example are the cluster's, not the namespace's).
+    let cluster = format!("{base},*.{base},a.b.{base},www.shop.example");
     let policy = DomainPolicy {
-        cluster: Some(sidecert_contract::hosts::AllowedDomains::parse("*.example,www.shop.example").unwrap()),
+        cluster: Some(sidecert_contract::hosts::AllowedDomains::parse(&cluster).unwrap()),
         namespace: None,
     };
     let reviewer = reviewer(&client, release.name(), policy).await;
@@ -249,9 +265,14 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let claims = HostClaims::new(client.clone(), release.name(), DomainPolicy::default());
     let used = format!("used.{}.example", a.name());
     let idle = format!("idle.{}.example", a.name());
+    let a_uid = uid(&client, &a).await;
+    let owner = Owner {
+        name: a.name(),
+        uid: Some(&a_uid),
+    };
     let claimed = claims
         .claim(
-            a.name(),
+            owner,
             &[&used, &idle],
             &DomainPolicy::default(),
             false,
@@ -259,21 +280,43 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
         )
         .await;
     assert_eq!(claimed.owned.len(), 2, "{claimed:?}");
+    // A namespace of the same name but another uid (deleted and made again) holds nothing.
+    let impostor = Owner {
+        name: a.name(),
+        uid: Some("another-uid"),
+    };
+    let stolen = claims
+        .claim(
+            impostor,
+            &[&used],
+            &DomainPolicy::default(),
+            false,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(stolen.owned.is_empty(), "{stolen:?}");
     // Only `used` has an object: an annotated Ingress (the caches say nothing of it).
     let object: Ingress = serde_json::from_value(ingress(a.name(), "used", "used-tls", &[&used])).unwrap();
     a.api::<Ingress>()
         .create(&PostParams::default(), &object)
         .await
         .unwrap();
-    let released = claims.sweep(&client, |_, _| false, Duration::ZERO).await.unwrap();
+    let released = claims
+        .sweep(&client, |_, _, _| false, Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(released.as_slice(), std::slice::from_ref(&idle));
     assert_eq!(holder(&release, &idle).await, None);
     assert_eq!(holder(&release, &used).await.as_deref(), Some(a.name()));
     // Released, the host is free for the next namespace to claim.
     let b = plane.namespace("claims-next", true).await.unwrap();
+    let b_uid = uid(&client, &b).await;
     let next = claims
         .claim(
-            b.name(),
+            Owner {
+                name: b.name(),
+                uid: Some(&b_uid),
+            },
             &[&idle, &used],
             &DomainPolicy::default(),
             false,

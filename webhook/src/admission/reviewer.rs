@@ -15,7 +15,7 @@ use crate::{
     admission::codec::{Request, operation_label, parse, respond},
     error::{Error, Result},
     kube::{
-        claims::{Claimed, HostClaims},
+        claims::{Claimed, HostClaims, Owner},
         executor::{Executor, SecretOwners},
         live::LiveCheck,
         namespaces::{NamespaceGate, Served},
@@ -262,10 +262,13 @@ impl Reviewer {
             };
             let claim_hosts = async {
                 match (claims, &policy) {
-                    (Some(c), Some(p)) if !new_hosts.is_empty() => Some(
-                        c.claim(&namespace, &new_hosts, p, request.dry_run(), budget)
-                            .await,
-                    ),
+                    (Some(c), Some(p)) if !new_hosts.is_empty() => {
+                        let owner = Owner {
+                            name: &namespace,
+                            uid: served.and_then(|s| s.uid.as_deref()),
+                        };
+                        Some(c.claim(owner, &new_hosts, p, request.dry_run(), budget).await)
+                    }
                     _ => None,
                 }
             };

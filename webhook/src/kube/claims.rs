@@ -5,13 +5,17 @@
 //! that host for a while ([`HostClaims::sweep`]).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
 use futures::StreamExt;
 use k8s_openapi::{
-    api::{coordination::v1::Lease, coordination::v1::LeaseSpec, core::v1::Pod, networking::v1::Ingress},
+    api::{
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Namespace, Pod},
+        networking::v1::Ingress,
+    },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::{SignedDuration, Timestamp},
 };
@@ -21,14 +25,17 @@ use kube::{
 };
 use sidecert_contract::{
     MANAGED_BY, MANAGED_BY_LABEL, annotations, decode_certificates,
-    hosts::{CLAIM_HOST_ANNOTATION, CLAIM_LABEL, CLAIM_LABEL_VALUE, CLAIM_PREFIX, DomainPolicy, claim_name},
+    hosts::{
+        CLAIM_HOST_ANNOTATION, CLAIM_LABEL, CLAIM_LABEL_VALUE, CLAIM_NAMESPACE_UID_ANNOTATION, CLAIM_PREFIX,
+        DomainPolicy, claim_name,
+    },
 };
 
 use crate::{
     error::Result,
     kube::executor::already_exists,
     mutate::{
-        context::{HostChecks, HostStanding},
+        context::{HostChecks, HostStanding, MAX_HOSTS_PER_REVIEW},
         ingress::{is_annotated, plan},
     },
 };
@@ -68,8 +75,28 @@ impl Claimed {
     }
 }
 
+/// The namespace holding a claim: its name, and its uid when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner<'a> {
+    pub name: &'a str,
+    pub uid: Option<&'a str>,
+}
+
+impl Owner<'_> {
+    /// Whether this namespace holds `lease`: its name is the holder, and the uid on the
+    /// claim (when both are known) is its own.
+    fn holds(&self, lease: &Lease) -> bool {
+        let uid = lease.annotations().get(CLAIM_NAMESPACE_UID_ANNOTATION);
+        holder(lease) == Some(self.name)
+            && match (uid, self.uid) {
+                (Some(theirs), Some(ours)) => theirs == ours,
+                _ => true,
+            }
+    }
+}
+
 /// The claim Lease for `host`, held by `owner`.
-pub fn claim_lease(name: &str, host: &str, owner: &str) -> Lease {
+pub fn claim_lease(name: &str, host: &str, owner: Owner<'_>) -> Lease {
     let now = MicroTime(Timestamp::now());
     Lease {
         metadata: ObjectMeta {
@@ -81,11 +108,19 @@ pub fn claim_lease(name: &str, host: &str, owner: &str) -> Lease {
                 ]
                 .into(),
             ),
-            annotations: Some([(CLAIM_HOST_ANNOTATION.to_owned(), host.to_owned())].into()),
+            annotations: Some(
+                std::iter::once((CLAIM_HOST_ANNOTATION.to_owned(), host.to_owned()))
+                    .chain(
+                        owner
+                            .uid
+                            .map(|uid| (CLAIM_NAMESPACE_UID_ANNOTATION.to_owned(), uid.to_owned())),
+                    )
+                    .collect(),
+            ),
             ..ObjectMeta::default()
         },
         spec: Some(LeaseSpec {
-            holder_identity: Some(owner.to_owned()),
+            holder_identity: Some(owner.name.to_owned()),
             acquire_time: Some(now.clone()),
             renew_time: Some(now),
             ..LeaseSpec::default()
@@ -125,22 +160,31 @@ impl HostClaims {
         }
     }
 
-    /// Claims `hosts` (normalised) for `namespace`, within `budget`: each one allowed by
-    /// `policy` is created if absent (looked at only, on a dry run) and then owned by
-    /// whoever holds it. A host whose claim the API server did not answer for in time is
-    /// [`HostStanding::Unknown`].
+    /// Claims `hosts` (normalised) for the namespace `owner`, within `budget`: each one
+    /// allowed by `policy` is created if absent (looked at only, on a dry run) and then
+    /// owned by whoever holds it. A host whose claim the API server did not answer for in
+    /// time is [`HostStanding::Unknown`]; past the first [`MAX_HOSTS_PER_REVIEW`] (in name
+    /// order), [`HostStanding::TooMany`].
     pub async fn claim(
         &self,
-        namespace: &str,
+        owner: Owner<'_>,
         hosts: &[&str],
         policy: &DomainPolicy,
         dry_run: bool,
         budget: Duration,
     ) -> Claimed {
+        let namespace = owner.name;
         let mut out = Claimed::default();
         let mut asks = Vec::new();
-        for host in hosts {
+        let mut hosts = hosts.to_vec();
+        hosts.sort_unstable();
+        hosts.dedup();
+        for (i, host) in hosts.iter().enumerate() {
             let host = (*host).to_owned();
+            if i >= MAX_HOSTS_PER_REVIEW {
+                out.left_out.insert(host, HostStanding::TooMany);
+                continue;
+            }
             if !policy.allows(&host) {
                 let warning = policy.refusal(namespace, &host);
                 out.left_out.insert(host, HostStanding::NotAllowed(warning));
@@ -157,7 +201,7 @@ impl HostClaims {
             .into_iter()
             .map(|(host, name)| async move {
                 let found =
-                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, namespace, dry_run)).await;
+                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, owner, dry_run)).await;
                 (host, found)
             })
             .collect();
@@ -187,18 +231,19 @@ impl HostClaims {
         out
     }
 
-    /// Whether `namespace` holds the claim `name` (after creating it, unless `dry_run`).
-    async fn claim_one(&self, name: &str, host: &str, namespace: &str, dry_run: bool) -> Result<bool> {
+    /// Whether `owner` holds the claim `name` (after creating it, unless `dry_run`).
+    async fn claim_one(&self, name: &str, host: &str, owner: Owner<'_>, dry_run: bool) -> Result<bool> {
+        let namespace = owner.name;
         // Look first: most reviews find their namespace's claim.
         if let Some(lease) = self.api.get_opt(name).await? {
-            return Ok(holder(&lease) == Some(namespace));
+            return Ok(owner.holds(&lease));
         }
         if dry_run {
             return Ok(true);
         }
         match self
             .api
-            .create(&PostParams::default(), &claim_lease(name, host, namespace))
+            .create(&PostParams::default(), &claim_lease(name, host, owner))
             .await
         {
             Ok(_) => {
@@ -206,36 +251,48 @@ impl HostClaims {
                 Ok(true)
             }
             // Another review was first: whoever it was holds it.
-            Err(e) if already_exists(&e) => Ok(self
-                .api
-                .get_opt(name)
-                .await?
-                .is_some_and(|l| holder(&l) == Some(namespace))),
+            Err(e) if already_exists(&e) => {
+                Ok(self.api.get_opt(name).await?.is_some_and(|l| owner.holds(&l)))
+            }
             Err(e) => Err(e.into()),
         }
     }
 
     /// The leader's pass over every claim: one whose owner still has an object for the host
-    /// (per `in_use`, the caches) is renewed when its renewal is older than half of
-    /// `release_after`; one unused and older than `release_after` is looked at live (the
-    /// owner's Ingresses and Pods) and deleted if it is still unused, with preconditions,
-    /// so that a claim renewed meanwhile stays. Returns the hosts released.
+    /// (per `in_use`, the caches: namespace, namespace uid, host) is renewed when its
+    /// renewal is older than half of `release_after`; one unused and older than
+    /// `release_after` is looked at live (the owner's Ingresses and Pods, once per namespace
+    /// and pass) and deleted if it is still unused, with preconditions, so that a claim
+    /// renewed meanwhile stays. Returns the hosts released.
     pub async fn sweep(
         &self,
         client: &Client,
-        in_use: impl Fn(&str, &str) -> bool,
+        in_use: impl Fn(&str, Option<&str>, &str) -> bool,
         release_after: Duration,
     ) -> Result<Vec<String>> {
         let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
         let now = Timestamp::now();
         let after = SignedDuration::try_from(release_after).unwrap_or(SignedDuration::MAX);
+        let mut live: HashMap<(String, Option<String>), BTreeSet<String>> = HashMap::new();
         let mut released = Vec::new();
         for lease in self.api.list(&lp).await?.items {
             let (Some(owner), Some(host)) = (holder(&lease).map(str::to_owned), claimed_host(&lease)) else {
                 continue;
             };
+            let uid = lease.annotations().get(CLAIM_NAMESPACE_UID_ANNOTATION).cloned();
             let age = renewed(&lease).map_or(SignedDuration::MAX, |t| now.duration_since(t));
-            let used = in_use(&owner, &host) || (age >= after && used_live(client, &owner, &host).await?);
+            let mut used = in_use(&owner, uid.as_deref(), &host);
+            if !used && age >= after {
+                let key = (owner.clone(), uid.clone());
+                let hosts = match live.get(&key) {
+                    Some(hosts) => hosts,
+                    None => {
+                        let hosts = hosts_used_live(client, &owner, uid.as_deref()).await?;
+                        live.entry(key).or_insert(hosts)
+                    }
+                };
+                used = hosts.contains(&host);
+            }
             if used {
                 if age >= after / 2 {
                     self.renew(lease).await?;
@@ -274,31 +331,45 @@ impl HostClaims {
     }
 }
 
-/// Whether `namespace` has, as the API server says now, an annotated Ingress or a Pod with
-/// a certificate for `host`.
-async fn used_live(client: &Client, namespace: &str, host: &str) -> Result<bool> {
-    let ingresses = Api::<Ingress>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default())
+/// The hosts `namespace` (of uid `uid`, when known) asks for, as the API server says now:
+/// those of its annotated Ingresses and of its Pods' certificates. None when the namespace
+/// is gone or is another of the same name.
+async fn hosts_used_live(client: &Client, namespace: &str, uid: Option<&str>) -> Result<BTreeSet<String>> {
+    let found = Api::<Namespace>::all(client.clone())
+        .get_metadata_opt(namespace)
         .await?;
-    if ingresses
+    let same = found.is_some_and(|ns| uid.is_none_or(|uid| ns.metadata.uid.as_deref() == Some(uid)));
+    if !same {
+        return Ok(BTreeSet::new());
+    }
+    let mut hosts = BTreeSet::new();
+    for ingress in Api::<Ingress>::namespaced(client.clone(), namespace)
+        .list(&ListParams::default())
+        .await?
         .items
         .iter()
         .filter(|i| is_annotated(i))
-        .any(|i| plan(i, None).hosts().contains(host))
     {
-        return Ok(true);
+        hosts.extend(plan(ingress, None).hosts().into_iter().map(str::to_owned));
     }
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+    for pod in Api::<Pod>::namespaced(client.clone(), namespace)
         .list_metadata(&ListParams::default())
-        .await?;
-    Ok(pods.items.iter().any(|p| pod_uses(&p.metadata, host)))
+        .await?
+        .items
+    {
+        hosts.extend(pod_hosts(&pod.metadata));
+    }
+    Ok(hosts)
 }
 
-/// Whether a Pod's status annotation lists a certificate for `host`.
-pub fn pod_uses(meta: &ObjectMeta, host: &str) -> bool {
+/// The hosts of a Pod's certificates, from its status annotation.
+pub fn pod_hosts(meta: &ObjectMeta) -> Vec<String> {
     meta.annotations
         .as_ref()
         .and_then(|a| a.get(annotations::CERTIFICATES))
         .and_then(|v| decode_certificates(v).ok())
-        .is_some_and(|certs| certs.iter().any(|c| c.domains.iter().any(|d| d == host)))
+        .into_iter()
+        .flatten()
+        .flat_map(|c| c.domains)
+        .collect()
 }

@@ -94,6 +94,8 @@ impl NamespaceGate {
 pub struct Served {
     /// Its `sidecert.io/allowed-domains` annotation, if it has one.
     pub allowed_domains: Option<String>,
+    /// Its uid (a host claim is the namespace's, not its name's).
+    pub uid: Option<String>,
 }
 
 impl Served {
@@ -104,6 +106,7 @@ impl Served {
                 .as_ref()
                 .and_then(|a| a.get(ALLOWED_DOMAINS))
                 .cloned(),
+            uid: meta.uid.clone(),
         }
     }
 }

@@ -8,6 +8,10 @@ use std::{
 
 use sidecert_contract::{foreign_secret_warning, hosts::MAX_CLAIMABLE_HOST};
 
+/// The most hosts one review claims: far more than a real Ingress or Pod asks for, and what
+/// keeps the claims one review writes bounded.
+pub const MAX_HOSTS_PER_REVIEW: usize = 256;
+
 use crate::mutate::{
     container::{AcmeDefaults, SidecarSettings},
     lookup::Lookup,
@@ -80,6 +84,8 @@ pub enum HostStanding {
     NotAllowed(String),
     /// Too long to have a claim.
     Unclaimable,
+    /// Past the most hosts one review claims.
+    TooMany,
     /// The API server did not say in time who owns it.
     Unknown,
 }
@@ -98,6 +104,11 @@ impl HostStanding {
             Self::Unclaimable => format!(
                 "sidecert: {host} is longer than the {MAX_CLAIMABLE_HOST} characters a host claim \
                  takes; it gets no certificate, HTTP-01 path or temporary Secret"
+            ),
+            Self::TooMany => format!(
+                "sidecert: this review asks for more than {MAX_HOSTS_PER_REVIEW} hosts; {host} and \
+                 the others past the first {MAX_HOSTS_PER_REVIEW} (in name order) get no \
+                 certificate, HTTP-01 path or temporary Secret"
             ),
             Self::Unknown => format!(
                 "sidecert: cannot tell in time whether namespace {namespace} owns {host}; no \

@@ -28,7 +28,10 @@ use sidecert_contract::{
 
 use crate::{
     error::{Error, Result},
-    kube::{claims::HostClaims, executor::Executor},
+    kube::{
+        claims::{HostClaims, Owner},
+        executor::Executor,
+    },
     metrics::Metrics,
     mutate::{
         context::HostStanding,
@@ -98,9 +101,14 @@ impl Reconciler {
         may_serve(ns, &self.settings.own_namespace) && self.namespaces.get(&ObjectRef::new(ns)).is_some()
     }
 
-    /// Whether the cached annotated Ingresses of `ns` (a namespace served) ask for `host`.
-    pub(super) fn host_in_use(&self, ns: &str, host: &str) -> bool {
-        self.namespace_enabled(ns)
+    /// Whether the cached annotated Ingresses of `ns` (a namespace served, of uid `uid` when
+    /// known) ask for `host`.
+    pub(super) fn host_in_use(&self, ns: &str, uid: Option<&str>, host: &str) -> bool {
+        let same = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .is_some_and(|n| uid.is_none_or(|uid| n.metadata.uid.as_deref() == Some(uid)));
+        same && self.namespace_enabled(ns)
             && self
                 .lookup
                 .ingresses(ns)
@@ -120,17 +128,21 @@ impl Reconciler {
         let Some(claims) = &self.claims else {
             return Ok(None);
         };
-        let allowed = self
-            .namespaces
-            .get(&ObjectRef::new(ns))
+        let namespace = self.namespaces.get(&ObjectRef::new(ns));
+        let allowed = namespace
+            .as_ref()
             .and_then(|n| n.annotations().get(ALLOWED_DOMAINS).cloned());
         let policy = claims
             .policy
             .clone()
             .with_namespace_annotation(allowed.as_deref());
         let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+        let owner = Owner {
+            name: ns,
+            uid: namespace.as_ref().and_then(|n| n.metadata.uid.as_deref()),
+        };
         let claimed = claims
-            .claim(ns, &hosts, &policy, false, self.executor.budget())
+            .claim(owner, &hosts, &policy, false, self.executor.budget())
             .await;
         let checks = claimed.checks(false);
         if checks.left_out.is_empty() {

@@ -141,7 +141,11 @@ pub async fn sweep_claims(ctx: Arc<Reconciler>) {
     loop {
         tick.tick().await;
         match claims
-            .sweep(&ctx.client, |ns, host| ctx.host_in_use(ns, host), release_after)
+            .sweep(
+                &ctx.client,
+                |ns, uid, host| ctx.host_in_use(ns, uid, host),
+                release_after,
+            )
             .await
         {
             Ok(released) => {
