@@ -18,6 +18,14 @@ pub const CLAIM_PREFIX: &str = "sidecert-host-";
 pub const CLAIM_LABEL: &str = crate::key!("claim");
 pub const CLAIM_LABEL_VALUE: &str = "host";
 
+/// Label on a claim: the namespace holding it (to count a namespace's claims).
+pub const CLAIM_HOLDER_LABEL: &str = crate::key!("claim-holder");
+
+/// Label on a claim the reconciler's leader has seen in use by a stored object (value
+/// `"true"`). A claim without it was made by a review whose object may never have been
+/// stored, and is released sooner.
+pub const CLAIM_CONFIRMED_LABEL: &str = crate::key!("claim-confirmed");
+
 /// Annotation on a claim: the host it claims.
 pub const CLAIM_HOST_ANNOTATION: &str = crate::key!("host");
 

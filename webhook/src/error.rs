@@ -25,6 +25,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("the API call did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// An object changed under every look in a row (another writer raced each one).
+    #[error("{0}")]
+    Contended(String),
     #[error("backend Service {namespace}/{name} not found")]
     MissingBackend { namespace: String, name: String },
     /// An object of the name sidecert would write exists and is not sidecert's.
@@ -88,6 +91,7 @@ impl Error {
             Self::Kube(kube::Error::Api(_)) => "api_error",
             Self::Kube(_) => "api_unreachable",
             Self::Timeout(_) => "timeout",
+            Self::Contended(_) => "conflict",
             Self::MissingBackend { .. } => "missing_backend",
             Self::Foreign { .. } => "foreign_object",
             Self::Contract(_) => "contract",

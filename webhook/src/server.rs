@@ -122,7 +122,16 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         namespace: None,
     };
     let claims = match release_namespace(&args) {
-        Ok(ns) => Some(HostClaims::new(client.clone(), &ns, policy)),
+        Ok(ns) => Some(HostClaims::new(
+            client.clone(),
+            &ns,
+            policy,
+            args.reconciler.host_claim_release_after,
+        )),
+        // The allowed domains are enforced where hosts are claimed: never silently off.
+        Err(e) if policy.cluster.is_some() => {
+            return Err(Error::Config(format!("--allowed-domains needs host claims: {e}")));
+        }
         Err(_) => {
             tracing::warn!(
                 "no release namespace: hosts are not claimed (one owner per host is not enforced)"

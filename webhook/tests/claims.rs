@@ -84,7 +84,12 @@ async fn reviewer(client: &kube::Client, release: &str, policy: DomainPolicy) ->
     let executor = Executor::new(client.clone(), cache, Duration::from_secs(4));
     Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
         .with_namespace_gate(gate)
-        .with_host_claims(HostClaims::new(client.clone(), release, policy))
+        .with_host_claims(HostClaims::new(
+            client.clone(),
+            release,
+            policy,
+            Duration::from_secs(900),
+        ))
 }
 
 async fn holder(release: &TestNamespace, host: &str) -> Option<String> {
@@ -247,12 +252,47 @@ async fn a_namespace_claims_only_its_allowed_domains() {
         assert!(warned(&out, "is not among the domains"), "{host}: {out}");
         assert_eq!(holder(&release, &host).await, None, "{host}");
     }
-    // An invalid annotation allows nothing.
-    let host = format!("www.{}.example", typo.name());
+    // An invalid annotation allows nothing, not even what both lists allow.
+    let host = format!("www.{base}");
+    assert_eq!(holder(&release, &host).await.as_deref(), Some(shop.name()));
+    let host = format!("api.{base}");
     let out = respond(&reviewer, typo.name(), pod("t-tls", &host), false).await;
     assert!(out["patch"].is_null(), "{out}");
     assert!(warned(&out, "annotation is invalid"), "{out}");
     assert_eq!(holder(&release, &host).await, None);
+}
+
+/// Sets the claim's last renewal `minutes` ago (as the admin; the webhook never backdates).
+async fn age(release: &TestNamespace, host: &str, minutes: i64) {
+    let when = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(minutes);
+    let when = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(when);
+    let patch = json!({"spec": {"renewTime": when}});
+    release
+        .api::<Lease>()
+        .patch(
+            &format!("sidecert-host-{host}"),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+async fn lease(release: &TestNamespace, host: &str) -> Lease {
+    release
+        .api::<Lease>()
+        .get(&format!("sidecert-host-{host}"))
+        .await
+        .unwrap()
+}
+
+fn confirmed(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("sidecert.io/claim-confirmed"))
+        .is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,9 +302,16 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let client = plane.client().await.unwrap();
     let release = plane.namespace("claims-release", false).await.unwrap();
     let a = plane.namespace("claims-sweep", true).await.unwrap();
-    let claims = HostClaims::new(client.clone(), release.name(), DomainPolicy::default());
+    let claims = HostClaims::new(
+        client.clone(),
+        release.name(),
+        DomainPolicy::default(),
+        Duration::from_secs(3600),
+    );
+    let selector = "sidecert.io/injection=enabled";
     let used = format!("used.{}.example", a.name());
     let idle = format!("idle.{}.example", a.name());
+    let fresh = format!("fresh.{}.example", a.name());
     let a_uid = uid(&client, &a).await;
     let owner = Owner {
         name: a.name(),
@@ -273,13 +320,13 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let claimed = claims
         .claim(
             owner,
-            &[&used, &idle],
+            &[&used, &idle, &fresh],
             &DomainPolicy::default(),
             false,
             Duration::from_secs(4),
         )
         .await;
-    assert_eq!(claimed.owned.len(), 2, "{claimed:?}");
+    assert_eq!(claimed.owned.len(), 3, "{claimed:?}");
     // A namespace of the same name but another uid (deleted and made again) holds nothing.
     let impostor = Owner {
         name: a.name(),
@@ -295,20 +342,70 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
         )
         .await;
     assert!(stolen.owned.is_empty(), "{stolen:?}");
-    // Only `used` has an object: an annotated Ingress (the caches say nothing of it).
+    // Only `used` has a stored object: an annotated Ingress (the caches say nothing of it).
     let object: Ingress = serde_json::from_value(ingress(a.name(), "used", "used-tls", &[&used])).unwrap();
     a.api::<Ingress>()
         .create(&PostParams::default(), &object)
         .await
         .unwrap();
-    let released = claims
-        .sweep(&client, |_, _, _| false, Duration::ZERO)
-        .await
-        .unwrap();
+
+    // Never seen in use (a review whose object may not exist): released after two minutes
+    // unused, not after the hour; a fresh one stays; the used one is confirmed.
+    age(&release, &idle, 10).await;
+    age(&release, &used, 10).await;
+    let released = claims.sweep(&client, selector, |_, _, _| false).await.unwrap();
     assert_eq!(released.as_slice(), std::slice::from_ref(&idle));
     assert_eq!(holder(&release, &idle).await, None);
-    assert_eq!(holder(&release, &used).await.as_deref(), Some(a.name()));
-    // Released, the host is free for the next namespace to claim.
+    assert_eq!(holder(&release, &fresh).await.as_deref(), Some(a.name()));
+    let kept = lease(&release, &used).await;
+    assert!(confirmed(&kept), "{kept:?}");
+
+    // Confirmed: unused for 30 minutes, an hour's delay keeps it, untouched.
+    a.api::<Ingress>()
+        .delete("used", &Default::default())
+        .await
+        .unwrap();
+    age(&release, &used, 30).await;
+    let before = lease(&release, &used).await.metadata.resource_version;
+    assert!(
+        claims
+            .sweep(&client, selector, |_, _, _| false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(lease(&release, &used).await.metadata.resource_version, before);
+    // A review that relies on a claim that old renews it, so that a sweep that looked
+    // before cannot delete it (its delete is conditional on the version it saw).
+    let again = claims
+        .claim(
+            owner,
+            &[&used],
+            &DomainPolicy::default(),
+            false,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(again.owned.contains(&used), "{again:?}");
+    let renewed = lease(&release, &used).await;
+    assert_ne!(renewed.metadata.resource_version, before, "renewed by the review");
+
+    // Once the namespace is no longer served, its claims go like unused ones.
+    let unlabel = json!({"metadata": {"labels": {"sidecert.io/injection": null}}});
+    Api::<Namespace>::all(client.clone())
+        .patch(a.name(), &PatchParams::default(), &Patch::Merge(&unlabel))
+        .await
+        .unwrap();
+    let object: Ingress = serde_json::from_value(ingress(a.name(), "back", "back-tls", &[&used])).unwrap();
+    a.api::<Ingress>()
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+    age(&release, &used, 90).await;
+    let released = claims.sweep(&client, selector, |_, _, _| false).await.unwrap();
+    assert!(released.contains(&used), "{released:?}");
+
+    // Released, a host is free for the next namespace to claim; a held one is not.
     let b = plane.namespace("claims-next", true).await.unwrap();
     let b_uid = uid(&client, &b).await;
     let next = claims
@@ -317,14 +414,14 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
                 name: b.name(),
                 uid: Some(&b_uid),
             },
-            &[&idle, &used],
+            &[&idle, &fresh],
             &DomainPolicy::default(),
             false,
             Duration::from_secs(4),
         )
         .await;
     assert!(
-        next.owned.contains(&idle) && !next.owned.contains(&used),
+        next.owned.contains(&idle) && !next.owned.contains(&fresh),
         "{next:?}"
     );
 }

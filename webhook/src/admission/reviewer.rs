@@ -22,7 +22,7 @@ use crate::{
     },
     metrics::Metrics,
     mutate::{
-        context::{Context, SecretChecks},
+        context::{Context, HostStanding, MAX_HOSTS_PER_REVIEW, SecretChecks},
         effect::Effect,
         ingress::mutate_ingress,
         namespace::not_served_warning,
@@ -251,6 +251,13 @@ impl Reviewer {
                 .copied()
                 .filter(|h| !hosts.owned.contains(*h) && !hosts.left_out.contains_key(*h))
                 .collect();
+            // At most MAX_HOSTS_PER_REVIEW hosts over all rounds; the rest are left out.
+            let room = MAX_HOSTS_PER_REVIEW.saturating_sub(hosts.owned.len() + hosts.left_out.len());
+            let (new_hosts, over) = new_hosts.split_at(room.min(new_hosts.len()));
+            let over: Vec<String> = over.iter().map(|h| (*h).to_owned()).collect();
+            hosts
+                .left_out
+                .extend(over.into_iter().map(|h| (h, HostStanding::TooMany)));
             let budget = decide_by
                 .map_or(exec.budget(), |d| d.saturating_duration_since(Instant::now()))
                 .min(LIVE_LOOKUP_TIMEOUT);
@@ -267,7 +274,7 @@ impl Reviewer {
                             name: &namespace,
                             uid: served.and_then(|s| s.uid.as_deref()),
                         };
-                        Some(c.claim(owner, &new_hosts, p, request.dry_run(), budget).await)
+                        Some(c.claim(owner, new_hosts, p, request.dry_run(), budget).await)
                     }
                     _ => None,
                 }

@@ -26,8 +26,8 @@ use kube::{
 use sidecert_contract::{
     MANAGED_BY, MANAGED_BY_LABEL, annotations, decode_certificates,
     hosts::{
-        CLAIM_HOST_ANNOTATION, CLAIM_LABEL, CLAIM_LABEL_VALUE, CLAIM_NAMESPACE_UID_ANNOTATION, CLAIM_PREFIX,
-        DomainPolicy, claim_name,
+        CLAIM_CONFIRMED_LABEL, CLAIM_HOLDER_LABEL, CLAIM_HOST_ANNOTATION, CLAIM_LABEL, CLAIM_LABEL_VALUE,
+        CLAIM_NAMESPACE_UID_ANNOTATION, CLAIM_PREFIX, DomainPolicy, claim_name,
     },
 };
 
@@ -35,7 +35,7 @@ use crate::{
     error::Result,
     kube::executor::already_exists,
     mutate::{
-        context::{HostChecks, HostStanding, MAX_HOSTS_PER_REVIEW},
+        context::{HostChecks, HostStanding, MAX_CLAIMS_PER_NAMESPACE, MAX_HOSTS_PER_REVIEW},
         ingress::{is_annotated, plan},
     },
 };
@@ -43,12 +43,19 @@ use crate::{
 /// How many claims [`HostClaims::claim`] asks about at once.
 const CLAIMS_AT_ONCE: usize = 16;
 
+/// How long a claim the leader never saw in use by a stored object lasts unused: a review
+/// whose object was refused after admission (validation, quota, a later webhook) holds its
+/// hosts no longer than this.
+pub const PROVISIONAL_RELEASE_AFTER: Duration = Duration::from_secs(120);
+
 /// The claims in sidecert's namespace.
 #[derive(Clone)]
 pub struct HostClaims {
     api: Api<Lease>,
     /// The chart's `allowedDomains` (none: any domain).
     pub policy: DomainPolicy,
+    /// `--host-claim-release-after`: how long a confirmed claim lasts unused.
+    release_after: Duration,
 }
 
 /// What a review learned of its hosts.
@@ -105,6 +112,7 @@ pub fn claim_lease(name: &str, host: &str, owner: Owner<'_>) -> Lease {
                 [
                     (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
                     (CLAIM_LABEL.to_owned(), CLAIM_LABEL_VALUE.to_owned()),
+                    (CLAIM_HOLDER_LABEL.to_owned(), owner.name.to_owned()),
                 ]
                 .into(),
             ),
@@ -141,6 +149,24 @@ fn claimed_host(lease: &Lease) -> Option<String> {
         .or_else(|| lease.name_any().strip_prefix(CLAIM_PREFIX).map(str::to_owned))
 }
 
+/// What [`HostClaims::claim_one`] found.
+enum Claim {
+    /// The namespace holds it.
+    Held,
+    /// Another namespace does.
+    Other,
+    /// It is absent and the namespace holds [`MAX_CLAIMS_PER_NAMESPACE`] already.
+    Full,
+}
+
+/// `lease` with its renewal now (kept on the resourceVersion it was read at).
+fn renewed_now(mut lease: Lease) -> Lease {
+    if let Some(spec) = lease.spec.as_mut() {
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+    }
+    lease
+}
+
 /// When the owner was last seen using the claim.
 fn renewed(lease: &Lease) -> Option<Timestamp> {
     let spec = lease.spec.as_ref()?;
@@ -153,11 +179,25 @@ fn renewed(lease: &Lease) -> Option<Timestamp> {
 
 impl HostClaims {
     /// Claims live in `namespace` (sidecert's own).
-    pub fn new(client: Client, namespace: &str, policy: DomainPolicy) -> Self {
+    pub fn new(client: Client, namespace: &str, policy: DomainPolicy, release_after: Duration) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
             policy,
+            release_after,
         }
+    }
+
+    /// A held claim older than this is renewed by the review that relies on it: the sweep
+    /// deletes a claim only if unchanged since it looked, so a claim in use is never released
+    /// under a review (half the shortest release delay).
+    fn renew_after(&self) -> Duration {
+        self.release_after.min(PROVISIONAL_RELEASE_AFTER) / 2
+    }
+
+    /// How many claims `namespace` holds.
+    async fn held_by(&self, namespace: &str) -> Result<usize> {
+        let lp = ListParams::default().labels(&format!("{CLAIM_HOLDER_LABEL}={namespace}"));
+        Ok(self.api.list_metadata(&lp).await?.items.len())
     }
 
     /// Claims `hosts` (normalised) for the namespace `owner`, within `budget`: each one
@@ -197,11 +237,15 @@ impl HostClaims {
             asks.push((host, name));
         }
         let deadline = tokio::time::Instant::now() + budget;
+        // A namespace's claims are counted once, when a review first needs a new one.
+        let room = tokio::sync::OnceCell::new();
+        let room = &room;
         let looks: Vec<_> = asks
             .into_iter()
             .map(|(host, name)| async move {
                 let found =
-                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, owner, dry_run)).await;
+                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, owner, dry_run, room))
+                        .await;
                 (host, found)
             })
             .collect();
@@ -211,12 +255,15 @@ impl HostClaims {
             .await;
         for (host, found) in found {
             match found {
-                Ok(Ok(true)) => {
+                Ok(Ok(Claim::Held)) => {
                     out.owned.insert(host);
                 }
-                Ok(Ok(false)) => {
+                Ok(Ok(Claim::Other)) => {
                     tracing::info!(%namespace, %host, "host claimed by another namespace: left out");
                     out.left_out.insert(host, HostStanding::Claimed);
+                }
+                Ok(Ok(Claim::Full)) => {
+                    out.left_out.insert(host, HostStanding::TooManyClaims);
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(%namespace, %host, error = %e, "cannot claim the host");
@@ -231,48 +278,96 @@ impl HostClaims {
         out
     }
 
-    /// Whether `owner` holds the claim `name` (after creating it, unless `dry_run`).
-    async fn claim_one(&self, name: &str, host: &str, owner: Owner<'_>, dry_run: bool) -> Result<bool> {
+    /// Whether `owner` holds the claim `name` (after creating it, unless `dry_run`); a held
+    /// claim older than [`Self::renew_after`] is renewed first.
+    async fn claim_one(
+        &self,
+        name: &str,
+        host: &str,
+        owner: Owner<'_>,
+        dry_run: bool,
+        room: &tokio::sync::OnceCell<std::sync::Mutex<usize>>,
+    ) -> Result<Claim> {
         let namespace = owner.name;
-        // Look first: most reviews find their namespace's claim.
-        if let Some(lease) = self.api.get_opt(name).await? {
-            return Ok(owner.holds(&lease));
-        }
-        if dry_run {
-            return Ok(true);
-        }
-        match self
-            .api
-            .create(&PostParams::default(), &claim_lease(name, host, owner))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(%namespace, %host, "host claimed");
-                Ok(true)
+        let renew_after = SignedDuration::try_from(self.renew_after()).unwrap_or(SignedDuration::MAX);
+        // Twice at most: a claim released or renewed between the look and the write is
+        // looked at again.
+        for _ in 0..2 {
+            // Look first: most reviews find their namespace's claim.
+            if let Some(lease) = self.api.get_opt(name).await? {
+                if !owner.holds(&lease) {
+                    return Ok(Claim::Other);
+                }
+                let age = renewed(&lease).map_or(SignedDuration::MAX, |t| Timestamp::now().duration_since(t));
+                if dry_run || age < renew_after {
+                    return Ok(Claim::Held);
+                }
+                match self
+                    .api
+                    .replace(name, &PostParams::default(), &renewed_now(lease))
+                    .await
+                {
+                    Ok(_) => return Ok(Claim::Held),
+                    Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => continue,
+                    Err(e) => return Err(e.into()),
+                }
             }
-            // Another review was first: whoever it was holds it.
-            Err(e) if already_exists(&e) => {
-                Ok(self.api.get_opt(name).await?.is_some_and(|l| owner.holds(&l)))
+            if dry_run {
+                return Ok(Claim::Held);
             }
-            Err(e) => Err(e.into()),
+            let left = room
+                .get_or_try_init(|| async {
+                    let held = self.held_by(namespace).await?;
+                    Ok::<_, crate::error::Error>(std::sync::Mutex::new(
+                        MAX_CLAIMS_PER_NAMESPACE.saturating_sub(held),
+                    ))
+                })
+                .await?;
+            {
+                let mut left = left.lock().unwrap_or_else(|p| p.into_inner());
+                if *left == 0 {
+                    tracing::warn!(%namespace, %host, max = MAX_CLAIMS_PER_NAMESPACE, "the namespace holds the most host claims it may");
+                    return Ok(Claim::Full);
+                }
+                *left -= 1;
+            }
+            match self
+                .api
+                .create(&PostParams::default(), &claim_lease(name, host, owner))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%namespace, %host, "host claimed");
+                    return Ok(Claim::Held);
+                }
+                // Another review was first: whoever it was holds it.
+                Err(e) if already_exists(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(crate::error::Error::Contended(format!(
+            "the claim {name} changed under two looks in a row"
+        )))
     }
 
-    /// The leader's pass over every claim: one whose owner still has an object for the host
-    /// (per `in_use`, the caches: namespace, namespace uid, host) is renewed when its
-    /// renewal is older than half of `release_after`; one unused and older than
-    /// `release_after` is looked at live (the owner's Ingresses and Pods, once per namespace
-    /// and pass) and deleted if it is still unused, with preconditions, so that a claim
-    /// renewed meanwhile stays. Returns the hosts released.
+    /// The leader's pass over every claim. One whose owner still has an object for the
+    /// host (per `in_use`, the caches: namespace, namespace uid, host) is confirmed, and
+    /// renewed when its renewal is older than half the release delay. One unused for the
+    /// release delay (`--host-claim-release-after` once confirmed,
+    /// [`PROVISIONAL_RELEASE_AFTER`] before) is looked at live (the owner, which must still
+    /// be the same namespace and carry `selector`, its annotated Ingresses and its Pods'
+    /// certificates, once per namespace and pass) and deleted if still unused, on condition
+    /// that it is unchanged: a review that relied on it meanwhile renewed it. Returns the
+    /// hosts released.
     pub async fn sweep(
         &self,
         client: &Client,
+        selector: &str,
         in_use: impl Fn(&str, Option<&str>, &str) -> bool,
-        release_after: Duration,
     ) -> Result<Vec<String>> {
         let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
         let now = Timestamp::now();
-        let after = SignedDuration::try_from(release_after).unwrap_or(SignedDuration::MAX);
+        let delay = |d: Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
         let mut live: HashMap<(String, Option<String>), BTreeSet<String>> = HashMap::new();
         let mut released = Vec::new();
         for lease in self.api.list(&lp).await?.items {
@@ -280,6 +375,15 @@ impl HostClaims {
                 continue;
             };
             let uid = lease.annotations().get(CLAIM_NAMESPACE_UID_ANNOTATION).cloned();
+            let confirmed = lease
+                .labels()
+                .get(CLAIM_CONFIRMED_LABEL)
+                .is_some_and(|v| v == "true");
+            let after = delay(if confirmed {
+                self.release_after
+            } else {
+                self.release_after.min(PROVISIONAL_RELEASE_AFTER)
+            });
             let age = renewed(&lease).map_or(SignedDuration::MAX, |t| now.duration_since(t));
             let mut used = in_use(&owner, uid.as_deref(), &host);
             if !used && age >= after {
@@ -287,14 +391,14 @@ impl HostClaims {
                 let hosts = match live.get(&key) {
                     Some(hosts) => hosts,
                     None => {
-                        let hosts = hosts_used_live(client, &owner, uid.as_deref()).await?;
+                        let hosts = hosts_used_live(client, &owner, uid.as_deref(), selector).await?;
                         live.entry(key).or_insert(hosts)
                     }
                 };
                 used = hosts.contains(&host);
             }
             if used {
-                if age >= after / 2 {
+                if !confirmed || age >= delay(self.release_after) / 2 {
                     self.renew(lease).await?;
                 }
             } else if age >= after {
@@ -307,7 +411,7 @@ impl HostClaims {
                 };
                 match self.api.delete(&lease.name_any(), &dp).await {
                     Ok(_) => {
-                        tracing::info!(namespace = owner, %host, "host claim released: no object used it for a while");
+                        tracing::info!(namespace = owner, %host, confirmed, "host claim released: no object used it for a while");
                         released.push(host);
                     }
                     Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
@@ -318,11 +422,13 @@ impl HostClaims {
         Ok(released)
     }
 
-    async fn renew(&self, mut lease: Lease) -> Result<()> {
+    /// Renews and confirms a claim seen in use, unless it changed since it was listed.
+    async fn renew(&self, lease: Lease) -> Result<()> {
         let name = lease.name_any();
-        if let Some(spec) = lease.spec.as_mut() {
-            spec.renew_time = Some(MicroTime(Timestamp::now()));
-        }
+        let mut lease = renewed_now(lease);
+        lease
+            .labels_mut()
+            .insert(CLAIM_CONFIRMED_LABEL.to_owned(), "true".to_owned());
         match self.api.replace(&name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(()),
@@ -333,12 +439,23 @@ impl HostClaims {
 
 /// The hosts `namespace` (of uid `uid`, when known) asks for, as the API server says now:
 /// those of its annotated Ingresses and of its Pods' certificates. None when the namespace
-/// is gone or is another of the same name.
-async fn hosts_used_live(client: &Client, namespace: &str, uid: Option<&str>) -> Result<BTreeSet<String>> {
-    let found = Api::<Namespace>::all(client.clone())
-        .get_metadata_opt(namespace)
-        .await?;
-    let same = found.is_some_and(|ns| uid.is_none_or(|uid| ns.metadata.uid.as_deref() == Some(uid)));
+/// is gone, is another of the same name, or no longer carries `selector` (sidecert serves
+/// it no more).
+async fn hosts_used_live(
+    client: &Client,
+    namespace: &str,
+    uid: Option<&str>,
+    selector: &str,
+) -> Result<BTreeSet<String>> {
+    // A list by name and label (the webhook may list Namespaces, not get them).
+    let lp = ListParams::default()
+        .labels(selector)
+        .fields(&format!("metadata.name={namespace}"));
+    let found = Api::<Namespace>::all(client.clone()).list_metadata(&lp).await?;
+    let same = found
+        .items
+        .first()
+        .is_some_and(|ns| uid.is_none_or(|uid| ns.metadata.uid.as_deref() == Some(uid)));
     if !same {
         return Ok(BTreeSet::new());
     }

@@ -8,6 +8,10 @@ use std::{
 
 use sidecert_contract::{foreign_secret_warning, hosts::MAX_CLAIMABLE_HOST};
 
+/// The most claims one namespace holds (see [`crate::kube::claims`]): far more hosts than a
+/// namespace serves, and what keeps a tenant from filling sidecert's namespace with claims.
+pub const MAX_CLAIMS_PER_NAMESPACE: usize = 1000;
+
 /// The most hosts one review claims: far more than a real Ingress or Pod asks for, and what
 /// keeps the claims one review writes bounded.
 pub const MAX_HOSTS_PER_REVIEW: usize = 256;
@@ -86,6 +90,8 @@ pub enum HostStanding {
     Unclaimable,
     /// Past the most hosts one review claims.
     TooMany,
+    /// Unclaimed, and the namespace holds the most claims it may.
+    TooManyClaims,
     /// The API server did not say in time who owns it.
     Unknown,
 }
@@ -105,10 +111,16 @@ impl HostStanding {
                 "sidecert: {host} is longer than the {MAX_CLAIMABLE_HOST} characters a host claim \
                  takes; it gets no certificate, HTTP-01 path or temporary Secret"
             ),
+            // One warning for all of them (the texts name no host), however many there are.
             Self::TooMany => format!(
-                "sidecert: this review asks for more than {MAX_HOSTS_PER_REVIEW} hosts; {host} and \
-                 the others past the first {MAX_HOSTS_PER_REVIEW} (in name order) get no \
-                 certificate, HTTP-01 path or temporary Secret"
+                "sidecert: this review asks for more than {MAX_HOSTS_PER_REVIEW} hosts; the ones past \
+                 the first {MAX_HOSTS_PER_REVIEW} (in name order) get no certificate, HTTP-01 path or \
+                 temporary Secret"
+            ),
+            Self::TooManyClaims => format!(
+                "sidecert: namespace {namespace} holds {MAX_CLAIMS_PER_NAMESPACE} host claims, the \
+                 most it may; hosts it has not claimed yet get no certificate, HTTP-01 path or \
+                 temporary Secret (claims no object uses are released after a while)"
             ),
             Self::Unknown => format!(
                 "sidecert: cannot tell in time whether namespace {namespace} owns {host}; no \

@@ -29,7 +29,7 @@ use sidecert_contract::{
 use crate::{
     error::{Error, Result},
     kube::{
-        claims::{HostClaims, Owner},
+        claims::{Claimed, HostClaims, Owner},
         executor::Executor,
     },
     metrics::Metrics,
@@ -121,13 +121,10 @@ impl Reconciler {
                 })
     }
 
-    /// Claims the plan's hosts for `ns` and leaves out the ones it may not have, with a
-    /// warning Event; the HTTP-01 paths of those hosts (added before the claim, or before
-    /// sidecert claimed hosts at all) come off the Ingress.
-    async fn leave_out_hosts(&self, ingress: &Ingress, ns: &str, plan: &mut Plan) -> Result<Option<Ingress>> {
-        let Some(claims) = &self.claims else {
-            return Ok(None);
-        };
+    /// Claims `hosts` for the served namespace `ns`, within its allowed domains (`None`
+    /// without claims).
+    async fn claim_for(&self, ns: &str, hosts: &[&str]) -> Option<Claimed> {
+        let claims = self.claims.as_ref()?;
         let namespace = self.namespaces.get(&ObjectRef::new(ns));
         let allowed = namespace
             .as_ref()
@@ -136,37 +133,98 @@ impl Reconciler {
             .policy
             .clone()
             .with_namespace_annotation(allowed.as_deref());
-        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
         let owner = Owner {
             name: ns,
             uid: namespace.as_ref().and_then(|n| n.metadata.uid.as_deref()),
         };
-        let claimed = claims
-            .claim(owner, &hosts, &policy, false, self.executor.budget())
-            .await;
+        Some(
+            claims
+                .claim(owner, hosts, &policy, false, self.executor.budget())
+                .await,
+        )
+    }
+
+    /// Claims the hosts of every annotated Ingress of the served namespaces, oldest Ingress
+    /// first (a stored object's creationTimestamp is set): run when a replica starts to lead,
+    /// so that Ingresses from before sidecert claimed hosts keep the hosts they asked for
+    /// first, whichever the controller happens to reconcile first.
+    pub(super) async fn seed_claims(&self) -> Result<()> {
+        if self.claims.is_none() {
+            return Ok(());
+        }
+        let mut ingresses: Vec<Ingress> = Api::<Ingress>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|i| is_annotated(i) && self.namespace_enabled(&i.namespace().unwrap_or_default()))
+            .collect();
+        ingresses.sort_by(|a, b| {
+            (a.creation_timestamp().map(|t| t.0), a.uid())
+                .cmp(&(b.creation_timestamp().map(|t| t.0), b.uid()))
+        });
+        for ingress in &ingresses {
+            let ns = ingress.namespace().unwrap_or_default();
+            let plan = plan(ingress, self.settings.default_profile.as_deref());
+            let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+            self.claim_for(&ns, &hosts).await;
+        }
+        Ok(())
+    }
+
+    /// Claims the plan's hosts for `ns` and leaves out the ones it may not have, with a
+    /// warning Event; the HTTP-01 paths of those another namespace owns or this one may not
+    /// claim (added before the claim, or before sidecert claimed hosts at all) come off the
+    /// Ingress. Returns the Ingress as patched, if it was, and whether the owner of a host
+    /// could not be told in time (the reconcile is then retried with backoff).
+    async fn leave_out_hosts(
+        &self,
+        ingress: &Ingress,
+        ns: &str,
+        plan: &mut Plan,
+    ) -> Result<(Option<Ingress>, bool)> {
+        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+        let Some(claimed) = self.claim_for(ns, &hosts).await else {
+            return Ok((None, false));
+        };
         let checks = claimed.checks(false);
         if checks.left_out.is_empty() {
-            return Ok(None);
+            return Ok((None, false));
         }
-        let note = checks
+        let unknown = checks
+            .left_out
+            .values()
+            .any(|s| matches!(s, HostStanding::Unknown | HostStanding::TooMany));
+        // An Event's note holds 1 kB: the first few warnings, and how many more.
+        let warnings: BTreeSet<String> = checks
             .left_out
             .iter()
             .map(|(host, standing)| standing.warning(ns, host))
-            .collect::<Vec<_>>()
-            .join("; ");
-        self.warn_once(ingress, "HostNotOwned", note).await;
+            .collect();
+        let mut note = warnings.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+        if warnings.len() > 3 {
+            note.push_str(&format!("; and {} more", warnings.len() - 3));
+        }
+        let reason = if unknown {
+            "HostOwnerUnknown"
+        } else {
+            "HostNotOwned"
+        };
+        self.warn_once(ingress, reason, note).await;
         plan.leave_out_hosts(ns, &checks);
-        // Only hosts another namespace owns or this one may not claim: a claim not known in
-        // time keeps its path until the next reconcile.
+        // Only hosts another namespace owns or this one may not claim: a host whose claim is
+        // not known in time, or past what one pass claims, keeps its path.
         let gone = |host: &str| {
-            checks
-                .left_out
-                .get(host)
-                .is_some_and(|s| !matches!(s, HostStanding::Unknown))
+            checks.left_out.get(host).is_some_and(|s| {
+                matches!(
+                    s,
+                    HostStanding::Claimed | HostStanding::NotAllowed(_) | HostStanding::Unclaimable
+                )
+            })
         };
         let patch = route_removal_patch_for(ingress, gone);
         if patch.is_empty() {
-            return Ok(None);
+            return Ok((None, unknown));
         }
         let name = ingress.name_any();
         let updated = Api::<Ingress>::namespaced(self.client.clone(), ns)
@@ -190,7 +248,7 @@ impl Reconciler {
             None,
         )
         .await;
-        Ok(Some(updated))
+        Ok((Some(updated), unknown))
     }
 
     pub(super) fn action(&self, action: &str) {
@@ -236,7 +294,7 @@ impl Reconciler {
         let name = ingress.name_any();
         let mut plan = plan(ingress, self.settings.default_profile.as_deref());
         // One owner per host: what another namespace owns is left out, and its path goes.
-        let trimmed = self.leave_out_hosts(ingress, ns, &mut plan).await?;
+        let (trimmed, hosts_unknown) = self.leave_out_hosts(ingress, ns, &mut plan).await?;
         let ingress = trimmed.as_ref().unwrap_or(ingress);
         // A Secret of someone else's is never written, routed to or rolled for.
         let owners = self
@@ -292,7 +350,8 @@ impl Reconciler {
         }
 
         // A Secret whose owner could not be told is left out this time; retry with backoff.
-        let mut first_error = (!owners.unknown.is_empty()).then(|| Error::Timeout(self.executor.budget()));
+        let mut first_error =
+            (!owners.unknown.is_empty() || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
         for effect in effects(ingress, ns, &plan) {
             let result = match &effect {
                 Effect::SolverService {

@@ -20,6 +20,7 @@ use sidecert_runtime::Backoff;
 
 use crate::{
     error::{Error, Result},
+    kube::claims::PROVISIONAL_RELEASE_AFTER,
     mutate::ingress::is_annotated,
     reconciler::{context::Reconciler, plan::ingresses_for_service},
 };
@@ -123,29 +124,26 @@ pub async fn run_controller(ctx: Arc<Reconciler>, stop: impl Future<Output = ()>
         .await;
 }
 
-/// How often the leader looks at every host claim: a fifth of the release delay, between
-/// 10 s and 5 minutes.
+/// How often the leader looks at every host claim: a fifth of the shortest release delay,
+/// between 10 s and 5 minutes.
 pub fn sweep_interval(release_after: Duration) -> Duration {
-    (release_after / 5).clamp(Duration::from_secs(10), Duration::from_secs(300))
+    (release_after.min(PROVISIONAL_RELEASE_AFTER) / 5)
+        .clamp(Duration::from_secs(10), Duration::from_secs(300))
 }
 
-/// Releases, while this replica leads, the host claims no object of their namespace has
-/// used for `--host-claim-release-after`.
+/// While this replica leads, releases again and again the claims no object of their
+/// namespace uses any more.
 pub async fn sweep_claims(ctx: Arc<Reconciler>) {
     let Some(claims) = ctx.claims.clone() else {
         return;
     };
-    let release_after = ctx.settings.host_claim_release_after;
-    let mut tick = tokio::time::interval(sweep_interval(release_after));
+    let mut tick = tokio::time::interval(sweep_interval(ctx.settings.host_claim_release_after));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let in_use = |ns: &str, uid: Option<&str>, host: &str| ctx.host_in_use(ns, uid, host);
         match claims
-            .sweep(
-                &ctx.client,
-                |ns, uid, host| ctx.host_in_use(ns, uid, host),
-                release_after,
-            )
+            .sweep(&ctx.client, &ctx.settings.namespace_selector, in_use)
             .await
         {
             Ok(released) => {

@@ -27,6 +27,9 @@ use crate::{
 /// The wait before joining the election again: 1 s, 2 s, ... up to 30 s.
 pub const REJOIN: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
 
+/// How long a new leader claims the hosts of the annotated Ingresses before it reconciles.
+pub const SEED_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The Lease the replicas elect a leader on.
 #[derive(Debug, Clone)]
 pub struct LeaderSettings {
@@ -119,6 +122,19 @@ pub async fn run(
                 settings.clone(),
                 metrics.clone(),
             ));
+            // The hosts of the annotated Ingresses are claimed, oldest first, before any is
+            // reconciled: where two namespaces ask for a host from before sidecert claimed
+            // hosts, the one that asked first keeps it, not the one reconciled first.
+            if ready {
+                tokio::select! {
+                    r = tokio::time::timeout(SEED_TIMEOUT, ctx.seed_claims()) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot claim the hosts of the annotated Ingresses"),
+                        Err(_) => tracing::warn!(timeout = ?SEED_TIMEOUT, "claiming the hosts of the annotated Ingresses took too long; reconciling"),
+                    },
+                    _ = shutdown.wait_for(|s| *s) => {}
+                }
+            }
             let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
             let controller = run_controller(ctx, stop_rx.map(drop));
