@@ -174,6 +174,16 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// The namespace holding the claim of `host` in the release namespace, if any.
+    async fn claim_holder(&self, host: &str) -> Result<Option<String>> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), &self.release_ns);
+        Ok(leases
+            .get_opt(&format!("sidecert-host-{host}"))
+            .await?
+            .and_then(|l| l.spec?.holder_identity))
+    }
+
     async fn install(plane: &'static Plane) -> Result<Ctx> {
         let client = plane.client().await?;
         let ctx = Ctx {
@@ -804,6 +814,16 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
                 &tls_crt(&temporary).context("temporary Secret without tls.crt")?,
                 None,
             )?;
+            // The deployed webhook claimed the hosts for this namespace (its RBAC and the
+            // namespace guard let it write claims in its own namespace).
+            for h in &hosts {
+                let holder = ctx.claim_holder(h).await?;
+                ensure!(
+                    holder.as_deref() == Some(ns.name()),
+                    "the claim of {h} is held by {holder:?}, want {}",
+                    ns.name()
+                );
+            }
             ensure!(
                 temp_info.sans == hosts.iter().cloned().collect(),
                 "temporary certificate for {:?}",
@@ -1383,6 +1403,11 @@ async fn s5_dry_run(ctx: Ctx) -> Result<()> {
 
             // Side effects would be synchronous with the review; give stragglers a moment.
             tokio::time::sleep(Duration::from_secs(2)).await;
+            // A dry run claims no host.
+            for h in [host("web", ns), host("direct", ns)] {
+                let holder = ctx.claim_holder(&h).await?;
+                ensure!(holder.is_none(), "the dry run claimed {h} for {holder:?}");
+            }
             let left = ctx
                 .kubectl_ok(
                     &[
@@ -1752,8 +1777,10 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
 /// prints; the other team's Secret is never written, and the reconciler says so in an Event.
 async fn s8_warnings(ctx: Ctx) -> Result<()> {
     ctx.clone()
-        .in_namespaces(&[("e2e-s8", true)], |namespaces| async move {
+        .in_namespaces(&[("e2e-s8", true), ("e2e-s8-b", true)], |namespaces| async move {
             let ns = &namespaces[0];
+            let other = &namespaces[1];
+            let shared = host("shared", ns);
             let wildcard = format!("*.wild.{}.sidecert.test", ns.name());
             let plain = host("nosecret", ns);
             let theirs = host("theirs", ns);
@@ -1774,6 +1801,7 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
                 ingress("wildcard", json!({"hosts": [wildcard], "secretName": "wild-tls"}), &wildcard),
                 ingress("nosecret", json!({"hosts": [plain]}), &plain),
                 ingress("theirs", json!({"hosts": [theirs], "secretName": "team-db"}), &theirs),
+                ingress("shared", json!({"hosts": [shared], "secretName": "shared-tls"}), &shared),
             ]});
             let out = ctx
                 .kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&list.to_string()))
@@ -1824,6 +1852,44 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
                 team_db.metadata.resource_version == team_db_version,
                 "another team's Secret was written: {:?}",
                 team_db.metadata
+            );
+
+            // One owner per host: the second namespace asks for the first's host and gets a
+            // warning, no path, no Secret, and an Event from the reconciler.
+            let steal = ingress("steal", json!({"hosts": [shared], "secretName": "steal-tls"}), &shared);
+            let out = ctx
+                .kubectl_ok(&["-n", other.name(), "apply", "-f", "-"], Some(&steal.to_string()))
+                .await?;
+            ensure!(
+                out.stderr.contains("claimed by another namespace"),
+                "no warning about the host another namespace claimed: {}",
+                out.stderr
+            );
+            ensure!(
+                other.api::<Secret>().get_opt("steal-tls").await?.is_none(),
+                "a temporary Secret was made for another namespace's host"
+            );
+            wait_for(Duration::from_secs(30), || async {
+                let events = events_with_reason(&ctx.client, other.name(), "HostNotOwned").await.ok()?;
+                events.iter().any(|m| m.contains(&shared)).then_some(())
+            })
+            .await
+            .context("no HostNotOwned Event from the reconciler for the Ingress asking for a claimed host")?;
+            let routed = other
+                .api::<Ingress>()
+                .get("steal")
+                .await?
+                .spec
+                .and_then(|s| s.rules)
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.http)
+                .flat_map(|h| h.paths)
+                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            ensure!(!routed, "the Ingress asking for another namespace's host got an HTTP-01 path");
+            ensure!(
+                ctx.claim_holder(&shared).await?.as_deref() == Some(ns.name()),
+                "the claim of {shared} moved"
             );
             Ok(())
         })
