@@ -1775,6 +1775,16 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
 /// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName,
 /// a secretName that is another team's Secret): admitted, with warnings that `kubectl`
 /// prints; the other team's Secret is never written, and the reconciler says so in an Event.
+/// Whether any rule of the Ingress has the HTTP-01 path.
+fn has_challenge_path(ingress: &Ingress) -> bool {
+    ingress
+        .spec
+        .iter()
+        .flat_map(|s| s.rules.iter().flatten())
+        .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
+        .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH))
+}
+
 async fn s8_warnings(ctx: Ctx) -> Result<()> {
     ctx.clone()
         .in_namespaces(&[("e2e-s8", true), ("e2e-s8-b", true)], |namespaces| async move {
@@ -1836,16 +1846,7 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             })
             .await
             .context("no SecretNotOurs Event from the reconciler for the Ingress naming team-db")?;
-            let routed = ingresses
-                .get("theirs")
-                .await?
-                .spec
-                .and_then(|s| s.rules)
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r.http)
-                .flat_map(|h| h.paths)
-                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            let routed = has_challenge_path(&ingresses.get("theirs").await?);
             ensure!(!routed, "the Ingress naming another team's Secret got an HTTP-01 path");
             let team_db = ns.api::<Secret>().get("team-db").await?;
             ensure!(
@@ -1875,17 +1876,7 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             })
             .await
             .context("no HostNotOwned Event from the reconciler for the Ingress asking for a claimed host")?;
-            let routed = other
-                .api::<Ingress>()
-                .get("steal")
-                .await?
-                .spec
-                .and_then(|s| s.rules)
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r.http)
-                .flat_map(|h| h.paths)
-                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            let routed = has_challenge_path(&other.api::<Ingress>().get("steal").await?);
             ensure!(!routed, "the Ingress asking for another namespace's host got an HTTP-01 path");
             ensure!(
                 ctx.claim_holder(&shared).await?.as_deref() == Some(ns.name()),

@@ -226,6 +226,28 @@ impl Reconciler {
         if patch.is_empty() {
             return Ok((None, unknown));
         }
+        let updated = self
+            .remove_paths(
+                ingress,
+                ns,
+                patch,
+                "hosts this namespace does not own (claimed by another namespace first, or outside \
+                 its allowed domains)",
+            )
+            .await?;
+        Ok((Some(updated), unknown))
+    }
+
+    /// Applies `patch` (a [`route_removal_patch_for`], guarded by the Ingress's
+    /// resourceVersion) and says so in a `ChallengeRouteRemoved` Event: the path came off
+    /// `why`.
+    async fn remove_paths(
+        &self,
+        ingress: &Ingress,
+        ns: &str,
+        patch: Vec<json_patch::PatchOperation>,
+        why: &str,
+    ) -> Result<Ingress> {
         let name = ingress.name_any();
         let updated = Api::<Ingress>::namespaced(self.client.clone(), ns)
             .patch(
@@ -235,20 +257,17 @@ impl Reconciler {
             )
             .await?;
         self.action("route_removed");
-        tracing::info!(namespace = ns, ingress = %name, "removed the HTTP-01 path of hosts the namespace does not own");
+        tracing::info!(namespace = ns, ingress = %name, why, "removed the HTTP-01 path");
         self.event(
             ingress,
             EventType::Normal,
             "ChallengeRouteRemoved",
             "Reconcile",
-            format!(
-                "removed the HTTP-01 path {ACME_CHALLENGE_PATH} of hosts this namespace does not own \
-                 (claimed by another namespace first, or outside its allowed domains)"
-            ),
+            format!("removed the HTTP-01 path {ACME_CHALLENGE_PATH}: {why}"),
             None,
         )
         .await;
-        Ok((Some(updated), unknown))
+        Ok(updated)
     }
 
     pub(super) fn action(&self, action: &str) {
@@ -408,28 +427,11 @@ impl Reconciler {
         let routed = routed_solvers(ingress);
         let patch = route_removal_patch(ingress);
         if !patch.is_empty() {
-            Api::<Ingress>::namespaced(self.client.clone(), ns)
-                .patch(
-                    &name,
-                    &PatchParams::default(),
-                    &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
-                )
-                .await?;
-            self.action("route_removed");
-            tracing::info!(namespace = ns, ingress = %name, "removed the HTTP-01 path");
-            self.event(
-                ingress,
-                EventType::Normal,
-                "ChallengeRouteRemoved",
-                "Reconcile",
-                format!(
-                    "removed the HTTP-01 path {ACME_CHALLENGE_PATH}: the Ingress is no longer annotated {}; \
-                     its Secrets are left alone",
-                    annotations::ISSUE_TEMPORARY_CERTIFICATE
-                ),
-                None,
-            )
-            .await;
+            let why = format!(
+                "the Ingress is no longer annotated {}; its Secrets are left alone",
+                annotations::ISSUE_TEMPORARY_CERTIFICATE
+            );
+            self.remove_paths(ingress, ns, patch, &why).await?;
         }
         remove_solvers(&self.client, ns, ingress.uid().as_deref(), &routed)
             .await?
