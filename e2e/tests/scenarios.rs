@@ -897,9 +897,82 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             );
             let issued_events = events_with_reason(&ctx.client, ns.name(), "Issued").await?;
             ensure!(issued_events.len() == 1, "Issued Events: {issued_events:?}");
-            Ok(())
+
+            unlabelled_namespace_is_cleaned(&ctx, ns, &solver, &issued).await
         })
         .await
+}
+
+/// Scenario 1, continued: the namespace loses its label. The reconciler's leader takes
+/// sidecert's HTTP-01 paths off, deletes the solver Service and the sidecars' Roles and
+/// RoleBindings (the Pods' ServiceAccount keeps no right on the certificate), and leaves the
+/// issued certificate's Secret as it was.
+async fn unlabelled_namespace_is_cleaned(
+    ctx: &Ctx,
+    ns: &TestNamespace,
+    solver: &str,
+    issued: &Secret,
+) -> Result<()> {
+    ctx.kubectl_ok(&["label", "namespace", ns.name(), "sidecert.io/injection-"], None)
+        .await?;
+    let managed = ListParams::default().labels("app.kubernetes.io/managed-by=sidecert");
+    let (roles, bindings, services, ingresses) = (
+        ns.api::<k8s_openapi::api::rbac::v1::Role>(),
+        ns.api::<k8s_openapi::api::rbac::v1::RoleBinding>(),
+        ns.api::<Service>(),
+        ns.api::<Ingress>(),
+    );
+    let left = || async {
+        let mut left = Vec::new();
+        for r in roles.list_metadata(&managed).await.ok()?.items {
+            left.push(format!("Role {}", r.metadata.name.unwrap_or_default()));
+        }
+        for b in bindings.list_metadata(&managed).await.ok()?.items {
+            left.push(format!("RoleBinding {}", b.metadata.name.unwrap_or_default()));
+        }
+        if services.get_opt(solver).await.ok()?.is_some() {
+            left.push(format!("Service {solver}"));
+        }
+        let ingress = ingresses.get("web").await.ok()?;
+        let routed = ingress
+            .spec
+            .iter()
+            .flat_map(|s| s.rules.iter().flatten())
+            .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
+            .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+        if routed {
+            left.push("the HTTP-01 path".to_owned());
+        }
+        Some(left)
+    };
+    let cleaned = wait_for(Duration::from_secs(60), || async {
+        left().await.filter(Vec::is_empty)
+    })
+    .await;
+    if cleaned.is_err() {
+        anyhow::bail!(
+            "60 s after the namespace lost its label, sidecert still has {:?} there",
+            left().await
+        );
+    }
+    let sa = format!("--as=system:serviceaccount:{}:default", ns.name());
+    let out = ctx
+        .kubectl(
+            &["auth", "can-i", "-n", ns.name(), &sa, "update", "secrets/web-tls"],
+            None,
+        )
+        .await?;
+    ensure!(
+        out.stdout.trim() == "no",
+        "the Pods' ServiceAccount may still update its certificate's Secret: {}",
+        out.describe()
+    );
+    let kept = ns.api::<Secret>().get("web-tls").await?;
+    ensure!(
+        kept.data == issued.data,
+        "the certificate's Secret changed when the namespace lost its label"
+    );
+    Ok(())
 }
 
 /// Scenario 2: Renewal with Pebble's `shortlived` profile (120 s): the Secret's certificate changes
@@ -1699,6 +1772,78 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     ensure!(
                         !out.success && out.stderr.contains(refused),
                         "{what}: expected the namespace guard to refuse it: {}",
+                        out.describe()
+                    );
+                }
+
+                // Where the label came off, only sidecert's cleanup: deleting its own Roles,
+                // RoleBindings and solver Services, and taking HTTP-01 paths off Ingresses
+                // with nothing else changed. Each object is applied (as the admin) right
+                // before its attempt: the leader's cleanup may have just removed it.
+                let ours = json!({"app.kubernetes.io/managed-by": "sidecert"});
+                let role_named = |name: &str, labels: &Value| {
+                    json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                        "metadata": {"name": name, "labels": labels},
+                        "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["web-tls"]}]})
+                };
+                let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                    "metadata": {"name": "sidecert-s9", "labels": ours},
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sidecert-s9"},
+                    "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": off}]});
+                let service = |name: &str| {
+                    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "labels": ours},
+                        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})
+                };
+                let routed = json!({"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                    "metadata": {"name": "s9-ing"},
+                    "spec": {"rules": [{"host": "s9.example", "http": {"paths": [
+                        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}},
+                        {"path": ACME_CHALLENGE_PATH, "pathType": "Prefix",
+                         "backend": {"service": {"name": "web-sidecert-solver", "port": {"number": 80}}}}]}}]}});
+                let patch = |ops: Value| -> Vec<String> {
+                    ["patch", "ingress", "s9-ing", "--type=json", "-p", &ops.to_string(), "--dry-run=server"]
+                        .map(str::to_owned)
+                        .to_vec()
+                };
+                let delete = |what: &str| -> Vec<String> {
+                    what.split(' ').chain(["--dry-run=server"]).map(str::to_owned).collect()
+                };
+                let take_off = json!([{"op": "remove", "path": "/spec/rules/0/http/paths/1"}]);
+                for (object, args, allowed, what) in [
+                    (role_named("sidecert-s9", &ours), delete("delete role sidecert-s9"), true, "deleting its Role"),
+                    (role_named("sidecert-s9-theirs", &json!({})), delete("delete role sidecert-s9-theirs"), false, "deleting an unlabelled Role"),
+                    (binding.clone(), delete("delete rolebinding sidecert-s9"), true, "deleting its RoleBinding"),
+                    (service("web-sidecert-solver"), delete("delete service web-sidecert-solver"), true, "deleting its solver Service"),
+                    (service("s9-web"), delete("delete service s9-web"), false, "deleting a Service not named as a solver"),
+                    (routed.clone(), patch(take_off.clone()), true, "taking the HTTP-01 path off"),
+                    (routed.clone(), patch(json!([{"op": "remove", "path": "/spec/rules/0/http/paths/0"}])), false, "taking the app's path off"),
+                    (routed.clone(), patch(json!([{"op": "replace", "path": "/spec/rules/0/host", "value": "evil.example"},
+                        {"op": "remove", "path": "/spec/rules/0/http/paths/1"}])), false, "changing the host"),
+                    (routed.clone(), patch(json!([{"op": "add", "path": "/metadata/annotations", "value": {"x": "y"}},
+                        {"op": "remove", "path": "/spec/rules/0/http/paths/1"}])), false, "adding an annotation"),
+                    (role_named("sidecert-s9-new", &ours), ["create", "role", "sidecert-s9-new", "--verb=get", "--resource=secrets", "--dry-run=server"].map(str::to_owned).to_vec(), false, "creating a Role"),
+                ] {
+                    let mut out = None;
+                    for _ in 0..3 {
+                        if !what.starts_with("creating") {
+                            ctx.kubectl_ok(&["-n", off, "apply", "-f", "-"], Some(&object.to_string()))
+                                .await?;
+                        }
+                        let tried = attempt(off.to_owned(), args.clone()).await?;
+                        // Removed by the cleanup between the apply and the attempt: again.
+                        let raced = !tried.success
+                            && (tried.stderr.contains("NotFound") || tried.stderr.contains("not found")
+                                || tried.stderr.contains("missing"));
+                        out = Some(tried);
+                        if !raced {
+                            break;
+                        }
+                    }
+                    let out = out.context("no attempt")?;
+                    ensure!(
+                        out.success == allowed && (allowed || out.stderr.contains(refused)),
+                        "{what} in a namespace that lost its label: expected {}: {}",
+                        if allowed { "allowed" } else { "refused by the policy" },
                         out.describe()
                     );
                 }

@@ -46,6 +46,22 @@ fn default_duration(s: &str) -> Duration {
     parse_duration(s).unwrap_or_default()
 }
 
+/// The shortest `--host-claim-release-after`: as long as a claim never seen in use lasts
+/// (`kube::claims::PROVISIONAL_RELEASE_AFTER`).
+pub const MIN_HOST_CLAIM_RELEASE_AFTER: Duration = Duration::from_secs(120);
+
+/// `--host-claim-release-after`: a duration of at least [`MIN_HOST_CLAIM_RELEASE_AFTER`].
+fn parse_claim_release_after(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_HOST_CLAIM_RELEASE_AFTER {
+        return Err(format!(
+            "{s} is shorter than {}s: a claim could be released before the object it was made for is stored",
+            MIN_HOST_CLAIM_RELEASE_AFTER.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
 /// sidecert's admission webhook: sidecar injection, HTTP-01 routing, temporary certificates.
 #[derive(Debug, Parser)]
 #[command(name = "sidecert-webhook", version)]
@@ -274,8 +290,9 @@ pub struct ReconcilerArgs {
     pub reconcile_interval: Duration,
     /// How long a host's claim outlives the last object of its namespace that asks for the
     /// host (annotated Ingress, or Pod with a certificate for it); then another namespace
-    /// may claim it.
-    #[arg(long, env = "SIDECERT_WEBHOOK_HOST_CLAIM_RELEASE_AFTER", default_value = defaults::HOST_CLAIM_RELEASE_AFTER, value_parser = parse_duration)]
+    /// may claim it. At least 2m: shorter, a claim could go before the object it was made
+    /// for is stored.
+    #[arg(long, env = "SIDECERT_WEBHOOK_HOST_CLAIM_RELEASE_AFTER", default_value = defaults::HOST_CLAIM_RELEASE_AFTER, value_parser = parse_claim_release_after)]
     pub host_claim_release_after: Duration,
 }
 
@@ -493,6 +510,16 @@ mod tests {
             Command::Serve(args) => Ok(*args),
             _ => unreachable!(),
         }
+    }
+
+    #[test]
+    fn a_host_claim_lasts_at_least_two_minutes() {
+        for short in ["0s", "90s", "1m"] {
+            let e = serve(&["--self-signed", "--host-claim-release-after", short]).unwrap_err();
+            assert!(e.to_string().contains("shorter than 120s"), "{short}: {e}");
+        }
+        let args = serve(&["--self-signed", "--host-claim-release-after", "2m"]).unwrap();
+        assert_eq!(args.reconciler.host_claim_release_after, Duration::from_secs(120));
     }
 
     #[test]

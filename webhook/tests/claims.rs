@@ -20,17 +20,17 @@ use serde_json::{Value, json};
 use sidecert_contract::hosts::DomainPolicy;
 use sidecert_e2e::{Plane, TestNamespace};
 use sidecert_webhook::{
-    AcmeDefaults, Context, Reviewer, SidecarSettings,
+    Reviewer,
     kube::{
-        Executor, NamespaceGate,
-        claims::{HostClaims, Owner},
+        NamespaceGate,
+        claims::{Ask, HostClaims},
+        namespaces::Served,
     },
-    metrics::Metrics,
     mutate::Snapshot,
 };
 
 mod common;
-use common::create_review;
+use common::{create_review, reviewer_over, warned};
 
 fn ingress(namespace: &str, name: &str, secret: &str, hosts: &[&str]) -> Value {
     json!({
@@ -57,32 +57,14 @@ fn pod(secret: &str, host: &str) -> Value {
 }
 
 async fn respond(reviewer: &Reviewer, namespace: &str, object: Value, dry_run: bool) -> Value {
-    let body = create_review(namespace, object, dry_run);
-    let out: Value = serde_json::from_slice(&reviewer.review(&body).await.unwrap()).unwrap();
-    assert_eq!(out["response"]["allowed"], true, "{out}");
-    out["response"].clone()
-}
-
-fn warned(response: &Value, text: &str) -> bool {
-    response["warnings"]
-        .as_array()
-        .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains(text)))
+    common::respond(reviewer, &create_review(namespace, object, dry_run)).await
 }
 
 /// A reviewer with the namespace gate and host claims in `release`.
 async fn reviewer(client: &kube::Client, release: &str, policy: DomainPolicy) -> Reviewer {
-    let cache = Arc::new(Snapshot::default());
-    let ctx = Context {
-        sidecar: SidecarSettings::default(),
-        acme: AcmeDefaults::default(),
-        lookup: cache.clone(),
-        secrets: Default::default(),
-        hosts: Default::default(),
-    };
     let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", release);
     assert!(gate.wait_until_ready().await);
-    let executor = Executor::new(client.clone(), cache, Duration::from_secs(4));
-    Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
+    reviewer_over(client, Arc::new(Snapshot::default()))
         .with_namespace_gate(gate)
         .with_host_claims(HostClaims::new(
             client.clone(),
@@ -313,31 +295,31 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let idle = format!("idle.{}.example", a.name());
     let fresh = format!("fresh.{}.example", a.name());
     let a_uid = uid(&client, &a).await;
-    let owner = Owner {
-        name: a.name(),
-        uid: Some(&a_uid),
+    let owner = Served {
+        uid: Some(a_uid.clone()),
+        allowed_domains: None,
     };
     let claimed = claims
         .claim(
-            owner,
+            a.name(),
+            Some(&owner),
             &[&used, &idle, &fresh],
-            &DomainPolicy::default(),
-            false,
+            Ask::Review,
             Duration::from_secs(4),
         )
         .await;
     assert_eq!(claimed.owned.len(), 3, "{claimed:?}");
     // A namespace of the same name but another uid (deleted and made again) holds nothing.
-    let impostor = Owner {
-        name: a.name(),
-        uid: Some("another-uid"),
+    let impostor = Served {
+        uid: Some("another-uid".to_owned()),
+        allowed_domains: None,
     };
     let stolen = claims
         .claim(
-            impostor,
+            a.name(),
+            Some(&impostor),
             &[&used],
-            &DomainPolicy::default(),
-            false,
+            Ask::Review,
             Duration::from_secs(4),
         )
         .await;
@@ -353,7 +335,10 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     // unused, not after the hour; a fresh one stays; the used one is confirmed.
     age(&release, &idle, 10).await;
     age(&release, &used, 10).await;
-    let released = claims.sweep(&client, selector, |_, _, _| false).await.unwrap();
+    let released = claims
+        .sweep(&client, selector, |_, _| Default::default())
+        .await
+        .unwrap();
     assert_eq!(released.as_slice(), std::slice::from_ref(&idle));
     assert_eq!(holder(&release, &idle).await, None);
     assert_eq!(holder(&release, &fresh).await.as_deref(), Some(a.name()));
@@ -369,20 +354,32 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let before = lease(&release, &used).await.metadata.resource_version;
     assert!(
         claims
-            .sweep(&client, selector, |_, _, _| false)
+            .sweep(&client, selector, |_, _| Default::default())
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(lease(&release, &used).await.metadata.resource_version, before);
+    // The reconciler acts on stored objects: it relies on the claim without renewing it.
+    let reconciled = claims
+        .claim(
+            a.name(),
+            Some(&owner),
+            &[&used],
+            Ask::Reconcile,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(reconciled.owned.contains(&used), "{reconciled:?}");
+    assert_eq!(lease(&release, &used).await.metadata.resource_version, before);
     // A review that relies on a claim that old renews it, so that a sweep that looked
     // before cannot delete it (its delete is conditional on the version it saw).
     let again = claims
         .claim(
-            owner,
+            a.name(),
+            Some(&owner),
             &[&used],
-            &DomainPolicy::default(),
-            false,
+            Ask::Review,
             Duration::from_secs(4),
         )
         .await;
@@ -402,7 +399,10 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
         .await
         .unwrap();
     age(&release, &used, 90).await;
-    let released = claims.sweep(&client, selector, |_, _, _| false).await.unwrap();
+    let released = claims
+        .sweep(&client, selector, |_, _| Default::default())
+        .await
+        .unwrap();
     assert!(released.contains(&used), "{released:?}");
 
     // Released, a host is free for the next namespace to claim; a held one is not.
@@ -410,13 +410,13 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
     let b_uid = uid(&client, &b).await;
     let next = claims
         .claim(
-            Owner {
-                name: b.name(),
-                uid: Some(&b_uid),
-            },
+            b.name(),
+            Some(&Served {
+                uid: Some(b_uid),
+                allowed_domains: None,
+            }),
             &[&idle, &fresh],
-            &DomainPolicy::default(),
-            false,
+            Ask::Review,
             Duration::from_secs(4),
         )
         .await;
@@ -424,4 +424,169 @@ async fn a_claim_no_object_uses_is_released_and_one_in_use_is_kept() {
         next.owned.contains(&idle) && !next.owned.contains(&fresh),
         "{next:?}"
     );
+}
+
+/// A claim Lease written by the admin: `holder`, the namespace uid `uid`, the holder label
+/// only if `labelled` (older versions made claims without it), renewed `minutes` ago.
+fn raw_claim(host: &str, holder: &str, uid: &str, labelled: bool, minutes: i64) -> Lease {
+    let when = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_mins(minutes);
+    let mut labels = json!({"app.kubernetes.io/managed-by": "sidecert", "sidecert.io/claim": "host"});
+    if labelled {
+        labels["sidecert.io/claim-holder"] = holder.into();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": format!("sidecert-host-{host}"), "labels": labels,
+            "annotations": {"sidecert.io/host": host, "sidecert.io/namespace-uid": uid}},
+        "spec": {"holderIdentity": holder,
+            "renewTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(when)}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_goes_on_past_a_claim_it_cannot_look_at() {
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let release = plane.namespace("claims-release", false).await.unwrap();
+    let a = plane.namespace("claims-pass", true).await.unwrap();
+    let a_uid = uid(&client, &a).await;
+    let claims = HostClaims::new(
+        client.clone(),
+        release.name(),
+        DomainPolicy::default(),
+        Duration::from_secs(3600),
+    );
+    let leases = release.api::<Lease>();
+    // Listed first (by name), a claim whose holder no list can select: the look at its
+    // namespace fails.
+    let broken = "0broken.example";
+    leases
+        .create(&PostParams::default(), &raw_claim(broken, "x,y", "u", false, 10))
+        .await
+        .unwrap();
+    // A claim from before the holder label, in use: renewed, and labelled on the way.
+    let legacy = format!("legacy.{}.example", a.name());
+    leases
+        .create(
+            &PostParams::default(),
+            &raw_claim(&legacy, a.name(), &a_uid, false, 40),
+        )
+        .await
+        .unwrap();
+    let idle = format!("idle.{}.example", a.name());
+    let served = Served {
+        uid: Some(a_uid.clone()),
+        allowed_domains: None,
+    };
+    let claimed = claims
+        .claim(
+            a.name(),
+            Some(&served),
+            &[&idle],
+            Ask::Review,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(claimed.owned.contains(&idle), "{claimed:?}");
+    age(&release, &idle, 10).await;
+
+    let in_use = |ns: &str, _: Option<&str>| {
+        if ns == a.name() {
+            std::iter::once(legacy.clone()).collect()
+        } else {
+            Default::default()
+        }
+    };
+    let released = claims
+        .sweep(&client, "sidecert.io/injection=enabled", in_use)
+        .await
+        .expect("one claim that cannot be looked at does not end the pass");
+    assert_eq!(released.as_slice(), std::slice::from_ref(&idle));
+    assert_eq!(
+        holder(&release, broken).await.as_deref(),
+        Some("x,y"),
+        "left for the next pass"
+    );
+    let renewed = lease(&release, &legacy).await;
+    assert!(confirmed(&renewed), "{renewed:?}");
+    assert_eq!(
+        renewed
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("sidecert.io/claim-holder")
+            .map(String::as_str),
+        Some(a.name()),
+        "the holder label is added, so the claim counts towards the namespace's cap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_at_its_claim_cap_gets_no_new_host_even_on_a_dry_run() {
+    use futures::StreamExt;
+    sidecert_webhook::install_crypto_provider();
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let release = plane.namespace("claims-release", false).await.unwrap();
+    let a = plane.namespace("claims-cap", true).await.unwrap();
+    let a_uid = uid(&client, &a).await;
+    let claims = HostClaims::new(
+        client.clone(),
+        release.name(),
+        DomainPolicy::default(),
+        Duration::from_secs(900),
+    );
+    let max = sidecert_webhook::mutate::context::MAX_CLAIMS_PER_NAMESPACE;
+    // One short of the cap, plus a few a deleted namespace of the same name left behind
+    // (another uid): those are not this namespace's.
+    let leases = release.api::<Lease>();
+    let made: Vec<_> = futures::stream::iter((0..max - 1 + 5).map(|i| {
+        let leases = leases.clone();
+        let uid = if i < max - 1 {
+            a_uid.clone()
+        } else {
+            "gone-uid".to_owned()
+        };
+        let host = format!("h{i}.{}.example", a.name());
+        let lease = raw_claim(&host, a.name(), &uid, true, 0);
+        async move { leases.create(&PostParams::default(), &lease).await }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    assert!(made.iter().all(Result::is_ok));
+    let served = Served {
+        uid: Some(a_uid.clone()),
+        allowed_domains: None,
+    };
+    let last = format!("last.{}.example", a.name());
+    let got = claims
+        .claim(
+            a.name(),
+            Some(&served),
+            &[&last],
+            Ask::Review,
+            Duration::from_secs(4),
+        )
+        .await;
+    assert!(
+        got.owned.contains(&last),
+        "the stale claims do not count: {got:?}"
+    );
+
+    // At the cap: a dry run says what the review would get.
+    let over = format!("over.{}.example", a.name());
+    for ask in [Ask::DryRun, Ask::Review] {
+        let got = claims
+            .claim(a.name(), Some(&served), &[&over], ask, Duration::from_secs(4))
+            .await;
+        assert_eq!(
+            got.left_out.get(&over),
+            Some(&sidecert_webhook::mutate::context::HostStanding::TooManyClaims),
+            "{ask:?}: {got:?}"
+        );
+    }
+    assert_eq!(holder(&release, &over).await, None);
 }

@@ -4,12 +4,9 @@
 //! a namespace was labelled a moment ago), against the real API server.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
 };
 
 use k8s_openapi::api::{
@@ -20,15 +17,10 @@ use k8s_openapi::api::{
 use kube::{Api, api::PostParams};
 use serde_json::{Value, json};
 use sidecert_e2e::{Plane, TestNamespace};
-use sidecert_webhook::{
-    AcmeDefaults, Context, Lookup, Reviewer, SidecarSettings,
-    kube::{Executor, NamespaceGate},
-    metrics::Metrics,
-    mutate::Snapshot,
-};
+use sidecert_webhook::{Lookup, kube::NamespaceGate, mutate::Snapshot};
 
 mod common;
-use common::create_review;
+use common::{create_review, respond, reviewer_over, warned};
 
 const OWN: &str = "sidecert-forged-test-release";
 
@@ -63,18 +55,8 @@ fn ingress_review(namespace: &str, secret: &str, host: &str) -> Vec<u8> {
     )
 }
 
-async fn respond(reviewer: &Reviewer, body: &[u8]) -> Value {
-    let out: Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
-    assert_eq!(out["response"]["allowed"], true, "{out}");
-    out["response"].clone()
-}
-
 fn refused(response: &Value) -> bool {
-    response["patch"].is_null()
-        && response["warnings"].as_array().is_some_and(|w| {
-            w.iter()
-                .any(|w| w.as_str().unwrap_or("").contains("is not one sidecert serves"))
-        })
+    response["patch"].is_null() && warned(response, "is not one sidecert serves")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,18 +66,9 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
     let client = plane.client().await.unwrap();
     let labelled = plane.namespace("forged-on", true).await.unwrap();
     let unlabelled = plane.namespace("forged-off", false).await.unwrap();
-    let cache = Arc::new(Snapshot::default());
-    let ctx = Context {
-        sidecar: SidecarSettings::default(),
-        acme: AcmeDefaults::default(),
-        lookup: cache.clone(),
-        secrets: Default::default(),
-        hosts: Default::default(),
-    };
     let gate = NamespaceGate::start(client.clone(), "sidecert.io/injection=enabled", OWN);
     assert!(gate.wait_until_ready().await);
-    let executor = Executor::new(client.clone(), cache, Duration::from_secs(4));
-    let reviewer = Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor)).with_namespace_gate(gate);
+    let reviewer = reviewer_over(&client, Arc::new(Snapshot::default())).with_namespace_gate(gate);
 
     // Forged for kube-system, an unlabelled namespace and the release namespace: no patch,
     // a warning, and nothing written there (before the gate: a Secret and a Role).
@@ -251,19 +224,6 @@ async fn forged_reviews_for_namespaces_that_did_not_opt_in_change_nothing() {
     for ns in [labelled, unlabelled, late, taken, theirs] {
         ns.cleanup().await.unwrap();
     }
-}
-
-/// A reviewer over `lookup`, with side effects against the plane's API server.
-fn reviewer_over(client: &kube::Client, lookup: Arc<dyn Lookup>) -> Reviewer {
-    let ctx = Context {
-        sidecar: SidecarSettings::default(),
-        acme: AcmeDefaults::default(),
-        lookup: lookup.clone(),
-        secrets: Default::default(),
-        hosts: Default::default(),
-    };
-    let executor = Executor::new(client.clone(), lookup, Duration::from_secs(4));
-    Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
 }
 
 /// Whether the namespace holds the sidecar Role of its `default` ServiceAccount.

@@ -15,24 +15,13 @@ use kube::{
 };
 use serde_json::{Value, json};
 use sidecert_e2e::{Plane, TestNamespace};
-use sidecert_webhook::{
-    AcmeDefaults, Context, Reviewer, SidecarSettings, kube::Executor, metrics::Metrics, mutate::Snapshot,
-};
+use sidecert_webhook::{Reviewer, mutate::Snapshot};
 
 mod common;
-use common::create_review;
+use common::{create_review, respond, reviewer_over};
 
 fn new_reviewer(client: Client, cache: Snapshot) -> Reviewer {
-    let cache = Arc::new(cache);
-    let ctx = Context {
-        sidecar: SidecarSettings::default(),
-        acme: AcmeDefaults::default(),
-        lookup: cache.clone(),
-        secrets: Default::default(),
-        hosts: Default::default(),
-    };
-    let executor = Executor::new(client, cache, Duration::from_secs(4));
-    Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
+    reviewer_over(&client, Arc::new(cache))
 }
 
 fn review(namespace: &str, labels: Value, annotations: Value, dry_run: bool) -> Vec<u8> {
@@ -49,13 +38,6 @@ fn review(namespace: &str, labels: Value, annotations: Value, dry_run: bool) -> 
 
 fn pod(namespace: &str, app: &str) -> Vec<u8> {
     review(namespace, json!({"app": app}), json!({}), true)
-}
-
-/// The review's response.
-async fn respond(reviewer: &Reviewer, body: &[u8]) -> Value {
-    let out: Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
-    assert_eq!(out["response"]["allowed"], true);
-    out["response"].clone()
 }
 
 /// `sidecert_webhook_live_lookups_total` by result.

@@ -139,8 +139,10 @@ check defaults 'arg("--leader-lease-name") == "sidecert-webhook-leader" and [r f
 	"--leader-lease-name matches the Role's Lease rule"
 check defaults '{(g, r): v for x in one("ClusterRole")["rules"] for g in x["apiGroups"] for r in x["resources"] for v in [x["verbs"]]}.items() >= {("apps", "deployments"): ["get", "patch"], ("apps", "replicasets"): ["get"], ("", "pods"): ["list"], ("", "namespaces"): ["list", "watch"]}.items()' \
 	"ClusterRole: the reconciler reads Pods and namespaces, restarts workloads"
-check defaults 'all("delete" not in x["verbs"] or x["resources"] == ["services"] for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
-	"ClusterRole: deletes only Services, patches Ingresses"
+check defaults 'all("delete" not in x["verbs"] or x["resources"] in (["services"], ["roles"], ["rolebindings"]) for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
+	"ClusterRole: deletes only Services, Roles and RoleBindings (its own, per the policy), patches Ingresses"
+check defaults '"variables.cleanup" in one("ValidatingAdmissionPolicy")["spec"]["validations"][0]["expression"] and "-sidecert-solver" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "cleanup"][0]["expression"]' \
+	"the policy lets the webhook clean up only its own objects where the label came off"
 check defaults '[x["verbs"] for x in one("ClusterRole")["rules"] if x["resources"] == ["endpointslices"] and x["apiGroups"] == ["discovery.k8s.io"] and "resourceNames" not in x] == [["list", "watch"]]' \
 	"ClusterRole: holds list/watch on EndpointSlices, which it delegates to the sidecar's Role"
 
@@ -158,6 +160,9 @@ refuse "an allowed ACME server that is not https" "allowedServers" --set 'acme.a
 check overrides 'arg("--allowed-domains") == "shop.example.com,*.shop.example.com" and arg("--host-claim-release-after") == "1h"' "allowed domains, comma separated; claim release delay"
 check defaults 'arg("--allowed-domains") is None and arg("--host-claim-release-after") == "15m"' "any domain by default; claims released after 15m"
 refuse "an allowed domain that is not a name" "allowedDomains" --set 'acme.allowedDomains={shop example}'
+for short in 90s 1m 500ms; do
+	refuse "a claim release delay under 2m ($short)" "hostClaimReleaseAfter" --set reconciler.hostClaimReleaseAfter=$short
+done
 check defaults '"sidecert-host-" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and ["delete"] in [x["verbs"] for x in one("Role")["rules"] if x["resources"] == ["leases"]]' \
 	"the webhook writes and deletes host claims in its own namespace"
 check overrides 'arg("--serving-validity") == "10m" and arg("--sidecar-cpu-limit") == "100m" and args()[-1] == "--workers=2"' "certificate, sidecar and extra flags"

@@ -15,7 +15,7 @@ use crate::{
     admission::codec::{Request, operation_label, parse, respond},
     error::{Error, Result},
     kube::{
-        claims::{Claimed, HostClaims, Owner},
+        claims::{Ask, Claimed, HostClaims},
         executor::{Executor, SecretOwners},
         live::LiveCheck,
         namespaces::{NamespaceGate, Served},
@@ -217,11 +217,6 @@ impl Reviewer {
             now + d.saturating_duration_since(now) / 2
         });
         let claims = self.claims.as_ref();
-        let policy = claims.map(|c| {
-            c.policy
-                .clone()
-                .with_namespace_annotation(served.and_then(|s| s.allowed_domains.as_deref()))
-        });
         let namespace = request.namespace().to_owned();
         let mut owners = SecretOwners::default();
         let mut asked: BTreeSet<String> = BTreeSet::new();
@@ -268,13 +263,14 @@ impl Reviewer {
                 }
             };
             let claim_hosts = async {
-                match (claims, &policy) {
-                    (Some(c), Some(p)) if !new_hosts.is_empty() => {
-                        let owner = Owner {
-                            name: &namespace,
-                            uid: served.and_then(|s| s.uid.as_deref()),
+                match claims {
+                    Some(c) if !new_hosts.is_empty() => {
+                        let ask = if request.dry_run() {
+                            Ask::DryRun
+                        } else {
+                            Ask::Review
                         };
-                        Some(c.claim(owner, new_hosts, p, request.dry_run(), budget).await)
+                        Some(c.claim(&namespace, served, new_hosts, ask, budget).await)
                     }
                     _ => None,
                 }

@@ -33,7 +33,7 @@ use sidecert_contract::{
 
 use crate::{
     error::Result,
-    kube::executor::already_exists,
+    kube::{executor::already_exists, namespaces::Served},
     mutate::{
         context::{HostChecks, HostStanding, MAX_CLAIMS_PER_NAMESPACE, MAX_HOSTS_PER_REVIEW},
         ingress::{is_annotated, plan},
@@ -46,7 +46,8 @@ const CLAIMS_AT_ONCE: usize = 16;
 /// How long a claim the leader never saw in use by a stored object lasts unused: a review
 /// whose object was refused after admission (validation, quota, a later webhook) holds its
 /// hosts no longer than this.
-pub const PROVISIONAL_RELEASE_AFTER: Duration = Duration::from_secs(120);
+/// No release delay is shorter (`--host-claim-release-after` is at least this).
+pub const PROVISIONAL_RELEASE_AFTER: Duration = crate::config::MIN_HOST_CLAIM_RELEASE_AFTER;
 
 /// The claims in sidecert's namespace.
 #[derive(Clone)]
@@ -56,6 +57,20 @@ pub struct HostClaims {
     pub policy: DomainPolicy,
     /// `--host-claim-release-after`: how long a confirmed claim lasts unused.
     release_after: Duration,
+}
+
+/// Who asks for a claim, and what the claim may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// A dry run: only looks (and counts the namespace's claims), never writes.
+    DryRun,
+    /// An admission review: creates the claims absent, and renews a held claim older than
+    /// half the shortest release delay, since the object it admits is not stored yet and
+    /// the sweep could otherwise release the claim under it.
+    Review,
+    /// The reconciler, for a stored object: creates the claims absent, renews none (the
+    /// sweep sees the object, live, before it releases anything).
+    Reconcile,
 }
 
 /// What a review learned of its hosts.
@@ -93,12 +108,16 @@ impl Owner<'_> {
     /// Whether this namespace holds `lease`: its name is the holder, and the uid on the
     /// claim (when both are known) is its own.
     fn holds(&self, lease: &Lease) -> bool {
-        let uid = lease.annotations().get(CLAIM_NAMESPACE_UID_ANNOTATION);
-        holder(lease) == Some(self.name)
-            && match (uid, self.uid) {
-                (Some(theirs), Some(ours)) => theirs == ours,
-                _ => true,
-            }
+        holder(lease) == Some(self.name) && self.same_uid(lease.annotations())
+    }
+
+    /// Whether a claim annotated `annotations` is of this namespace's uid (when both are
+    /// known), not of a deleted one of the same name.
+    fn same_uid(&self, annotations: &BTreeMap<String, String>) -> bool {
+        match (annotations.get(CLAIM_NAMESPACE_UID_ANNOTATION), self.uid) {
+            (Some(theirs), Some(ours)) => theirs == ours,
+            _ => true,
+        }
     }
 }
 
@@ -159,6 +178,11 @@ enum Claim {
     Full,
 }
 
+/// A delay as a signed duration (a delay too long for one never comes).
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
 /// `lease` with its renewal now (kept on the resourceVersion it was read at).
 fn renewed_now(mut lease: Lease) -> Lease {
     if let Some(spec) = lease.spec.as_mut() {
@@ -194,26 +218,36 @@ impl HostClaims {
         self.release_after.min(PROVISIONAL_RELEASE_AFTER) / 2
     }
 
-    /// How many claims `namespace` holds.
-    async fn held_by(&self, namespace: &str) -> Result<usize> {
-        let lp = ListParams::default().labels(&format!("{CLAIM_HOLDER_LABEL}={namespace}"));
-        Ok(self.api.list_metadata(&lp).await?.items.len())
+    /// How many claims `owner` holds (a claim of a deleted namespace of the same name is
+    /// not its).
+    async fn held_by(&self, owner: Owner<'_>) -> Result<usize> {
+        let lp = ListParams::default().labels(&format!("{CLAIM_HOLDER_LABEL}={}", owner.name));
+        let held = self.api.list_metadata(&lp).await?.items;
+        Ok(held.iter().filter(|l| owner.same_uid(l.annotations())).count())
     }
 
-    /// Claims `hosts` (normalised) for the namespace `owner`, within `budget`: each one
-    /// allowed by `policy` is created if absent (looked at only, on a dry run) and then
-    /// owned by whoever holds it. A host whose claim the API server did not answer for in
-    /// time is [`HostStanding::Unknown`]; past the first [`MAX_HOSTS_PER_REVIEW`] (in name
-    /// order), [`HostStanding::TooMany`].
+    /// Claims `hosts` (normalised) for `namespace` (as the API server has it: `served`,
+    /// whose allowed-domains annotation narrows the chart's list), within `budget`: each
+    /// one allowed is created if absent (looked at only, on a dry run) and then owned by
+    /// whoever holds it. A host whose claim the API server did not answer for in time is
+    /// [`HostStanding::Unknown`]; past the first [`MAX_HOSTS_PER_REVIEW`] (in name order),
+    /// [`HostStanding::TooMany`].
     pub async fn claim(
         &self,
-        owner: Owner<'_>,
+        namespace: &str,
+        served: Option<&Served>,
         hosts: &[&str],
-        policy: &DomainPolicy,
-        dry_run: bool,
+        ask: Ask,
         budget: Duration,
     ) -> Claimed {
-        let namespace = owner.name;
+        let policy = self
+            .policy
+            .clone()
+            .with_namespace_annotation(served.and_then(|s| s.allowed_domains.as_deref()));
+        let owner = Owner {
+            name: namespace,
+            uid: served.and_then(|s| s.uid.as_deref()),
+        };
         let mut out = Claimed::default();
         let mut asks = Vec::new();
         let mut hosts = hosts.to_vec();
@@ -244,8 +278,7 @@ impl HostClaims {
             .into_iter()
             .map(|(host, name)| async move {
                 let found =
-                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, owner, dry_run, room))
-                        .await;
+                    tokio::time::timeout_at(deadline, self.claim_one(&name, &host, owner, ask, room)).await;
                 (host, found)
             })
             .collect();
@@ -278,18 +311,18 @@ impl HostClaims {
         out
     }
 
-    /// Whether `owner` holds the claim `name` (after creating it, unless `dry_run`); a held
-    /// claim older than [`Self::renew_after`] is renewed first.
+    /// Whether `owner` holds the claim `name` (after creating it, unless on a dry run); for
+    /// a review, a held claim older than [`Self::renew_after`] is renewed first.
     async fn claim_one(
         &self,
         name: &str,
         host: &str,
         owner: Owner<'_>,
-        dry_run: bool,
+        ask: Ask,
         room: &tokio::sync::OnceCell<std::sync::Mutex<usize>>,
     ) -> Result<Claim> {
         let namespace = owner.name;
-        let renew_after = SignedDuration::try_from(self.renew_after()).unwrap_or(SignedDuration::MAX);
+        let renew_after = signed(self.renew_after());
         // Twice at most: a claim released or renewed between the look and the write is
         // looked at again.
         for _ in 0..2 {
@@ -299,7 +332,7 @@ impl HostClaims {
                     return Ok(Claim::Other);
                 }
                 let age = renewed(&lease).map_or(SignedDuration::MAX, |t| Timestamp::now().duration_since(t));
-                if dry_run || age < renew_after {
+                if ask != Ask::Review || age < renew_after {
                     return Ok(Claim::Held);
                 }
                 match self
@@ -312,12 +345,9 @@ impl HostClaims {
                     Err(e) => return Err(e.into()),
                 }
             }
-            if dry_run {
-                return Ok(Claim::Held);
-            }
             let left = room
                 .get_or_try_init(|| async {
-                    let held = self.held_by(namespace).await?;
+                    let held = self.held_by(owner).await?;
                     Ok::<_, crate::error::Error>(std::sync::Mutex::new(
                         MAX_CLAIMS_PER_NAMESPACE.saturating_sub(held),
                     ))
@@ -330,6 +360,10 @@ impl HostClaims {
                     return Ok(Claim::Full);
                 }
                 *left -= 1;
+            }
+            // A dry run says what a review would get, the cap included, and writes nothing.
+            if ask == Ask::DryRun {
+                return Ok(Claim::Held);
             }
             match self
                 .api
@@ -351,26 +385,30 @@ impl HostClaims {
     }
 
     /// The leader's pass over every claim. One whose owner still has an object for the
-    /// host (per `in_use`, the caches: namespace, namespace uid, host) is confirmed, and
-    /// renewed when its renewal is older than half the release delay. One unused for the
-    /// release delay (`--host-claim-release-after` once confirmed,
-    /// [`PROVISIONAL_RELEASE_AFTER`] before) is looked at live (the owner, which must still
-    /// be the same namespace and carry `selector`, its annotated Ingresses and its Pods'
-    /// certificates, once per namespace and pass) and deleted if still unused, on condition
-    /// that it is unchanged: a review that relied on it meanwhile renewed it. Returns the
-    /// hosts released.
+    /// host (per `in_use`, the caches: the hosts a namespace of that name and uid asks for,
+    /// gathered once per namespace and pass) is confirmed, and renewed when its renewal is
+    /// older than half the release delay. One unused for the release delay
+    /// (`--host-claim-release-after` once confirmed, [`PROVISIONAL_RELEASE_AFTER`] before)
+    /// is looked at live (the owner, which must still be the same namespace and carry
+    /// `selector`, its annotated Ingresses and its Pods' certificates, once per namespace
+    /// and pass) and deleted if still unused, on condition that it is unchanged: a review
+    /// that relied on it meanwhile renewed it. A claim that cannot be looked at or written
+    /// is left for the next pass, the others go on. Returns the hosts released; `Err` only
+    /// when the claims cannot be listed.
     pub async fn sweep(
         &self,
         client: &Client,
         selector: &str,
-        in_use: impl Fn(&str, Option<&str>, &str) -> bool,
+        in_use: impl Fn(&str, Option<&str>) -> BTreeSet<String>,
     ) -> Result<Vec<String>> {
         let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
+        let leases = self.api.list(&lp).await?.items;
         let now = Timestamp::now();
-        let delay = |d: Duration| SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
-        let mut live: HashMap<(String, Option<String>), BTreeSet<String>> = HashMap::new();
+        let mut cached: HashMap<(String, Option<String>), BTreeSet<String>> = HashMap::new();
+        // None: the namespace could not be looked at this pass; its claims wait.
+        let mut live: HashMap<(String, Option<String>), Option<BTreeSet<String>>> = HashMap::new();
         let mut released = Vec::new();
-        for lease in self.api.list(&lp).await?.items {
+        for lease in leases {
             let (Some(owner), Some(host)) = (holder(&lease).map(str::to_owned), claimed_host(&lease)) else {
                 continue;
             };
@@ -379,56 +417,77 @@ impl HostClaims {
                 .labels()
                 .get(CLAIM_CONFIRMED_LABEL)
                 .is_some_and(|v| v == "true");
-            let after = delay(if confirmed {
+            let after = signed(if confirmed {
                 self.release_after
             } else {
                 self.release_after.min(PROVISIONAL_RELEASE_AFTER)
             });
             let age = renewed(&lease).map_or(SignedDuration::MAX, |t| now.duration_since(t));
-            let mut used = in_use(&owner, uid.as_deref(), &host);
+            let key = (owner.clone(), uid.clone());
+            let mut used = cached
+                .entry(key.clone())
+                .or_insert_with(|| in_use(&owner, uid.as_deref()))
+                .contains(&host);
             if !used && age >= after {
-                let key = (owner.clone(), uid.clone());
-                let hosts = match live.get(&key) {
-                    Some(hosts) => hosts,
-                    None => {
-                        let hosts = hosts_used_live(client, &owner, uid.as_deref(), selector).await?;
-                        live.entry(key).or_insert(hosts)
-                    }
-                };
-                used = hosts.contains(&host);
+                if !live.contains_key(&key) {
+                    let hosts = hosts_used_live(client, &owner, uid.as_deref(), selector)
+                        .await
+                        .inspect_err(|e| tracing::warn!(namespace = owner, error = %e, "cannot look at the namespace's objects; its host claims wait for the next pass"))
+                        .ok();
+                    live.insert(key.clone(), hosts);
+                }
+                match live.get(&key) {
+                    Some(Some(hosts)) => used = hosts.contains(&host),
+                    _ => continue,
+                }
             }
-            if used {
-                if !confirmed || age >= delay(self.release_after) / 2 {
-                    self.renew(lease).await?;
+            let outcome = if used {
+                if confirmed && age < signed(self.release_after) / 2 {
+                    continue;
                 }
+                self.renew(lease, &owner).await.map(drop)
             } else if age >= after {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: lease.uid(),
-                        resource_version: lease.resource_version(),
-                    }),
-                    ..DeleteParams::default()
-                };
-                match self.api.delete(&lease.name_any(), &dp).await {
-                    Ok(_) => {
+                self.release(&lease).await.map(|gone| {
+                    if gone {
                         tracing::info!(namespace = owner, %host, confirmed, "host claim released: no object used it for a while");
-                        released.push(host);
+                        released.push(host.clone());
                     }
-                    Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
-                    Err(e) => return Err(e.into()),
-                }
+                })
+            } else {
+                Ok(())
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(namespace = owner, %host, error = %e, "cannot renew or release the host claim; trying again next pass");
             }
         }
         Ok(released)
     }
 
-    /// Renews and confirms a claim seen in use, unless it changed since it was listed.
-    async fn renew(&self, lease: Lease) -> Result<()> {
+    /// Deletes a claim unless it changed since it was listed; whether it did.
+    async fn release(&self, lease: &Lease) -> Result<bool> {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: lease.uid(),
+                resource_version: lease.resource_version(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.api.delete(&lease.name_any(), &dp).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Renews and confirms a claim `owner` was seen using, unless it changed since it was
+    /// listed; one made without the holder label (by an older version) gets it, so that it
+    /// counts towards its namespace's claims.
+    async fn renew(&self, lease: Lease, owner: &str) -> Result<()> {
         let name = lease.name_any();
         let mut lease = renewed_now(lease);
-        lease
-            .labels_mut()
-            .insert(CLAIM_CONFIRMED_LABEL.to_owned(), "true".to_owned());
+        let labels = lease.labels_mut();
+        labels.insert(CLAIM_CONFIRMED_LABEL.to_owned(), "true".to_owned());
+        labels.insert(CLAIM_HOLDER_LABEL.to_owned(), owner.to_owned());
         match self.api.replace(&name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(()),

@@ -99,7 +99,8 @@ pub struct Served {
 }
 
 impl Served {
-    fn of(meta: &ObjectMeta) -> Self {
+    /// What a Namespace's metadata says.
+    pub fn of(meta: &ObjectMeta) -> Self {
         Self {
             allowed_domains: meta
                 .annotations

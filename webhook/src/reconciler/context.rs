@@ -3,7 +3,7 @@
 //! annotated Ingress, `Reconciler::remove` for one that lost the annotation.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -22,15 +22,15 @@ use kube::{
 };
 use serde_json::json;
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning,
-    hosts::ALLOWED_DOMAINS, lease_name,
+    ACME_CHALLENGE_PATH, MANAGED_BY, MANAGED_BY_LABEL, annotations, foreign_secret_warning, lease_name,
 };
 
 use crate::{
     error::{Error, Result},
     kube::{
-        claims::{Claimed, HostClaims, Owner},
+        claims::{Ask, Claimed, HostClaims},
         executor::Executor,
+        namespaces::Served,
     },
     metrics::Metrics,
     mutate::{
@@ -101,45 +101,41 @@ impl Reconciler {
         may_serve(ns, &self.settings.own_namespace) && self.namespaces.get(&ObjectRef::new(ns)).is_some()
     }
 
-    /// Whether the cached annotated Ingresses of `ns` (a namespace served, of uid `uid` when
-    /// known) ask for `host`.
-    pub(super) fn host_in_use(&self, ns: &str, uid: Option<&str>, host: &str) -> bool {
+    /// The hosts the cached annotated Ingresses of `ns` ask for, if it is a namespace
+    /// served, of uid `uid` (when known); none otherwise.
+    pub(super) fn hosts_in_use(&self, ns: &str, uid: Option<&str>) -> BTreeSet<String> {
         let same = self
             .namespaces
             .get(&ObjectRef::new(ns))
             .is_some_and(|n| uid.is_none_or(|uid| n.metadata.uid.as_deref() == Some(uid)));
-        same && self.namespace_enabled(ns)
-            && self
-                .lookup
-                .ingresses(ns)
-                .iter()
-                .filter(|i| is_annotated(i))
-                .any(|i| {
-                    plan(i, self.settings.default_profile.as_deref())
-                        .hosts()
-                        .contains(host)
-                })
+        if !same || !self.namespace_enabled(ns) {
+            return BTreeSet::new();
+        }
+        self.lookup
+            .ingresses(ns)
+            .iter()
+            .filter(|i| is_annotated(i))
+            .flat_map(|i| {
+                plan(i, self.settings.default_profile.as_deref())
+                    .hosts()
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     /// Claims `hosts` for the served namespace `ns`, within its allowed domains (`None`
-    /// without claims).
+    /// without claims). The objects are stored: a claim held is not renewed.
     async fn claim_for(&self, ns: &str, hosts: &[&str]) -> Option<Claimed> {
         let claims = self.claims.as_ref()?;
-        let namespace = self.namespaces.get(&ObjectRef::new(ns));
-        let allowed = namespace
-            .as_ref()
-            .and_then(|n| n.annotations().get(ALLOWED_DOMAINS).cloned());
-        let policy = claims
-            .policy
-            .clone()
-            .with_namespace_annotation(allowed.as_deref());
-        let owner = Owner {
-            name: ns,
-            uid: namespace.as_ref().and_then(|n| n.metadata.uid.as_deref()),
-        };
+        let served = self
+            .namespaces
+            .get(&ObjectRef::new(ns))
+            .map(|n| Served::of(&n.metadata));
         Some(
             claims
-                .claim(owner, hosts, &policy, false, self.executor.budget())
+                .claim(ns, served.as_ref(), hosts, Ask::Reconcile, self.executor.budget())
                 .await,
         )
     }
@@ -191,10 +187,7 @@ impl Reconciler {
         if checks.left_out.is_empty() {
             return Ok((None, false));
         }
-        let unknown = checks
-            .left_out
-            .values()
-            .any(|s| matches!(s, HostStanding::Unknown | HostStanding::TooMany));
+        let unknown = owner_unknown(&checks.left_out);
         // An Event's note holds 1 kB: the first few warnings, and how many more.
         let warnings: BTreeSet<String> = checks
             .left_out
@@ -444,6 +437,13 @@ impl Reconciler {
     }
 }
 
+/// Whether a reconcile that left out these hosts is retried with backoff: only when the owner
+/// of one was not known in time. Past the most hosts one pass claims, or the most claims a
+/// namespace holds, a host stays left out until the next interval.
+fn owner_unknown(left_out: &BTreeMap<String, HostStanding>) -> bool {
+    left_out.values().any(|s| matches!(s, HostStanding::Unknown))
+}
+
 /// Deletes (or disowns) the solver Services of an Ingress that lost the annotation; returns
 /// the names deleted.
 pub async fn remove_solvers(
@@ -494,6 +494,21 @@ mod tests {
 
     use super::*;
     use crate::testing::{client, next, owner, solver};
+
+    #[test]
+    fn only_an_owner_not_known_in_time_is_retried() {
+        let left_out = |s: HostStanding| BTreeMap::from([("a.example".to_owned(), s)]);
+        for standing in [
+            HostStanding::TooMany,
+            HostStanding::TooManyClaims,
+            HostStanding::Claimed,
+            HostStanding::Unclaimable,
+            HostStanding::NotAllowed("no".to_owned()),
+        ] {
+            assert!(!owner_unknown(&left_out(standing.clone())), "{standing:?}");
+        }
+        assert!(owner_unknown(&left_out(HostStanding::Unknown)));
+    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn removal_deletes_owned_solvers_and_disowns_shared_ones() {

@@ -22,7 +22,11 @@ use crate::{
     error::{Error, Result},
     kube::claims::PROVISIONAL_RELEASE_AFTER,
     mutate::ingress::is_annotated,
-    reconciler::{context::Reconciler, plan::ingresses_for_service},
+    reconciler::{
+        cleanup::{CLEANUP_INTERVAL, clean_namespace, namespaces_with_objects, served_live},
+        context::Reconciler,
+        plan::ingresses_for_service,
+    },
 };
 
 /// The requeue after failed reconciles of one Ingress: 2 s, 4 s, 8 s ... up to 5 minutes.
@@ -141,7 +145,7 @@ pub async fn sweep_claims(ctx: Arc<Reconciler>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let in_use = |ns: &str, uid: Option<&str>, host: &str| ctx.host_in_use(ns, uid, host);
+        let in_use = |ns: &str, uid: Option<&str>| ctx.hosts_in_use(ns, uid);
         match claims
             .sweep(&ctx.client, &ctx.settings.namespace_selector, in_use)
             .await
@@ -152,6 +156,46 @@ pub async fn sweep_claims(ctx: Arc<Reconciler>) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot look at the host claims"),
+        }
+    }
+}
+
+/// While this replica leads, cleans up after sidecert in the namespaces it no longer serves
+/// ([`crate::reconciler::cleanup`]): one the caches do not have is asked about live first,
+/// so a namespace labelled a moment ago keeps what it has.
+pub async fn clean_unserved(ctx: Arc<Reconciler>) {
+    let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let found = match namespaces_with_objects(&ctx.client, &ctx.settings.own_namespace).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for namespaces to clean up");
+                continue;
+            }
+        };
+        for ns in found.iter().filter(|ns| !ctx.namespace_enabled(ns)) {
+            match served_live(&ctx.client, ns, &ctx.settings.namespace_selector).await {
+                Ok(false) => {}
+                Ok(true) => continue,
+                Err(e) => {
+                    tracing::warn!(namespace = ns, error = %e, "cannot tell whether the namespace is served");
+                    continue;
+                }
+            }
+            let (cleaned, _) = clean_namespace(&ctx.client, ns).await;
+            if !cleaned.is_empty() {
+                ctx.action("namespace_cleaned");
+                tracing::info!(
+                    namespace = ns,
+                    ingresses = ?cleaned.ingresses,
+                    services = ?cleaned.services,
+                    roles = ?cleaned.roles,
+                    role_bindings = ?cleaned.role_bindings,
+                    "no longer served: removed sidecert's HTTP-01 paths, solver Services, Roles and RoleBindings (Secrets stay)"
+                );
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     mutate::lookup::Lookup,
     reconciler::{
         context::Reconciler,
-        controller::{run_controller, sweep_claims},
+        controller::{clean_unserved, run_controller, sweep_claims},
         settings::{CONTROLLER_NAME, Settings},
     },
 };
@@ -124,41 +124,30 @@ pub async fn run(
             ));
             // The hosts of the annotated Ingresses are claimed, oldest first, before any is
             // reconciled: where two namespaces ask for a host from before sidecert claimed
-            // hosts, the one that asked first keeps it, not the one reconciled first.
-            if ready {
-                tokio::select! {
-                    r = tokio::time::timeout(SEED_TIMEOUT, ctx.seed_claims()) => match r {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot claim the hosts of the annotated Ingresses"),
-                        Err(_) => tracing::warn!(timeout = ?SEED_TIMEOUT, "claiming the hosts of the annotated Ingresses took too long; reconciling"),
-                    },
-                    _ = shutdown.wait_for(|s| *s) => {}
-                }
-            }
-            let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
-            let (stop_tx, stop_rx) = oneshot::channel::<()>();
-            let controller = run_controller(ctx, stop_rx.map(drop));
-            tokio::pin!(controller);
-            let outcome = if ready {
+            // hosts, the one that asked first keeps it, not the one reconciled first. A
+            // shutdown or a lost lead meanwhile ends the term here: no sweep, no controller.
+            let seeded = if ready {
                 tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|s| *s) => Some(true),
                     r = is_leader.wait_for(|l| !*l) => Some(r.is_err()),
-                    () = &mut controller => None,
+                    r = tokio::time::timeout(SEED_TIMEOUT, ctx.seed_claims()) => {
+                        match r {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "cannot claim the hosts of the annotated Ingresses"),
+                            Err(_) => tracing::warn!(timeout = ?SEED_TIMEOUT, "claiming the hosts of the annotated Ingresses took too long; reconciling"),
+                        }
+                        None
+                    }
                 }
             } else {
                 Some(true)
             };
-            let _ = stop_tx.send(());
-            if outcome.is_some()
-                && tokio::time::timeout(Duration::from_secs(5), &mut controller)
-                    .await
-                    .is_err()
-            {
-                tracing::warn!("reconciles still running after 5 s; leaving them");
-            }
+            let outcome = match seeded {
+                Some(outcome) => Some(outcome),
+                None => lead(ctx, is_leader, &mut shutdown).await,
+            };
             ns_watch.abort();
-            sweeps.abort();
             metrics.leader.set(0);
             match outcome {
                 Some(true) => break *shutdown.borrow(),
@@ -174,4 +163,36 @@ pub async fn run(
         tracing::warn!(retry_in = ?wait, "leader election ended; joining again");
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Runs the claim sweeps, the cleanup of unserved namespaces and the controller until shutdown (`Some(true)`), a lost lead
+/// (`Some(false)`, or `Some(true)` if the election ended) or the controller's end (`None`);
+/// then stops them, leaving reconciles still running after 5 s.
+async fn lead(
+    ctx: Arc<Reconciler>,
+    is_leader: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<bool> {
+    let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
+    let cleanups = tokio::spawn(clean_unserved(ctx.clone()));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let controller = run_controller(ctx, stop_rx.map(drop));
+    tokio::pin!(controller);
+    let outcome = tokio::select! {
+        biased;
+        _ = shutdown.wait_for(|s| *s) => Some(true),
+        r = is_leader.wait_for(|l| !*l) => Some(r.is_err()),
+        () = &mut controller => None,
+    };
+    sweeps.abort();
+    cleanups.abort();
+    let _ = stop_tx.send(());
+    if outcome.is_some()
+        && tokio::time::timeout(Duration::from_secs(5), &mut controller)
+            .await
+            .is_err()
+    {
+        tracing::warn!("reconciles still running after 5 s; leaving them");
+    }
+    outcome
 }

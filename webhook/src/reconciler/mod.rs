@@ -15,8 +15,12 @@
 //! For an Ingress without the annotation: the HTTP-01 paths and sidecert's solver Services go;
 //! Secrets stay.
 //!
+//! For a namespace that loses its label: sidecert's HTTP-01 paths, solver Services, Roles and
+//! RoleBindings there go; Secrets and Leases stay ([`cleanup`]).
+//!
 //! One replica reconciles: the holder of a Lease ([`run`]); every replica serves admission.
 
+pub mod cleanup;
 pub mod context;
 pub mod controller;
 pub mod leader;

@@ -17,7 +17,13 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use sidecert_webhook::config::{Cli, Command, LogFormat, ServeArgs, init_tracing};
+use sidecert_webhook::{
+    AcmeDefaults, Context, Reviewer, SidecarSettings,
+    config::{Cli, Command, LogFormat, ServeArgs, init_tracing},
+    kube::Executor,
+    metrics::Metrics,
+    mutate::Lookup,
+};
 
 /// The namespace label that confines a configuration to one test run's namespaces.
 pub const TEST_LABEL: &str = "sidecert-webhook-test";
@@ -184,6 +190,34 @@ pub fn create_review(namespace: &str, object: serde_json::Value, dry_run: bool) 
         }
     }))
     .unwrap()
+}
+
+/// A reviewer whose caches are `lookup`, with an executor on `client` (4 s per review); no
+/// namespace gate and no host claims unless the caller adds them.
+pub fn reviewer_over(client: &kube::Client, lookup: std::sync::Arc<dyn Lookup>) -> Reviewer {
+    let ctx = Context {
+        sidecar: SidecarSettings::default(),
+        acme: AcmeDefaults::default(),
+        lookup: lookup.clone(),
+        secrets: Default::default(),
+        hosts: Default::default(),
+    };
+    let executor = Executor::new(client.clone(), lookup, std::time::Duration::from_secs(4));
+    Reviewer::new(ctx, Metrics::new().unwrap(), Some(executor))
+}
+
+/// The response to a review body, which must allow the object.
+pub async fn respond(reviewer: &Reviewer, body: &[u8]) -> serde_json::Value {
+    let out: serde_json::Value = serde_json::from_slice(&reviewer.review(body).await.unwrap()).unwrap();
+    assert_eq!(out["response"]["allowed"], true, "{out}");
+    out["response"].clone()
+}
+
+/// Whether a response warns with `text`.
+pub fn warned(response: &serde_json::Value, text: &str) -> bool {
+    response["warnings"]
+        .as_array()
+        .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains(text)))
 }
 
 fn rand_uid() -> u64 {
