@@ -126,6 +126,9 @@ async fn scenarios() {
 
     let mut guard = guard;
     if let Some(ctx) = guard.0.take() {
+        if selected.contains(&11) {
+            outcomes.push(run(11, "helm uninstall cleans up first", s11_uninstall(&ctx)).await);
+        }
         ctx.uninstall().await.expect("helm uninstall");
     }
     let failed: Vec<String> = outcomes
@@ -145,7 +148,7 @@ fn selected_scenarios() -> BTreeSet<u8> {
         Ok(list) if !list.trim().is_empty() => {
             list.split(',').filter_map(|s| s.trim().parse().ok()).collect()
         }
-        _ => (1..=10).collect(),
+        _ => (1..=11).collect(),
     }
 }
 
@@ -283,17 +286,29 @@ impl Ctx {
         Ok(())
     }
 
+    /// `helm uninstall` (a second one, after scenario 11's, finds no release), then the
+    /// release namespace goes.
     async fn uninstall(&self) -> Result<()> {
-        self.helm_ok(&[
-            "uninstall",
-            RELEASE,
-            "-n",
-            &self.release_ns,
-            "--wait",
-            "--timeout",
-            "60s",
-        ])
+        let out = command(
+            self.plane,
+            self.plane.repo_root().join(HELM).to_str().context("helm path")?,
+            &[
+                "uninstall",
+                RELEASE,
+                "-n",
+                &self.release_ns,
+                "--wait",
+                "--timeout",
+                "120s",
+            ],
+            None,
+        )
         .await?;
+        ensure!(
+            out.success || out.stderr.contains("not found"),
+            "helm uninstall: {}",
+            out.describe()
+        );
         self.kubectl(&["delete", "namespace", &self.release_ns, "--wait=false"], None)
             .await?;
         Ok(())
@@ -973,6 +988,98 @@ async fn unlabelled_namespace_is_cleaned(
         "the certificate's Secret changed when the namespace lost its label"
     );
     Ok(())
+}
+
+/// Scenario 11 (last: it uninstalls the chart): in a labelled namespace with an annotated
+/// Ingress and an injected Pod, `helm uninstall` runs the chart's pre-delete cleanup first:
+/// sidecert's HTTP-01 path, solver Service, Role and RoleBinding go, and its host claims; the
+/// certificate Secret stays.
+async fn s11_uninstall(ctx: &Ctx) -> Result<()> {
+    let ns = ctx.plane.namespace("e2e-s11", true).await?;
+    let result = async {
+        let hosts = vec![host("web", &ns)];
+        let manifest = web_app("web", &hosts, "web-tls", 1, json!({}), json!({}));
+        ctx.kubectl_ok(
+            &["-n", ns.name(), "apply", "-f", "-"],
+            Some(&manifest.to_string()),
+        )
+        .await?;
+        let roles = ns.api::<k8s_openapi::api::rbac::v1::Role>();
+        wait_for(Duration::from_secs(60), || async {
+            roles.get_opt("sidecert-default").await.ok()?.map(drop)
+        })
+        .await
+        .context("the injected Pod's Role")?;
+        ensure!(
+            ctx.claim_holder(&hosts[0]).await?.is_some(),
+            "no claim of {}",
+            hosts[0]
+        );
+
+        ctx.helm_ok(&[
+            "uninstall",
+            RELEASE,
+            "-n",
+            &ctx.release_ns,
+            "--wait",
+            "--timeout",
+            "120s",
+        ])
+        .await?;
+
+        let managed = ListParams::default().labels("app.kubernetes.io/managed-by=sidecert");
+        let left: Vec<String> = roles
+            .list_metadata(&managed)
+            .await?
+            .items
+            .into_iter()
+            .map(|r| format!("Role {}", r.metadata.name.unwrap_or_default()))
+            .chain(
+                ns.api::<k8s_openapi::api::rbac::v1::RoleBinding>()
+                    .list_metadata(&managed)
+                    .await?
+                    .items
+                    .into_iter()
+                    .map(|b| format!("RoleBinding {}", b.metadata.name.unwrap_or_default())),
+            )
+            .chain(
+                ns.api::<Service>()
+                    .list_metadata(&managed)
+                    .await?
+                    .items
+                    .into_iter()
+                    .map(|s| format!("Service {}", s.metadata.name.unwrap_or_default())),
+            )
+            .collect();
+        ensure!(left.is_empty(), "after helm uninstall, sidecert left {left:?}");
+        let ingress = ns.api::<Ingress>().get("web").await?;
+        let routed = ingress
+            .spec
+            .iter()
+            .flat_map(|s| s.rules.iter().flatten())
+            .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
+            .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+        ensure!(
+            !routed,
+            "after helm uninstall, the Ingress still has the HTTP-01 path"
+        );
+        ensure!(
+            ns.api::<Secret>().get_opt("web-tls").await?.is_some(),
+            "the certificate Secret went with the uninstall"
+        );
+        ensure!(
+            ctx.claim_holder(&hosts[0]).await?.is_none(),
+            "the host claim outlived the uninstall"
+        );
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        ctx.dump(ns.name()).await;
+        ctx.dump_webhook().await;
+    }
+    let _ = ns.cleanup().await;
+    result
 }
 
 /// Scenario 2: Renewal with Pebble's `shortlived` profile (120 s): the Secret's certificate changes
@@ -1821,6 +1928,10 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                         {"op": "remove", "path": "/spec/rules/0/http/paths/1"}])), false, "changing the host"),
                     (routed.clone(), patch(json!([{"op": "add", "path": "/metadata/annotations", "value": {"x": "y"}},
                         {"op": "remove", "path": "/spec/rules/0/http/paths/1"}])), false, "adding an annotation"),
+                    (routed.clone(), patch(json!([{"op": "add", "path": "/spec/rules/0/http/paths/-",
+                        "value": {"path": ACME_CHALLENGE_PATH, "pathType": "Exact",
+                            "backend": {"service": {"name": "other-sidecert-solver", "port": {"number": 80}}}}}])), false, "adding an HTTP-01 path"),
+                    (routed.clone(), patch(json!([{"op": "replace", "path": "/spec/rules/0/http/paths/1/pathType", "value": "Exact"}])), false, "changing an HTTP-01 path"),
                     (role_named("sidecert-s9-new", &ours), ["create", "role", "sidecert-s9-new", "--verb=get", "--resource=secrets", "--dry-run=server"].map(str::to_owned).to_vec(), false, "creating a Role"),
                 ] {
                     let mut out = None;
@@ -1833,7 +1944,8 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                         // Removed by the cleanup between the apply and the attempt: again.
                         let raced = !tried.success
                             && (tried.stderr.contains("NotFound") || tried.stderr.contains("not found")
-                                || tried.stderr.contains("missing"));
+                                || tried.stderr.contains("missing")
+                                || tried.stderr.contains("Required value"));
                         out = Some(tried);
                         if !raced {
                             break;
@@ -1894,9 +2006,14 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
             admin(&["create", "role", "sidecert-s9", "--verb=get", "--resource=secrets"], None).await?;
             admin(&["create", "deployment", "s9-app", "--image=example/app:1.0", "--replicas=0"], None).await?;
             let owned = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<String>>();
+            // Its deletes of Roles, RoleBindings and Services are its own objects only,
+            // labelled namespace or not.
+            admin(&["create", "rolebinding", "s9-tenant-binding", "--role=s9-other", &format!("--serviceaccount={on}:default")], None).await?;
             let restart = r#"{"spec":{"template":{"metadata":{"annotations":{"sidecert.io/restarted-for":"s9"}}}}}"#;
             for (args, allowed, what) in [
                 (owned(&["annotate", "secret", "s9-theirs", "x=y", "--dry-run=server"]), false, "updating a Secret"),
+                (owned(&["delete", "role", "s9-other", "--dry-run=server"]), false, "deleting a tenant's Role"),
+                (owned(&["delete", "rolebinding", "s9-tenant-binding", "--dry-run=server"]), false, "deleting a tenant's RoleBinding"),
                 (owned(&["set", "image", "deployment/s9-app", "app=evil.example/x", "--dry-run=server"]), false, "changing a workload's image"),
                 (owned(&["patch", "deployment", "s9-app", "-p", restart, "--dry-run=server"]), true, "a rollout restart"),
                 (owned(&["create", "rolebinding", "s9-b", "--role=s9-other", &format!("--serviceaccount={on}:default"), "--dry-run=server"]), false, "binding another Role"),

@@ -19,5 +19,6 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => server::serve(*args).await,
         Command::Review(args) => offline::review(args).await,
         Command::Inject(args) => offline::inject(args).await,
+        Command::Cleanup(args) => server::cleanup(args).await,
     }
 }

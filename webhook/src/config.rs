@@ -92,6 +92,31 @@ pub enum Command {
     Review(ReviewArgs),
     /// Inject the sidecar into the pod templates of YAML manifests that ask for it.
     Inject(InjectArgs),
+    /// Before sidecert is uninstalled (the chart's pre-delete hook): stop admission and the
+    /// reconciler, then remove sidecert's HTTP-01 paths, solver Services, Roles and
+    /// RoleBindings in every namespace, and its host claims. Secrets stay.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Kubeconfig file (default: in-cluster, then `$KUBECONFIG`).
+    #[arg(long, env = "SIDECERT_WEBHOOK_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// sidecert's namespace (its host claims live there; it is never cleaned itself). Default:
+    /// the Pod's own.
+    #[arg(long, env = "SIDECERT_WEBHOOK_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// The MutatingWebhookConfiguration to delete first, so that nothing is admitted again.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CONFIGURATION_NAME", default_value = DEFAULT_WEBHOOK_CONFIGURATION_NAME)]
+    pub webhook_configuration_name: String,
+    /// The webhook's Deployment in that namespace: scaled to zero, and its Pods waited for,
+    /// so that no reconciler adds a path back. Empty: left running.
+    #[arg(long, env = "SIDECERT_WEBHOOK_DEPLOYMENT", default_value = "")]
+    pub deployment: String,
+    /// How long to wait for the webhook's Pods to go.
+    #[arg(long, env = "SIDECERT_WEBHOOK_CLEANUP_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `serve` needs a serving certificate: either files (`--tls-cert-file` and `--tls-key-file`)

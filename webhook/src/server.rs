@@ -8,7 +8,7 @@ use sidecert_runtime::{Backoff, shutdown_signal};
 
 use crate::{
     admission::{http::AppState, limits::Limits, reviewer::Reviewer},
-    config::{ServeArgs, TlsSource},
+    config::{CleanupArgs, ServeArgs, TlsSource},
     error::{Error, Result},
     https::{HttpsSettings, serve_https},
     kube::{cache::Cache, claims::HostClaims, client::client, executor::Executor, namespaces::NamespaceGate},
@@ -60,6 +60,27 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListen
 /// Runs the server until SIGTERM/SIGINT; see [`serve_until`].
 pub async fn serve(args: ServeArgs) -> Result<()> {
     serve_until(args, shutdown_signal()).await
+}
+
+/// `cleanup`: what the chart's pre-delete hook runs ([`reconciler::cleanup::uninstall`]).
+pub async fn cleanup(args: CleanupArgs) -> Result<()> {
+    let namespace = match args.namespace.as_deref().map(str::trim) {
+        Some(ns) if !ns.is_empty() => ns.to_owned(),
+        _ => own_namespace(
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE_FILE).ok(),
+            std::env::var("POD_NAMESPACE").ok(),
+        )
+        .map_err(|_| Error::Config("cleanup needs sidecert's namespace: give --namespace".to_owned()))?,
+    };
+    let client = client(args.kubeconfig.as_deref()).await?;
+    reconciler::cleanup::uninstall(
+        &client,
+        &namespace,
+        &args.webhook_configuration_name,
+        &args.deployment,
+        args.timeout,
+    )
+    .await
 }
 
 /// The release namespace: `--namespace`, else the Pod's own.

@@ -100,7 +100,10 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
             {"host": "a.cleanup.example", "http": {"paths": [path("/", "web"), path(ACME_CHALLENGE_PATH, "web-sidecert-solver")]}},
             {"host": "b.cleanup.example", "http": {"paths": [path(ACME_CHALLENGE_PATH, "web-sidecert-solver"), path("/b", "web")]}},
             // The app's own path of the same prefix, to a Service of its own: kept.
-            {"host": "c.cleanup.example", "http": {"paths": [path(ACME_CHALLENGE_PATH, "web")]}}
+            {"host": "c.cleanup.example", "http": {"paths": [path(ACME_CHALLENGE_PATH, "web")]}},
+            // Only the challenge path: the rule keeps its host and loses its `http` (an
+            // empty `paths` is refused).
+            {"host": "d.cleanup.example", "http": {"paths": [path(ACME_CHALLENGE_PATH, "web-sidecert-solver")]}}
         ]}}),
     )
     .await;
@@ -115,7 +118,7 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
         "the release namespace is never cleaned"
     );
 
-    let (cleaned, error) = clean_namespace(&client, ns.name()).await;
+    let (cleaned, error) = clean_namespace(&client, ns.name(), Some("sidecert.io/injection=enabled")).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(cleaned.ingresses, ["web"]);
     assert_eq!(cleaned.services, ["web-sidecert-solver"]);
@@ -139,8 +142,8 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
         .into_iter()
         .map(|r| {
             r.http
-                .unwrap()
-                .paths
+                .map(|h| h.paths)
+                .unwrap_or_default()
                 .into_iter()
                 .map(|p| (p.path.unwrap_or_default(), p.backend.service.unwrap().name))
                 .collect()
@@ -152,13 +155,33 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
         [
             vec![p("/", "web")],
             vec![p("/b", "web")],
-            vec![p(ACME_CHALLENGE_PATH, "web")]
+            vec![p(ACME_CHALLENGE_PATH, "web")],
+            vec![]
         ]
     );
 
     // Nothing left: a second pass changes nothing, and the namespace is no longer found.
-    let (again, error) = clean_namespace(&client, ns.name()).await;
+    let (again, error) = clean_namespace(&client, ns.name(), Some("sidecert.io/injection=enabled")).await;
     assert!(again.is_empty() && error.is_none(), "{again:?} {error:?}");
     let found = namespaces_with_objects(&client, "sidecert-system").await.unwrap();
     assert!(!found.contains(ns.name()), "{found:?}");
+
+    // Labelled again before the Roles go: they stay.
+    create::<Role>(&ns, role("sidecert-again", ours.clone())).await;
+    let label = json!({"metadata": {"labels": {"sidecert.io/injection": "enabled"}}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(
+            ns.name(),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&label),
+        )
+        .await
+        .unwrap();
+    let (kept, error) = clean_namespace(&client, ns.name(), Some("sidecert.io/injection=enabled")).await;
+    assert!(kept.roles.is_empty() && error.is_none(), "{kept:?} {error:?}");
+    assert!(
+        names(&ns.api::<Role>())
+            .await
+            .contains(&"sidecert-again".to_owned())
+    );
 }

@@ -40,6 +40,7 @@ def arg(flag):
     vals = [a.split("=", 1)[1] for a in args() if a.startswith(flag + "=")]
     assert len(vals) <= 1, f"{flag} given {len(vals)} times"
     return vals[0] if vals else None
+def cleanup_args(): return one("Job")["spec"]["template"]["spec"]["containers"][0]["args"]
 def flags(words): return [m.group(0) for w in words if (m := re.match(r"--[a-z0-9-]+", w))]
 def known_flags(help_file):
     unknown = sorted(set(flags(args())) - set(flags(open(help_file).read().split())))
@@ -92,7 +93,7 @@ refuse() {
 }
 
 render defaults
-check defaults '{d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget", "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}' \
+check defaults '{d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service", "Deployment", "PodDisruptionBudget", "MutatingWebhookConfiguration", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Job"}' \
 	"exactly the default kinds (no ServiceMonitor, NetworkPolicy, ConfigMap)"
 check defaults '"caBundle" not in keys(docs)' "caBundle is never set"
 check defaults 'one("ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"] == "request.userInfo.username == \"system:serviceaccount:sidecert-system:sidecert-webhook\"" and one("ValidatingAdmissionPolicyBinding")["spec"] == {"policyName": one("ValidatingAdmissionPolicy")["metadata"]["name"], "validationActions": ["Deny"]}' \
@@ -139,10 +140,10 @@ check defaults 'arg("--leader-lease-name") == "sidecert-webhook-leader" and [r f
 	"--leader-lease-name matches the Role's Lease rule"
 check defaults '{(g, r): v for x in one("ClusterRole")["rules"] for g in x["apiGroups"] for r in x["resources"] for v in [x["verbs"]]}.items() >= {("apps", "deployments"): ["get", "patch"], ("apps", "replicasets"): ["get"], ("", "pods"): ["list"], ("", "namespaces"): ["list", "watch"]}.items()' \
 	"ClusterRole: the reconciler reads Pods and namespaces, restarts workloads"
-check defaults 'all("delete" not in x["verbs"] or x["resources"] in (["services"], ["roles"], ["rolebindings"]) for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
-	"ClusterRole: deletes only Services, Roles and RoleBindings (its own, per the policy), patches Ingresses"
-check defaults '"variables.cleanup" in one("ValidatingAdmissionPolicy")["spec"]["validations"][0]["expression"] and "-sidecert-solver" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "cleanup"][0]["expression"]' \
-	"the policy lets the webhook clean up only its own objects where the label came off"
+check defaults 'all("delete" not in x["verbs"] or x["resources"] in (["services"], ["roles"], ["rolebindings"]) or x.get("resourceNames") == ["sidecert"] for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
+	"ClusterRole: deletes only Services, Roles and RoleBindings (its own, per the policy) and its MutatingWebhookConfiguration, patches Ingresses"
+check defaults '"variables.cleanup" in one("ValidatingAdmissionPolicy")["spec"]["validations"][0]["expression"] and "-sidecert-solver" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "ownDelete"][0]["expression"] and any("variables.ownDelete" in v["expression"] and "DELETE" in v["expression"] for v in one("ValidatingAdmissionPolicy")["spec"]["validations"][1:])' \
+	"the policy lets the webhook clean up only its own objects in unlabelled namespaces, and delete no Role, RoleBinding or Service but its own anywhere"
 check defaults '[x["verbs"] for x in one("ClusterRole")["rules"] if x["resources"] == ["endpointslices"] and x["apiGroups"] == ["discovery.k8s.io"] and "resourceNames" not in x] == [["list", "watch"]]' \
 	"ClusterRole: holds list/watch on EndpointSlices, which it delegates to the sidecar's Role"
 
@@ -166,6 +167,15 @@ done
 check defaults '"sidecert-host-" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and ["delete"] in [x["verbs"] for x in one("Role")["rules"] if x["resources"] == ["leases"]]' \
 	"the webhook writes and deletes host claims in its own namespace"
 check overrides 'arg("--serving-validity") == "10m" and arg("--sidecar-cpu-limit") == "100m" and args()[-1] == "--workers=2"' "certificate, sidecar and extra flags"
+
+check defaults 'one("Job")["metadata"]["annotations"]["helm.sh/hook"] == "pre-delete" and cleanup_args()[0] == "cleanup" and "--deployment=sidecert-webhook" in cleanup_args() and one("Job")["spec"]["template"]["spec"]["serviceAccountName"] == one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"]' \
+	"uninstall: a pre-delete Job cleans up as the webhook, stopping its Deployment first"
+check defaults 'not set(one("Job")["spec"]["template"]["metadata"]["labels"].items()) >= set(one("Deployment")["spec"]["selector"]["matchLabels"].items())' \
+	"the cleanup Job's Pod is not one the webhook Deployment selects (it waits for those to go)"
+check defaults '"delete" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["mutatingwebhookconfigurations"]][0]["verbs"] and [x["resourceNames"] for x in one("Role")["rules"] if x["resources"] == ["deployments/scale"]] == [["sidecert-webhook"]]' \
+	"the cleanup may delete the MutatingWebhookConfiguration and scale its own Deployment, by name"
+render nocleanup --set cleanupOnUninstall=false
+check nocleanup 'not has("Job")' "cleanupOnUninstall=false: no Job"
 
 render servicemonitor --set metrics.serviceMonitor.enabled=true --set metrics.serviceMonitor.labels.release=prom
 check servicemonitor 'one("ServiceMonitor")["spec"]["endpoints"][0]["port"] == "metrics" and one("Service")["spec"]["ports"][1]["name"] == "metrics"' "ServiceMonitor scrapes the metrics port"
@@ -224,6 +234,11 @@ if [[ -x $webhook_bin ]] && "$webhook_bin" serve --help >"$tmp/help.txt" 2>&1 &&
 	done
 else
 	echo "  skip  $webhook_bin is missing or has no --self-signed yet"
+fi
+
+if [[ -x $webhook_bin ]] && "$webhook_bin" cleanup --help >"$tmp/cleanup-help.txt" 2>&1; then
+	HELP_FILE=$tmp/cleanup-help.txt check defaults 'not (set(flags(cleanup_args())) - set(flags(open(os.environ["HELP_FILE"]).read().split())))' \
+		"the cleanup Job's flags are in \`sidecert-webhook cleanup --help\`"
 fi
 
 echo "schema and input errors"

@@ -499,9 +499,26 @@ pub fn route_removal_patch_for(ingress: &Ingress, remove: impl Fn(&str) -> bool)
         if !remove(&host) {
             continue;
         }
-        let paths = rule.http.iter().flat_map(|h| h.paths.iter());
-        let found: Vec<(usize, &HTTPIngressPath)> =
-            paths.enumerate().filter(|(_, p)| is_challenge_path(p)).collect();
+        let Some(http) = rule.http.as_ref() else {
+            continue;
+        };
+        let found: Vec<(usize, &HTTPIngressPath)> = http
+            .paths
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| is_challenge_path(p))
+            .collect();
+        // A rule left with no path at all would be refused (`paths` is required): its `http`
+        // goes instead, tested whole so that a path added meanwhile fails the patch.
+        if !found.is_empty() && found.len() == http.paths.len() {
+            let pointer = PointerBuf::from_tokens(["spec", "rules", &i.to_string(), "http"]);
+            patch.push(PatchOperation::Test(TestOperation {
+                path: pointer.clone(),
+                value: to_json(http),
+            }));
+            patch.push(PatchOperation::Remove(RemoveOperation { path: pointer }));
+            continue;
+        }
         for (j, path) in found.into_iter().rev() {
             let pointer =
                 PointerBuf::from_tokens(["spec", "rules", &i.to_string(), "http", "paths", &j.to_string()]);

@@ -4,6 +4,9 @@
 //! Certificate Secrets, the ACME account Secret and the certificates' Leases stay: they grant
 //! nothing, and a namespace labelled again picks up where it was.
 //!
+//! On uninstall ([`uninstall`], the chart's pre-delete hook) the same goes in every namespace,
+//! after admission and the reconciler are stopped, and so do the host claims.
+//!
 //! The leader looks, every [`CLEANUP_INTERVAL`], for namespaces holding sidecert's Roles,
 //! RoleBindings or solver Services that it does not serve, asks the API server whether each
 //! is still unserved, and cleans it. Every write is conditional on the object being as it was
@@ -16,7 +19,10 @@ use std::{collections::BTreeSet, time::Duration};
 use k8s_openapi::{
     NamespaceResourceScope,
     api::{
-        core::v1::{Namespace, Service},
+        admissionregistration::v1::MutatingWebhookConfiguration,
+        apps::v1::Deployment,
+        coordination::v1::Lease,
+        core::v1::{Namespace, Pod, Service},
         networking::v1::Ingress,
         rbac::v1::{Role, RoleBinding},
     },
@@ -26,7 +32,10 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
 };
 use serde::de::DeserializeOwned;
-use sidecert_contract::{MANAGED_BY, MANAGED_BY_LABEL, SOLVER_SERVICE_SUFFIX};
+use sidecert_contract::{
+    MANAGED_BY, MANAGED_BY_LABEL, SOLVER_SERVICE_SUFFIX,
+    hosts::{CLAIM_LABEL, CLAIM_LABEL_VALUE},
+};
 
 use crate::{
     error::{Error, Result},
@@ -109,8 +118,15 @@ pub async fn served_live(client: &Client, namespace: &str, selector: &str) -> Re
 
 /// Takes sidecert's HTTP-01 paths off every Ingress of `ns`, and deletes its solver Services,
 /// Roles and RoleBindings there. Each step goes on past a failure; the first error is returned
-/// after all were tried (the next pass tries again).
-pub async fn clean_namespace(client: &Client, ns: &str) -> (Cleaned, Option<Error>) {
+/// after all were tried (the next pass tries again). While an Ingress keeps a path, the solver
+/// Services stay, so that the next pass finds the namespace again. With `still_unserved`
+/// (the reconciler's selector), the namespace is asked about once more before its Roles
+/// go: one labelled again meanwhile keeps them.
+pub async fn clean_namespace(
+    client: &Client,
+    ns: &str,
+    still_unserved: Option<&str>,
+) -> (Cleaned, Option<Error>) {
     let mut cleaned = Cleaned::default();
     let mut first_error = None;
     let mut note = |r: Result<Vec<String>>, into: &mut Vec<String>| match r {
@@ -121,8 +137,23 @@ pub async fn clean_namespace(client: &Client, ns: &str) -> (Cleaned, Option<Erro
         }
     };
     // Paths first: a challenge route must not outlive the Service it points at.
-    note(remove_paths(client, ns).await, &mut cleaned.ingresses);
-    note(delete_ours::<Service>(client, ns).await, &mut cleaned.services);
+    let (done, failed) = remove_paths(client, ns).await;
+    cleaned.ingresses = done;
+    if let Some(e) = failed {
+        note(Err(e), &mut Vec::new());
+    } else {
+        note(delete_ours::<Service>(client, ns).await, &mut cleaned.services);
+    }
+    if let Some(selector) = still_unserved {
+        match served_live(client, ns, selector).await {
+            Ok(false) => {}
+            Ok(true) => return (cleaned, first_error),
+            Err(e) => {
+                note(Err(e), &mut Vec::new());
+                return (cleaned, first_error);
+            }
+        }
+    }
     note(
         delete_ours::<RoleBinding>(client, ns).await,
         &mut cleaned.role_bindings,
@@ -131,24 +162,38 @@ pub async fn clean_namespace(client: &Client, ns: &str) -> (Cleaned, Option<Erro
     (cleaned, first_error)
 }
 
-async fn remove_paths(client: &Client, ns: &str) -> Result<Vec<String>> {
+/// Takes the HTTP-01 paths off every Ingress of `ns`, going on past one that fails; the
+/// Ingresses done, and the first error.
+async fn remove_paths(client: &Client, ns: &str) -> (Vec<String>, Option<Error>) {
     let api = Api::<Ingress>::namespaced(client.clone(), ns);
     let mut done = Vec::new();
-    for ingress in api.list(&ListParams::default()).await?.items {
+    let ingresses = match api.list(&ListParams::default()).await {
+        Ok(list) => list.items,
+        Err(e) => return (done, Some(e.into())),
+    };
+    let mut first_error = None;
+    for ingress in ingresses {
         let patch = route_removal_patch(&ingress);
         if patch.is_empty() {
             continue;
         }
         let name = ingress.name_any();
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
-        )
-        .await?;
-        done.push(name);
+        match api
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
+            )
+            .await
+        {
+            Ok(_) => done.push(name),
+            Err(e) => {
+                tracing::warn!(namespace = ns, ingress = name, error = %e, "cannot take the HTTP-01 paths off");
+                first_error.get_or_insert(e.into());
+            }
+        }
     }
-    Ok(done)
+    (done, first_error)
 }
 
 /// Deletes the objects of kind `K` in `ns` that carry sidecert's label and one of its names,
@@ -181,6 +226,120 @@ where
         }
     }
     Ok(deleted)
+}
+
+/// Before sidecert is uninstalled: deletes its MutatingWebhookConfiguration `webhook` (no
+/// review mutates anything any more), scales its Deployment `deployment` in `own` to zero
+/// and waits up to `timeout` for its Pods to go (no reconciler adds a path back), then cleans
+/// every namespace that holds sidecert's objects or HTTP-01 paths, labelled or not, and
+/// deletes the host claims in `own`. Secrets stay. `Err` when anything is left (the hook
+/// fails and says what; `helm uninstall --no-hooks` skips it).
+pub async fn uninstall(
+    client: &Client,
+    own: &str,
+    webhook: &str,
+    deployment: &str,
+    timeout: Duration,
+) -> Result<()> {
+    match Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(webhook, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => tracing::info!(webhook, "deleted the MutatingWebhookConfiguration"),
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    if !deployment.is_empty() {
+        stop_webhook(client, own, deployment, timeout).await?;
+    }
+    let mut namespaces = namespaces_with_objects(client, own).await?;
+    for ingress in Api::<Ingress>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items
+    {
+        if let Some(ns) = ingress.namespace().filter(|ns| may_serve(ns, own))
+            && !route_removal_patch(&ingress).is_empty()
+        {
+            namespaces.insert(ns);
+        }
+    }
+    let mut failed = Vec::new();
+    for ns in &namespaces {
+        let (cleaned, error) = clean_namespace(client, ns, None).await;
+        tracing::info!(
+            namespace = ns,
+            ingresses = ?cleaned.ingresses,
+            services = ?cleaned.services,
+            roles = ?cleaned.roles,
+            role_bindings = ?cleaned.role_bindings,
+            "removed sidecert's HTTP-01 paths, solver Services, Roles and RoleBindings (Secrets stay)"
+        );
+        if let Some(e) = error {
+            failed.push(format!("{ns}: {e}"));
+        }
+    }
+    let claims = Api::<Lease>::namespaced(client.clone(), own);
+    let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
+    let mut released = 0;
+    for claim in claims.list_metadata(&lp).await?.items {
+        match claims.delete(&claim.name_any(), &DeleteParams::default()).await {
+            Ok(_) => released += 1,
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Err(e) => failed.push(format!("host claim {}: {e}", claim.name_any())),
+        }
+    }
+    tracing::info!(
+        namespaces = namespaces.len(),
+        host_claims = released,
+        "sidecert cleaned up"
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "cleanup left sidecert's objects behind: {}",
+            failed.join("; ")
+        )))
+    }
+}
+
+/// Scales the webhook's Deployment to zero and waits for its Pods (selected by its selector)
+/// to go.
+async fn stop_webhook(client: &Client, own: &str, deployment: &str, timeout: Duration) -> Result<()> {
+    let api = Api::<Deployment>::namespaced(client.clone(), own);
+    let Some(found) = api.get_opt(deployment).await? else {
+        return Ok(());
+    };
+    let scale = serde_json::json!({"spec": {"replicas": 0}});
+    api.patch_scale(deployment, &PatchParams::default(), &Patch::Merge(&scale))
+        .await?;
+    let selector = found
+        .spec
+        .and_then(|s| s.selector.match_labels)
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    if selector.is_empty() {
+        return Ok(());
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), own);
+    let lp = ListParams::default().labels(&selector);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = pods.list_metadata(&lp).await?.items.len();
+        if left == 0 {
+            tracing::info!(deployment, "the webhook's Pods are gone");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout(timeout));
+        }
+        tracing::info!(deployment, left, "waiting for the webhook's Pods to go");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 #[cfg(test)]

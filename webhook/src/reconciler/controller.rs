@@ -184,7 +184,7 @@ pub async fn clean_unserved(ctx: Arc<Reconciler>) {
                     continue;
                 }
             }
-            let (cleaned, _) = clean_namespace(&ctx.client, ns).await;
+            let (cleaned, _) = clean_namespace(&ctx.client, ns, Some(&ctx.settings.namespace_selector)).await;
             if !cleaned.is_empty() {
                 ctx.action("namespace_cleaned");
                 tracing::info!(

@@ -282,6 +282,19 @@ mod tests {
         // The guard: a path that changed meanwhile makes the patch fail, not remove the wrong one.
         let mut other = serde_json::to_value(ingress(false, false)).unwrap();
         assert!(json_patch::patch(&mut other, &ops).is_err());
+        // A rule whose only path is the challenge path loses its `http` (an empty `paths` is
+        // refused by the API server), and keeps its host.
+        let mut only = serde_json::to_value(ingress(false, true)).unwrap();
+        only["spec"]["rules"][0]["http"]["paths"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|p| p["path"] != "/");
+        let only: Ingress = serde_json::from_value(only).unwrap();
+        let ops = route_removal_patch(&only);
+        let mut doc = serde_json::to_value(&only).unwrap();
+        json_patch::patch(&mut doc, &ops).unwrap();
+        assert!(doc["spec"]["rules"][0].get("http").is_none(), "{doc}");
+        assert!(doc["spec"]["rules"][0]["host"].is_string(), "{doc}");
     }
 
     #[test]
