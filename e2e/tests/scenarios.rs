@@ -949,12 +949,7 @@ async fn unlabelled_namespace_is_cleaned(
             left.push(format!("Service {solver}"));
         }
         let ingress = ingresses.get("web").await.ok()?;
-        let routed = ingress
-            .spec
-            .iter()
-            .flat_map(|s| s.rules.iter().flatten())
-            .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
-            .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+        let routed = has_challenge_path(&ingress);
         if routed {
             left.push("the HTTP-01 path".to_owned());
         }
@@ -1053,12 +1048,7 @@ async fn s11_uninstall(ctx: &Ctx) -> Result<()> {
             .collect();
         ensure!(left.is_empty(), "after helm uninstall, sidecert left {left:?}");
         let ingress = ns.api::<Ingress>().get("web").await?;
-        let routed = ingress
-            .spec
-            .iter()
-            .flat_map(|s| s.rules.iter().flatten())
-            .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
-            .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+        let routed = has_challenge_path(&ingress);
         ensure!(
             !routed,
             "after helm uninstall, the Ingress still has the HTTP-01 path"
@@ -1565,12 +1555,7 @@ async fn s5_dry_run(ctx: Ctx) -> Result<()> {
                     .unwrap_or_default()
             };
             let ingress: Ingress = serde_json::from_value(find("Ingress"))?;
-            let routed = ingress
-                .spec
-                .iter()
-                .flat_map(|s| s.rules.iter().flatten())
-                .flat_map(|r| r.http.iter().flat_map(|h| &h.paths))
-                .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH));
+            let routed = has_challenge_path(&ingress);
             ensure!(
                 routed,
                 "the dry-run Ingress was not mutated (was the webhook called?)"
@@ -2034,9 +2019,6 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
         .await
 }
 
-/// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName,
-/// a secretName that is another team's Secret): admitted, with warnings that `kubectl`
-/// prints; the other team's Secret is never written, and the reconciler says so in an Event.
 /// Whether any rule of the Ingress has the HTTP-01 path.
 fn has_challenge_path(ingress: &Ingress) -> bool {
     ingress
@@ -2047,6 +2029,9 @@ fn has_challenge_path(ingress: &Ingress) -> bool {
         .any(|p| p.path.as_deref() == Some(ACME_CHALLENGE_PATH))
 }
 
+/// Scenario 8: Ingresses sidecert cannot serve (wildcard host, TLS entry without secretName,
+/// a secretName that is another team's Secret): admitted, with warnings that `kubectl`
+/// prints; the other team's Secret is never written, and the reconciler says so in an Event.
 async fn s8_warnings(ctx: Ctx) -> Result<()> {
     ctx.clone()
         .in_namespaces(&[("e2e-s8", true), ("e2e-s8-b", true)], |namespaces| async move {

@@ -66,6 +66,19 @@ impl Cleaned {
             && self.roles.is_empty()
             && self.role_bindings.is_empty()
     }
+
+    /// Logs what went from `ns`, and `why`.
+    pub fn log(&self, ns: &str, why: &str) {
+        tracing::info!(
+            namespace = ns,
+            ingresses = ?self.ingresses,
+            services = ?self.services,
+            roles = ?self.roles,
+            role_bindings = ?self.role_bindings,
+            why,
+            "removed sidecert's HTTP-01 paths, solver Services, Roles and RoleBindings (Secrets stay)"
+        );
+    }
 }
 
 /// Whether an object of this name is one sidecert makes of `kind`.
@@ -267,14 +280,7 @@ pub async fn uninstall(
     let mut failed = Vec::new();
     for ns in &namespaces {
         let (cleaned, error) = clean_namespace(client, ns, None).await;
-        tracing::info!(
-            namespace = ns,
-            ingresses = ?cleaned.ingresses,
-            services = ?cleaned.services,
-            roles = ?cleaned.roles,
-            role_bindings = ?cleaned.role_bindings,
-            "removed sidecert's HTTP-01 paths, solver Services, Roles and RoleBindings (Secrets stay)"
-        );
+        cleaned.log(ns, "sidecert is being uninstalled");
         if let Some(e) = error {
             failed.push(format!("{ns}: {e}"));
         }

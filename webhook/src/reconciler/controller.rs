@@ -187,14 +187,7 @@ pub async fn clean_unserved(ctx: Arc<Reconciler>) {
             let (cleaned, _) = clean_namespace(&ctx.client, ns, Some(&ctx.settings.namespace_selector)).await;
             if !cleaned.is_empty() {
                 ctx.action("namespace_cleaned");
-                tracing::info!(
-                    namespace = ns,
-                    ingresses = ?cleaned.ingresses,
-                    services = ?cleaned.services,
-                    roles = ?cleaned.roles,
-                    role_bindings = ?cleaned.role_bindings,
-                    "no longer served: removed sidecert's HTTP-01 paths, solver Services, Roles and RoleBindings (Secrets stay)"
-                );
+                cleaned.log(ns, "sidecert no longer serves the namespace");
             }
         }
     }
