@@ -117,6 +117,14 @@ pub struct CleanupArgs {
     /// How long to wait for the webhook's Pods to go.
     #[arg(long, env = "SIDECERT_WEBHOOK_CLEANUP_TIMEOUT", default_value = "90s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// The namespaces sidecert serves (as `serve --reconcile-namespace-selector`): cleaned,
+    /// with those holding its host claims; no other namespace is touched.
+    #[arg(
+        long,
+        env = "SIDECERT_WEBHOOK_RECONCILE_NAMESPACE_SELECTOR",
+        default_value = defaults::RECONCILE_NAMESPACE_SELECTOR
+    )]
+    pub namespace_selector: String,
 }
 
 /// `serve` needs a serving certificate: either files (`--tls-cert-file` and `--tls-key-file`)

@@ -78,6 +78,7 @@ pub async fn cleanup(args: CleanupArgs) -> Result<()> {
         &namespace,
         &args.webhook_configuration_name,
         &args.deployment,
+        &args.namespace_selector,
         args.timeout,
     )
     .await

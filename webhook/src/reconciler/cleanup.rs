@@ -120,6 +120,19 @@ where
         .collect())
 }
 
+/// The namespaces holding a host claim in `own`: those this release served (a certificate
+/// claims its hosts), and so the only ones its cleanup pass may touch; a namespace another
+/// webhook serves under another selector holds none.
+pub async fn claim_holders(client: &Client, own: &str) -> Result<BTreeSet<String>> {
+    let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
+    let claims = Api::<Lease>::namespaced(client.clone(), own).list(&lp).await?;
+    Ok(claims
+        .items
+        .into_iter()
+        .filter_map(|l| l.spec?.holder_identity)
+        .collect())
+}
+
 /// Whether the API server says `namespace` carries `selector` now.
 pub async fn served_live(client: &Client, namespace: &str, selector: &str) -> Result<bool> {
     let lp = ListParams::default()
@@ -244,14 +257,15 @@ where
 /// Before sidecert is uninstalled: deletes its MutatingWebhookConfiguration `webhook` (no
 /// review mutates anything any more), scales its Deployment `deployment` in `own` to zero
 /// and waits up to `timeout` for its Pods to go (no reconciler adds a path back), then cleans
-/// every namespace that holds sidecert's objects or HTTP-01 paths, labelled or not, and
-/// deletes the host claims in `own`. Secrets stay. `Err` when anything is left (the hook
-/// fails and says what; `helm uninstall --no-hooks` skips it).
+/// every namespace it serves (`selector`) or served (it holds host claims in `own`) that holds
+/// sidecert's objects or HTTP-01 paths, and deletes the host claims. Secrets stay. `Err` when
+/// anything is left (the hook fails and says what; `helm uninstall --no-hooks` skips it).
 pub async fn uninstall(
     client: &Client,
     own: &str,
     webhook: &str,
     deployment: &str,
+    selector: &str,
     timeout: Duration,
 ) -> Result<()> {
     match Api::<MutatingWebhookConfiguration>::all(client.clone())
@@ -277,6 +291,12 @@ pub async fn uninstall(
             namespaces.insert(ns);
         }
     }
+    let mut ours = claim_holders(client, own).await?;
+    let served = Api::<Namespace>::all(client.clone())
+        .list_metadata(&ListParams::default().labels(selector))
+        .await?;
+    ours.extend(served.items.into_iter().filter_map(|n| n.metadata.name));
+    namespaces.retain(|ns| ours.contains(ns));
     let mut failed = Vec::new();
     for ns in &namespaces {
         let (cleaned, error) = clean_namespace(client, ns, None).await;

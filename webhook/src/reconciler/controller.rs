@@ -23,7 +23,7 @@ use crate::{
     kube::claims::PROVISIONAL_RELEASE_AFTER,
     mutate::ingress::is_annotated,
     reconciler::{
-        cleanup::{CLEANUP_INTERVAL, clean_namespace, namespaces_with_objects, served_live},
+        cleanup::{CLEANUP_INTERVAL, claim_holders, clean_namespace, namespaces_with_objects, served_live},
         context::Reconciler,
         plan::ingresses_for_service,
     },
@@ -160,16 +160,21 @@ pub async fn sweep_claims(ctx: Arc<Reconciler>) {
     }
 }
 
-/// While this replica leads, cleans up after sidecert in the namespaces it no longer serves
-/// ([`crate::reconciler::cleanup`]): one the caches do not have is asked about live first,
-/// so a namespace labelled a moment ago keeps what it has.
+/// While this replica leads, cleans up after sidecert in the namespaces it served (they hold
+/// its host claims) and no longer serves ([`crate::reconciler::cleanup`]): one the caches do
+/// not have is asked about live first, so a namespace labelled a moment ago keeps what it has.
 pub async fn clean_unserved(ctx: Arc<Reconciler>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let found = match namespaces_with_objects(&ctx.client, &ctx.settings.own_namespace).await {
-            Ok(found) => found,
+        let own = &ctx.settings.own_namespace;
+        let found = match futures::try_join!(
+            namespaces_with_objects(&ctx.client, own),
+            claim_holders(&ctx.client, own)
+        ) {
+            // Only namespaces this release served: they hold its host claims.
+            Ok((found, holders)) => found.intersection(&holders).cloned().collect::<Vec<_>>(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look for namespaces to clean up");
                 continue;
