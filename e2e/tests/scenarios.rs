@@ -987,8 +987,8 @@ async fn unlabelled_namespace_is_cleaned(
 
 /// Scenario 11 (last: it uninstalls the chart): in a labelled namespace with an annotated
 /// Ingress and an injected Pod, `helm uninstall` runs the chart's pre-delete cleanup first:
-/// sidecert's HTTP-01 path, solver Service, Role and RoleBinding go, and its host claims; the
-/// certificate Secret stays.
+/// sidecert's HTTP-01 path, solver Service, Role and RoleBinding go; the certificate Secret and
+/// the host claim stay.
 async fn s11_uninstall(ctx: &Ctx) -> Result<()> {
     let ns = ctx.plane.namespace("e2e-s11", true).await?;
     let result = async {
@@ -1009,6 +1009,16 @@ async fn s11_uninstall(ctx: &Ctx) -> Result<()> {
             ctx.claim_holder(&hosts[0]).await?.is_some(),
             "no claim of {}",
             hosts[0]
+        );
+        // What the uninstall must take away is there first.
+        let solver = format!("web{SOLVER_SERVICE_SUFFIX}");
+        ensure!(
+            has_challenge_path(&ns.api::<Ingress>().get("web").await?),
+            "the Ingress has no HTTP-01 path before the uninstall"
+        );
+        ensure!(
+            ns.api::<Service>().get_opt(&solver).await?.is_some(),
+            "no solver Service before the uninstall"
         );
 
         ctx.helm_ok(&[
@@ -1057,9 +1067,11 @@ async fn s11_uninstall(ctx: &Ctx) -> Result<()> {
             ns.api::<Secret>().get_opt("web-tls").await?.is_some(),
             "the certificate Secret went with the uninstall"
         );
+        // The claim stays: it grants nothing, and keeps the host this namespace's across a
+        // reinstall.
         ensure!(
-            ctx.claim_holder(&hosts[0]).await?.is_none(),
-            "the host claim outlived the uninstall"
+            ctx.claim_holder(&hosts[0]).await?.as_deref() == Some(ns.name()),
+            "the host claim went with the uninstall"
         );
         Ok(())
     }

@@ -107,12 +107,13 @@ pub struct CleanupArgs {
     /// the Pod's own.
     #[arg(long, env = "SIDECERT_WEBHOOK_NAMESPACE")]
     pub namespace: Option<String>,
-    /// The MutatingWebhookConfiguration to delete first, so that nothing is admitted again.
-    #[arg(long, env = "SIDECERT_WEBHOOK_CONFIGURATION_NAME", default_value = DEFAULT_WEBHOOK_CONFIGURATION_NAME)]
+    /// The MutatingWebhookConfiguration to delete first, so that nothing is admitted again
+    /// (no default: a wrong one would leave admission on with the webhook stopped).
+    #[arg(long, env = "SIDECERT_WEBHOOK_CONFIGURATION_NAME")]
     pub webhook_configuration_name: String,
     /// The webhook's Deployment in that namespace: scaled to zero, and its Pods waited for,
-    /// so that no reconciler adds a path back. Empty: left running.
-    #[arg(long, env = "SIDECERT_WEBHOOK_DEPLOYMENT", default_value = "")]
+    /// so that no reconciler adds a path back (no default).
+    #[arg(long, env = "SIDECERT_WEBHOOK_DEPLOYMENT")]
     pub deployment: String,
     /// How long to wait for the webhook's Pods to go.
     #[arg(long, env = "SIDECERT_WEBHOOK_CLEANUP_TIMEOUT", default_value = "90s", value_parser = parse_duration)]

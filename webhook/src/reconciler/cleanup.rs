@@ -4,8 +4,8 @@
 //! Certificate Secrets, the ACME account Secret and the certificates' Leases stay: they grant
 //! nothing, and a namespace labelled again picks up where it was.
 //!
-//! On uninstall ([`uninstall`], the chart's pre-delete hook) the same goes in every namespace,
-//! after admission and the reconciler are stopped, and so do the host claims.
+//! On uninstall ([`uninstall`], the chart's pre-delete hook) the same goes in every namespace
+//! sidecert serves or served, after admission and the reconciler are stopped.
 //!
 //! The leader looks, every [`CLEANUP_INTERVAL`], for namespaces holding sidecert's Roles,
 //! RoleBindings or solver Services that it does not serve, asks the API server whether each
@@ -247,7 +247,8 @@ where
         };
         match api.delete(&name, &dp).await {
             Ok(_) => deleted.push(name),
-            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => {}
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            // Changed since listed: left for the next try, which looks at it again.
             Err(e) => return Err(e.into()),
         }
     }
@@ -258,8 +259,9 @@ where
 /// review mutates anything any more), scales its Deployment `deployment` in `own` to zero
 /// and waits up to `timeout` for its Pods to go (no reconciler adds a path back), then cleans
 /// every namespace it serves (`selector`) or served (it holds host claims in `own`) that holds
-/// sidecert's objects or HTTP-01 paths, and deletes the host claims. Secrets stay. `Err` when
-/// anything is left (the hook fails and says what; `helm uninstall --no-hooks` skips it).
+/// sidecert's objects or HTTP-01 paths, three times at most for one that fails. Secrets and
+/// host claims stay (a claim grants nothing, and keeps a host its owner's across a
+/// reinstall). `Err` when anything is left (the hook fails and says what; it can be run again).
 pub async fn uninstall(
     client: &Client,
     own: &str,
@@ -297,29 +299,28 @@ pub async fn uninstall(
         .await?;
     ours.extend(served.items.into_iter().filter_map(|n| n.metadata.name));
     namespaces.retain(|ns| ours.contains(ns));
+    // A namespace whose cleanup failed (an Ingress changed under it, say) is tried again.
+    let mut left: Vec<String> = namespaces.iter().cloned().collect();
     let mut failed = Vec::new();
-    for ns in &namespaces {
-        let (cleaned, error) = clean_namespace(client, ns, None).await;
-        cleaned.log(ns, "sidecert is being uninstalled");
-        if let Some(e) = error {
-            failed.push(format!("{ns}: {e}"));
+    for round in 1..=3 {
+        failed.clear();
+        let mut again = Vec::new();
+        for ns in &left {
+            let (cleaned, error) = clean_namespace(client, ns, None).await;
+            cleaned.log(ns, "sidecert is being uninstalled");
+            if let Some(e) = error {
+                failed.push(format!("{ns}: {e}"));
+                again.push(ns.clone());
+            }
         }
-    }
-    let claims = Api::<Lease>::namespaced(client.clone(), own);
-    let lp = ListParams::default().labels(&format!("{CLAIM_LABEL}={CLAIM_LABEL_VALUE}"));
-    let mut released = 0;
-    for claim in claims.list_metadata(&lp).await?.items {
-        match claims.delete(&claim.name_any(), &DeleteParams::default()).await {
-            Ok(_) => released += 1,
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            Err(e) => failed.push(format!("host claim {}: {e}", claim.name_any())),
+        if again.is_empty() {
+            break;
         }
+        tracing::warn!(round, namespaces = ?again, "cleanup left objects behind; trying again");
+        left = again;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    tracing::info!(
-        namespaces = namespaces.len(),
-        host_claims = released,
-        "sidecert cleaned up"
-    );
+    tracing::info!(namespaces = namespaces.len(), "sidecert cleaned up");
     if failed.is_empty() {
         Ok(())
     } else {

@@ -172,7 +172,14 @@ pub enum Removal {
 /// deleted (or disowned when other Ingresses own it too); sidecert's own, ownerless and
 /// routed from the Ingress → deleted; anything else → kept.
 pub fn solver_removal(svc: &Service, ingress_uid: Option<&str>, routed: &[String]) -> Removal {
-    if !is_managed(&svc.metadata) {
+    // Only a solver Service (the policy refuses deleting any other Service of sidecert's
+    // label: a tenant could have labelled one and made it owned by the Ingress).
+    let solver = svc
+        .metadata
+        .name
+        .as_deref()
+        .is_some_and(|n| n.ends_with(sidecert_contract::SOLVER_SERVICE_SUFFIX));
+    if !is_managed(&svc.metadata) || !solver {
         return Removal::Keep;
     }
     let owners = svc.metadata.owner_references.clone().unwrap_or_default();
@@ -371,6 +378,14 @@ mod tests {
     #[test]
     fn solver_removal_decisions() {
         let routed = vec!["web-sidecert-solver".to_owned()];
+        // A Service of sidecert's label and owned by the Ingress, not named as a solver (a
+        // tenant's): kept.
+        let mut lookalike = solver(json!([owner("u-1")]), true);
+        lookalike.metadata.name = Some("web".to_owned());
+        assert_eq!(
+            solver_removal(&lookalike, Some("u-1"), &["web".to_owned()]),
+            Removal::Keep
+        );
         assert_eq!(
             solver_removal(&solver(json!([owner("u-1")]), true), Some("u-1"), &[]),
             Removal::Delete
