@@ -2,14 +2,15 @@
 //! sidecars' Roles and RoleBindings, the solver Services and the HTTP-01 paths go, so no
 //! ServiceAccount there keeps a right sidecert gave it and no challenge route stays open.
 //! Certificate Secrets, the ACME account Secret and the certificates' Leases stay: they grant
-//! nothing, and a namespace labelled again picks up where it was.
+//! nothing. A namespace labelled again gets its paths and solver Services back from the
+//! reconciler, its Pods' Roles when a Pod is admitted again.
 //!
 //! On uninstall ([`uninstall`], the chart's pre-delete hook) the same goes in every namespace
 //! sidecert serves or served, after admission and the reconciler are stopped.
 //!
 //! The leader looks, every [`CLEANUP_INTERVAL`], for namespaces holding sidecert's Roles,
-//! RoleBindings or solver Services that it does not serve, asks the API server whether each
-//! is still unserved, and cleans it. Every write is conditional on the object being as it was
+//! RoleBindings or solver Services that it served (they hold its host claims) and does not
+//! serve any more, asks the API server whether each is still unserved, and cleans it. Every write is conditional on the object being as it was
 //! read, and touches only what sidecert made (its label and its names); the chart's
 //! ValidatingAdmissionPolicy lets the webhook make exactly these writes in an unlabelled
 //! namespace and no other.

@@ -165,9 +165,10 @@ pub async fn run(
     }
 }
 
-/// Runs the claim sweeps, the cleanup of unserved namespaces and the controller until shutdown (`Some(true)`), a lost lead
-/// (`Some(false)`, or `Some(true)` if the election ended) or the controller's end (`None`);
-/// then stops them, leaving reconciles still running after 5 s.
+/// Runs the claim sweeps, the cleanup of unserved namespaces and the controller until
+/// shutdown (`Some(true)`), a lost lead (`Some(false)`, or `Some(true)` if the election
+/// ended) or the controller's end (`None`); then stops them, leaving reconciles still
+/// running after 5 s.
 async fn lead(
     ctx: Arc<Reconciler>,
     is_leader: &mut watch::Receiver<bool>,
