@@ -252,8 +252,19 @@ impl Ctx {
                 continue;
             };
             eprintln!("removing the stale release {RELEASE} in namespace {ns}");
-            self.helm_ok(&["uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "60s"])
-                .await?;
+            // Without the cleanup hook: its webhook may be gone, and what it made in test
+            // namespaces goes with them.
+            self.helm_ok(&[
+                "uninstall",
+                RELEASE,
+                "-n",
+                ns,
+                "--no-hooks",
+                "--wait",
+                "--timeout",
+                "60s",
+            ])
+            .await?;
             self.kubectl(&["delete", "namespace", ns, "--wait=false"], None)
                 .await?;
         }
@@ -422,11 +433,14 @@ impl Drop for UninstallGuard {
         };
         let kubeconfig = ctx.plane.kubeconfig();
         let _ = std::process::Command::new(ctx.plane.repo_root().join(HELM))
+            // After a panic: gone quickly, without the cleanup hook (the test namespaces go
+            // with what sidecert made in them).
             .args([
                 "uninstall",
                 RELEASE,
                 "-n",
                 &ctx.release_ns,
+                "--no-hooks",
                 "--wait",
                 "--timeout",
                 "60s",

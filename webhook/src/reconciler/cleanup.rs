@@ -41,7 +41,7 @@ use sidecert_contract::{
 use crate::{
     error::{Error, Result},
     mutate::{ingress::route_removal_patch, namespace::may_serve},
-    reconciler::plan::guarded,
+    reconciler::plan::{guarded, selector_string},
 };
 
 /// How often the leader looks for namespaces to clean.
@@ -342,14 +342,13 @@ async fn stop_webhook(client: &Client, own: &str, deployment: &str, timeout: Dur
     let scale = serde_json::json!({"spec": {"replicas": 0}});
     api.patch_scale(deployment, &PatchParams::default(), &Patch::Merge(&scale))
         .await?;
-    let selector = found
-        .spec
-        .and_then(|s| s.selector.match_labels)
-        .unwrap_or_default()
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    // The chart's Deployment selects by matchLabels only.
+    let selector = selector_string(
+        &found
+            .spec
+            .and_then(|s| s.selector.match_labels)
+            .unwrap_or_default(),
+    );
     if selector.is_empty() {
         return Ok(());
     }
