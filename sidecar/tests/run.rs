@@ -906,6 +906,31 @@ async fn another_teams_secret_is_never_overwritten() {
             .find(|e| e.reason.as_deref() == Some("SecretNotOurs"))
     })
     .await;
+    // While it waits for the Secret to change, it still follows its Lease: taken over by
+    // another holder, the leader gauge says so (it used to stay at 1 until the Secret
+    // changed). The other holder stops renewing, so the sidecar takes the Lease back.
+    let leader = "sidecert_leader{secret=\"team-db\"}";
+    wait_until("the Lease", Duration::from_secs(20), || async {
+        (sample(&scrape(&r.metrics).await, leader) == 1.0).then_some(())
+    })
+    .await;
+    let leases: Api<Lease> = ns.api();
+    let mut lease = leases.get(&spec.lease_name()).await.unwrap();
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let held = lease.spec.get_or_insert_with(Default::default);
+    held.holder_identity = Some("another-replica".into());
+    held.acquire_time = Some(now.clone());
+    held.renew_time = Some(now);
+    leases
+        .replace(&spec.lease_name(), &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    wait_until(
+        "the leader gauge to follow the Lease",
+        Duration::from_secs(20),
+        || async { (sample(&scrape(&r.metrics).await, leader) == 0.0).then_some(()) },
+    )
+    .await;
     let after = secrets.get("team-db").await.unwrap();
     assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
     assert_eq!(after.data, theirs.data);

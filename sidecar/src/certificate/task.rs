@@ -269,10 +269,12 @@ async fn certificate_loop(
                     m.failures.with_label_values(&[&name, e.metric_label()]).inc();
                     cx.events.publish(true, "SecretNotOurs", e.to_string()).await;
                 }
-                // Only a change of the Secret can end this (the Lease is decided after).
+                // Only a change of the Secret can end this; a change of the Lease is looked
+                // at again (the leader gauge follows it, an ended Lease task ends the round).
                 tokio::select! {
                     _ = shutdown.cancelled() => break Ok(()),
                     r = secret_rx.changed() => if r.is_err() { break Err(Error::order("Secret watch ended")) },
+                    r = leader_rx.changed() => if r.is_err() { break Err(Error::order("Lease task ended")) },
                 }
                 continue;
             }
