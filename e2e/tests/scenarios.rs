@@ -118,6 +118,16 @@ async fn scenarios() {
                 .await,
             );
         }
+        if selected.contains(&12) {
+            outcomes.push(
+                run(
+                    12,
+                    "strict RBAC: rights only in the namespaces listed",
+                    s12_strict_rbac(ctx.clone()),
+                )
+                .await,
+            );
+        }
         outcomes
     };
     let (mut outcomes, sequence) = tokio::join!(renewal, sequence);
@@ -148,7 +158,7 @@ fn selected_scenarios() -> BTreeSet<u8> {
         Ok(list) if !list.trim().is_empty() => {
             list.split(',').filter_map(|s| s.trim().parse().ok()).collect()
         }
-        _ => (1..=11).collect(),
+        _ => (1..=12).collect(),
     }
 }
 
@@ -244,7 +254,16 @@ impl Ctx {
     /// configuration with `failurePolicy: Fail` and no webhook behind it.
     async fn remove_stale_releases(&self) -> Result<()> {
         let list = self
-            .helm_ok(&["list", "-A", "-o", "json", "--filter", &format!("^{RELEASE}$")])
+            // -a: also one stuck `uninstalling` (its pre-delete hook failed).
+            .helm_ok(&[
+                "list",
+                "-A",
+                "-a",
+                "-o",
+                "json",
+                "--filter",
+                &format!("^{RELEASE}$"),
+            ])
             .await?;
         let releases: Vec<Value> = serde_json::from_str(&list).context("helm list output")?;
         for r in releases {
@@ -327,6 +346,32 @@ impl Ctx {
 
     fn webhook_deployment(&self) -> String {
         format!("{RELEASE}-webhook")
+    }
+
+    /// Waits until the webhook's Pods are two, running, and all pass `arg` (after a
+    /// `helm upgrade`, the old ones have terminated).
+    async fn rolled_to(&self, arg: &str) -> Result<()> {
+        let webhook_pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.release_ns);
+        wait_for(Duration::from_secs(90), || {
+            let webhook_pods = webhook_pods.clone();
+            async move {
+                let pods = webhook_pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
+                    .await
+                    .ok()?
+                    .items;
+                let new = |p: &Pod| {
+                    p.spec.as_ref().is_some_and(|s| {
+                        s.containers
+                            .iter()
+                            .any(|c| c.args.iter().flatten().any(|a| a == arg))
+                    })
+                };
+                (pods.len() == 2 && pods.iter().all(|p| new(p) && is_running(p))).then_some(())
+            }
+        })
+        .await
+        .with_context(|| format!("the old webhook Pods did not go away (want only Pods with {arg})"))
     }
 
     async fn helm_ok(&self, args: &[&str]) -> Result<String> {
@@ -2261,31 +2306,10 @@ async fn s6_upgrade(ctx: Ctx) -> Result<()> {
                 ])
                 .await;
             // Over when only new webhook Pods are left (the old ones have terminated).
-            let flag = format!("--sidecar-memory-limit={NEW_LIMIT}");
             let rolled = match &upgrade {
                 Ok(_) => {
-                    let webhook_pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ctx.release_ns);
-                    wait_for(Duration::from_secs(90), || {
-                        let webhook_pods = webhook_pods.clone();
-                        let flag = flag.clone();
-                        async move {
-                            let pods = webhook_pods
-                                .list(&ListParams::default().labels("app.kubernetes.io/component=webhook"))
-                                .await
-                                .ok()?
-                                .items;
-                            let new = |p: &Pod| {
-                                p.spec.as_ref().is_some_and(|s| {
-                                    s.containers
-                                        .iter()
-                                        .any(|c| c.args.iter().flatten().any(|a| *a == flag))
-                                })
-                            };
-                            (pods.len() == 2 && pods.iter().all(|p| new(p) && is_running(p))).then_some(())
-                        }
-                    })
-                    .await
-                    .context("the old webhook Pods did not go away")
+                    ctx.rolled_to(&format!("--sidecar-memory-limit={NEW_LIMIT}"))
+                        .await
                 }
                 Err(_) => Ok(()),
             };
@@ -2444,4 +2468,185 @@ async fn s7_webhook_down(ctx: Ctx) -> Result<()> {
             },
         )
         .await
+}
+
+/// Scenario 12: `helm upgrade` to strict RBAC (`rbac.namespaces` lists one of two labelled
+/// namespaces). The API server refuses the webhook's ServiceAccount every namespaced write and
+/// read outside the one listed (RBAC, not the policy: the unlisted namespace is labelled),
+/// and allows them in it; an Ingress there gets its certificate issued as before, one in the
+/// unlisted namespace gets nothing. The release goes back to the label-driven default after.
+async fn s12_strict_rbac(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(
+            &[("e2e-s12", true), ("e2e-s12-unlisted", true)],
+            |namespaces| async move {
+                let (listed, unlisted) = (&namespaces[0], &namespaces[1]);
+                let upgrade = |namespaces: String| {
+                    let ctx = ctx.clone();
+                    async move {
+                        ctx.helm_ok(&[
+                            "upgrade",
+                            RELEASE,
+                            CHART,
+                            "-n",
+                            &ctx.release_ns,
+                            "--reuse-values",
+                            "--set-json",
+                            &format!("rbac.namespaces={namespaces}"),
+                            "--wait",
+                            "--timeout",
+                            "120s",
+                        ])
+                        .await
+                        .context("helm upgrade")
+                    }
+                };
+                let strict_selector = format!(
+                    "--reconcile-namespace-selector=sidecert.io/injection=enabled,kubernetes.io/metadata.name in ({})",
+                    listed.name()
+                );
+                upgrade(json!([listed.name()]).to_string()).await?;
+                let result = async {
+                    // The old Pods (the default selector) would still serve the unlisted one.
+                    ctx.rolled_to(&strict_selector).await?;
+                    strict_rbac_holds(&ctx, listed, unlisted).await
+                }
+                .await;
+                let restored = async {
+                    upgrade("[]".to_owned()).await?;
+                    ctx.rolled_to("--reconcile-namespace-selector=sidecert.io/injection=enabled")
+                        .await
+                }
+                .await
+                .context("back to the default RBAC");
+                result.and(restored)
+            },
+        )
+        .await
+}
+
+/// Scenario 12, under strict RBAC: what the webhook may do, and that it still works.
+async fn strict_rbac_holds(ctx: &Ctx, listed: &TestNamespace, unlisted: &TestNamespace) -> Result<()> {
+    let as_webhook = format!(
+        "--as=system:serviceaccount:{}:{}",
+        ctx.release_ns,
+        ctx.webhook_deployment()
+    );
+    let can_i = |ns: &str, verb: &str, what: &str| {
+        let (ns, verb, what) = (ns.to_owned(), verb.to_owned(), what.to_owned());
+        let as_webhook = as_webhook.clone();
+        async move {
+            let scope = if ns.is_empty() {
+                "--all-namespaces".to_owned()
+            } else {
+                format!("--namespace={ns}")
+            };
+            let out = ctx
+                .kubectl(&["auth", "can-i", &as_webhook, &scope, &verb, &what], None)
+                .await?;
+            Ok::<_, anyhow::Error>(out.stdout.trim() == "yes")
+        }
+    };
+    let expect = [
+        (listed.name(), "create", "secrets", true),
+        (listed.name(), "create", "roles", true),
+        (listed.name(), "create", "leases", true),
+        (unlisted.name(), "create", "secrets", false),
+        (unlisted.name(), "get", "secrets", false),
+        (unlisted.name(), "create", "roles", false),
+        (unlisted.name(), "create", "rolebindings", false),
+        (unlisted.name(), "patch", "deployments", false),
+        (unlisted.name(), "patch", "ingresses", false),
+        ("kube-system", "create", "secrets", false),
+        ("kube-system", "patch", "daemonsets", false),
+        ("", "list", "secrets", false),
+        ("", "list", "roles", false),
+        // What stays cluster-wide: reads of what decides what sidecert does.
+        ("", "watch", "ingresses", true),
+        ("", "watch", "services", true),
+        ("", "list", "pods", true),
+    ];
+    for (ns, verb, what, want) in expect {
+        let got = can_i(ns, verb, what).await?;
+        ensure!(
+            got == want,
+            "as the webhook, `kubectl auth can-i {verb} {what}` in {:?}: {got}, want {want}",
+            if ns.is_empty() { "every namespace" } else { ns }
+        );
+    }
+    // The write itself, refused by RBAC (the namespace is labelled: the policy would allow a
+    // temporary TLS Secret there).
+    let temporary = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "s12-temporary",
+            "labels": {"app.kubernetes.io/managed-by": "sidecert"},
+            "annotations": {"sidecert.io/temporary": "true"}},
+        "data": {"tls.crt": "", "tls.key": ""}
+    })
+    .to_string();
+    for ns in [unlisted.name(), "kube-system"] {
+        let out = ctx
+            .kubectl(
+                &[&as_webhook, "-n", ns, "create", "--dry-run=server", "-f", "-"],
+                Some(&temporary),
+            )
+            .await?;
+        ensure!(
+            !out.success && out.stderr.contains("forbidden"),
+            "a temporary TLS Secret in {ns} as the webhook: {}",
+            out.describe()
+        );
+    }
+    let out = ctx
+        .kubectl(
+            &[
+                &as_webhook,
+                "-n",
+                listed.name(),
+                "create",
+                "--dry-run=server",
+                "-f",
+                "-",
+            ],
+            Some(&temporary),
+        )
+        .await?;
+    ensure!(
+        out.success,
+        "a temporary TLS Secret in the listed namespace: {}",
+        out.describe()
+    );
+
+    // It still does its work where it may, and nothing where it may not.
+    for ns in [listed, unlisted] {
+        let manifest = web_app("web", &[host("web", ns)], "web-tls", 1, json!({}), json!({}));
+        ctx.kubectl_ok(
+            &["-n", ns.name(), "apply", "-f", "-"],
+            Some(&manifest.to_string()),
+        )
+        .await?;
+    }
+    let secrets: Api<Secret> = listed.api();
+    let issued = wait_issued(&secrets, "web-tls", Duration::from_secs(90)).await?;
+    check_issued(ctx.plane, &issued, &[host("web", listed)]).await?;
+    let pods: Api<Pod> = unlisted.api();
+    let running = running_pods(&pods, "app=web", 1, Duration::from_secs(60)).await?;
+    ensure!(
+        running.iter().all(|p| sidecar(p).is_none()),
+        "a Pod in the labelled but unlisted namespace got the sidecar"
+    );
+    ensure!(
+        unlisted.api::<Secret>().get_opt("web-tls").await?.is_none(),
+        "the unlisted namespace got a temporary Secret"
+    );
+    let ingress = unlisted.api::<Ingress>().get("web").await?;
+    ensure!(
+        !has_challenge_path(&ingress),
+        "the Ingress in the unlisted namespace got an HTTP-01 path"
+    );
+    ensure!(
+        ctx.claim_holder(&host("web", unlisted)).await?.is_none(),
+        "the unlisted namespace claimed its host"
+    );
+    Ok(())
 }

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sidecert_contract::ACME_CHALLENGE_PATH;
 use sidecert_e2e::{Plane, TestNamespace};
-use sidecert_webhook::reconciler::cleanup::{clean_namespace, namespaces_with_objects};
+use sidecert_webhook::reconciler::cleanup::clean_namespace;
 
 async fn create<K>(ns: &TestNamespace, object: Value)
 where
@@ -108,16 +108,6 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
     )
     .await;
 
-    let found = namespaces_with_objects(&client, "sidecert-system").await.unwrap();
-    assert!(found.contains(ns.name()), "{found:?}");
-    assert!(
-        !namespaces_with_objects(&client, ns.name())
-            .await
-            .unwrap()
-            .contains(ns.name()),
-        "the release namespace is never cleaned"
-    );
-
     let (cleaned, error) = clean_namespace(&client, ns.name(), Some("sidecert.io/injection=enabled")).await;
     assert!(error.is_none(), "{error:?}");
     assert_eq!(cleaned.ingresses, ["web"]);
@@ -160,11 +150,9 @@ async fn an_unserved_namespace_loses_sidecerts_rights_and_routes_and_keeps_its_s
         ]
     );
 
-    // Nothing left: a second pass changes nothing, and the namespace is no longer found.
+    // Nothing left: a second pass changes nothing.
     let (again, error) = clean_namespace(&client, ns.name(), Some("sidecert.io/injection=enabled")).await;
     assert!(again.is_empty() && error.is_none(), "{again:?} {error:?}");
-    let found = namespaces_with_objects(&client, "sidecert-system").await.unwrap();
-    assert!(!found.contains(ns.name()), "{found:?}");
 
     // Labelled again before the Roles go: they stay.
     create::<Role>(&ns, role("sidecert-again", ours.clone())).await;

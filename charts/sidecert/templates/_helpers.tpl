@@ -86,3 +86,32 @@ app.kubernetes.io/component: webhook
 {{- define "sidecert.image" -}}
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}
 {{- end }}
+
+{{/* Strict RBAC: the ClusterRole bound by a RoleBinding in each of rbac.namespaces. */}}
+{{- define "sidecert.namespacedRoleName" -}}
+{{- printf "%s-webhook-namespaced" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* rbac.namespaces, checked: DNS labels, never a kube-* namespace or the release's own
+     (sidecert never serves those). Fails the render otherwise. */}}
+{{- define "sidecert.strictNamespaces" -}}
+{{- $listed := .Values.rbac.namespaces | default list }}
+{{- range $listed }}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" .) }}
+{{- fail (printf "rbac.namespaces: %q is not a namespace name (a DNS label)" .) }}
+{{- end }}
+{{- if or (hasPrefix "kube-" .) (eq . $.Release.Namespace) }}
+{{- fail (printf "rbac.namespaces: sidecert never serves %q (kube-* and the release namespace are never served)" .) }}
+{{- end }}
+{{- end }}
+{{- $listed | uniq | join "," }}
+{{- end }}
+
+{{/* The label selector of the namespaces sidecert serves (--reconcile-namespace-selector):
+     the opt-in label, and with strict RBAC only the namespaces listed. */}}
+{{- define "sidecert.namespaceSelector" -}}
+sidecert.io/injection=enabled
+{{- with include "sidecert.strictNamespaces" . -}}
+,kubernetes.io/metadata.name in ({{ . }})
+{{- end }}
+{{- end }}

@@ -106,7 +106,7 @@ check defaults 'args()[:2] == ["serve", "--self-signed"] and arg("--namespace") 
 check defaults 'container()["command"] == ["/sidecert-webhook"]' "command /sidecert-webhook"
 check defaults 'arg("--webhook-configuration-name") == one("MutatingWebhookConfiguration")["metadata"]["name"] == "sidecert"' \
 	"--webhook-configuration-name is the configuration's name"
-check defaults 'one("ClusterRole")["rules"][-1]["resourceNames"] == [arg("--webhook-configuration-name")]' \
+check defaults '[x["resourceNames"] for x in one("ClusterRole")["rules"] if x["resources"] == ["mutatingwebhookconfigurations"]] == [[arg("--webhook-configuration-name")]]' \
 	"ClusterRole patches only that configuration"
 check defaults 'arg("--service-name") == one("Service")["metadata"]["name"] == pods()["clientConfig"]["service"]["name"] == "sidecert-webhook"' \
 	"--service-name is the Service the API server calls"
@@ -140,7 +140,7 @@ check defaults 'arg("--leader-lease-name") == "sidecert-webhook-leader" and [r f
 	"--leader-lease-name matches the Role's Lease rule"
 check defaults '{(g, r): v for x in one("ClusterRole")["rules"] for g in x["apiGroups"] for r in x["resources"] for v in [x["verbs"]]}.items() >= {("apps", "deployments"): ["get", "patch"], ("apps", "replicasets"): ["get"], ("", "pods"): ["list"], ("", "namespaces"): ["list", "watch"]}.items()' \
 	"ClusterRole: the reconciler reads Pods and namespaces, restarts workloads"
-check defaults 'all("delete" not in x["verbs"] or x["resources"] in (["services"], ["roles"], ["rolebindings"]) or (x["resources"] == ["mutatingwebhookconfigurations"] and x.get("resourceNames") == ["sidecert"]) for x in one("ClusterRole")["rules"]) and "patch" in [x for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"]][0]["verbs"]' \
+check defaults 'all("delete" not in x["verbs"] or x["resources"] in (["services"], ["roles"], ["rolebindings"]) or (x["resources"] == ["mutatingwebhookconfigurations"] and x.get("resourceNames") == ["sidecert"]) for x in one("ClusterRole")["rules"]) and "patch" in [v for x in one("ClusterRole")["rules"] if x["resources"] == ["ingresses"] for v in x["verbs"]]' \
 	"ClusterRole: deletes only Services, Roles and RoleBindings (its own, per the policy) and its MutatingWebhookConfiguration, patches Ingresses"
 check defaults '"variables.cleanup" in one("ValidatingAdmissionPolicy")["spec"]["validations"][0]["expression"] and "-sidecert-solver" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "ownDelete"][0]["expression"] and any("variables.ownDelete" in v["expression"] and "DELETE" in v["expression"] for v in one("ValidatingAdmissionPolicy")["spec"]["validations"][1:])' \
 	"the policy lets the webhook clean up only its own objects in unlabelled namespaces, and delete no Role, RoleBinding or Service but its own anywhere"
@@ -164,7 +164,7 @@ refuse "an allowed domain that is not a name" "allowedDomains" --set 'acme.allow
 for short in 90s 1m 500ms; do
 	refuse "a claim release delay under 2m ($short)" "hostClaimReleaseAfter" --set reconciler.hostClaimReleaseAfter=$short
 done
-check defaults '"sidecert-host-" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and ["delete"] in [x["verbs"] for x in one("Role")["rules"] if x["resources"] == ["leases"]]' \
+check defaults '"sidecert-host-" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"] and ["get", "list", "update", "delete"] in [x["verbs"] for x in one("Role")["rules"] if x["resources"] == ["leases"]]' \
 	"the webhook writes and deletes host claims in its own namespace"
 check overrides 'arg("--serving-validity") == "10m" and arg("--sidecar-cpu-limit") == "100m" and args()[-1] == "--workers=2"' "certificate, sidecar and extra flags"
 
@@ -219,6 +219,31 @@ check renamed 'arg("--leader-lease-name") == "acme-injector-webhook-leader" and 
 check renamed '"\"system:serviceaccount:sidecert-system:acme-injector-webhook\"" in one("ValidatingAdmissionPolicy")["spec"]["matchConditions"][0]["expression"] and "\"my-ca\"" in [v for v in one("ValidatingAdmissionPolicy")["spec"]["variables"] if v["name"] == "own"][0]["expression"]' \
 	"renamed: the namespace guard follows the ServiceAccount and the CA Secret"
 
+# Strict RBAC: the namespaced rights are bound only where listed; cluster-wide only reads
+# and its own webhook configuration.
+render strict --set 'rbac.namespaces={shop,blog}'
+check strict '[d["metadata"]["name"] for d in all_of("ClusterRole")] == ["sidecert-webhook", "sidecert-webhook-namespaced"] and [d["roleRef"]["name"] for d in all_of("ClusterRoleBinding")] == ["sidecert-webhook"]' \
+	"strict: a ClusterRole for what is cluster-wide (bound), one for the rest (not bound cluster-wide)"
+check strict 'all(set(x["verbs"]) <= {"get", "list", "watch"} or x.get("resourceNames") == ["sidecert"] for x in one("ClusterRole", "sidecert-webhook")["rules"]) and {r for x in one("ClusterRole", "sidecert-webhook")["rules"] for r in x["resources"]} == {"ingresses", "services", "namespaces", "pods", "mutatingwebhookconfigurations"}' \
+	"strict: cluster-wide only reads of Ingresses, Services, Namespaces and Pods, and its own webhook configuration"
+check strict '{r for x in one("ClusterRole", "sidecert-webhook-namespaced")["rules"] for r in x["resources"]} >= {"secrets", "roles", "rolebindings", "leases", "events"}' \
+	"strict: Secrets, Roles, RoleBindings, Leases and Events only in the namespaced ClusterRole"
+check strict 'sorted((d["metadata"]["namespace"], d["roleRef"]["kind"], d["roleRef"]["name"]) for d in all_of("RoleBinding") if d["metadata"]["namespace"] != "sidecert-system") == [("blog", "ClusterRole", "sidecert-webhook-namespaced"), ("shop", "ClusterRole", "sidecert-webhook-namespaced")] and all(d["subjects"] == [{"kind": "ServiceAccount", "name": "sidecert-webhook", "namespace": "sidecert-system"}] for d in all_of("RoleBinding"))' \
+	"strict: bound by a RoleBinding in each namespace listed, to the webhook's ServiceAccount"
+check strict 'all({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "blog"]} in w["namespaceSelector"]["matchExpressions"] for w in one("MutatingWebhookConfiguration")["webhooks"])' \
+	"strict: the webhook configuration selects only the namespaces listed"
+check strict 'arg("--reconcile-namespace-selector") == "sidecert.io/injection=enabled,kubernetes.io/metadata.name in (shop,blog)" and "--namespace-selector=sidecert.io/injection=enabled,kubernetes.io/metadata.name in (shop,blog)" in cleanup_args()' \
+	"strict: the webhook and the uninstall cleanup serve only the namespaces listed (and labelled)"
+check strict '{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["sidecert-webhook"], "verbs": ["get"]} in one("Role")["rules"]' \
+	"strict: the uninstall cleanup reads its own Deployment by name in the release namespace"
+check defaults 'arg("--reconcile-namespace-selector") == "sidecert.io/injection=enabled" and len(all_of("RoleBinding")) == 1 and all(len(w["namespaceSelector"]["matchExpressions"]) == 1 for w in one("MutatingWebhookConfiguration")["webhooks"])' \
+	"default: every labelled namespace, no RoleBinding outside the release namespace"
+check strict '{r for x in one("ValidatingAdmissionPolicy")["spec"]["matchConstraints"]["resourceRules"] for r in x["resources"]} >= {w for x in one("ClusterRole", "sidecert-webhook-namespaced")["rules"] if set(x["verbs"]) & {"create", "update", "patch", "delete"} for w in x["resources"]}' \
+	"strict: the namespace guard still covers every write (labelled as well as listed)"
+refuse "strict: kube-system" 'sidecert never serves "kube-system"' --set 'rbac.namespaces={shop,kube-system}'
+refuse "strict: the release namespace" 'sidecert never serves "sidecert-system"' --set 'rbac.namespaces={sidecert-system}'
+refuse "strict: not a namespace name" "rbac/namespaces/0" --set 'rbac.namespaces={Shop_1}'
+
 render noguard --set rbac.namespaceGuard=false
 check noguard 'not has("ValidatingAdmissionPolicy") and not has("ValidatingAdmissionPolicyBinding")' "rbac.namespaceGuard=false: no policy"
 
@@ -228,7 +253,7 @@ check noguard 'not has("ValidatingAdmissionPolicy") and not has("ValidatingAdmis
 echo "flags known to the webhook binary"
 webhook_bin=${SIDECERT_WEBHOOK_BIN:-$repo/target/debug/sidecert-webhook}
 if [[ -x $webhook_bin ]] && "$webhook_bin" serve --help >"$tmp/help.txt" 2>&1 && grep -q -- '--self-signed' "$tmp/help.txt"; then
-	for r in defaults overrides cabundle noreconciler; do
+	for r in defaults overrides cabundle noreconciler strict; do
 		HELP_FILE=$tmp/help.txt check "$r" 'known_flags(os.environ["HELP_FILE"])' \
 			"$r: every flag passed is in \`sidecert-webhook serve --help\`"
 	done

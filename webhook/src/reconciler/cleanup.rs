@@ -8,10 +8,11 @@
 //! On uninstall ([`uninstall`], the chart's pre-delete hook) the same goes in every namespace
 //! sidecert serves or served, after admission and the reconciler are stopped.
 //!
-//! The leader looks, every [`CLEANUP_INTERVAL`], for namespaces holding sidecert's Roles,
-//! RoleBindings or solver Services that it served (they hold its host claims) and does not
-//! serve any more, asks the API server whether each is still unserved, and cleans it. Every write is conditional on the object being as it was
-//! read, and touches only what sidecert made (its label and its names); the chart's
+//! The leader looks, every [`CLEANUP_INTERVAL`], at the namespaces it served (they hold its
+//! host claims) and does not serve any more, asks the API server whether each is still
+//! unserved, and cleans it. It lists only inside those namespaces, never across the cluster
+//! (with strict RBAC it may read nothing elsewhere). Every write is conditional on the object
+//! being as it was read, and touches only what sidecert made (its label and its names); the chart's
 //! ValidatingAdmissionPolicy lets the webhook make exactly these writes in an unlabelled
 //! namespace and no other.
 
@@ -22,6 +23,7 @@ use k8s_openapi::{
     api::{
         admissionregistration::v1::MutatingWebhookConfiguration,
         apps::v1::Deployment,
+        authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
         coordination::v1::Lease,
         core::v1::{Namespace, Pod, Service},
         networking::v1::Ingress,
@@ -30,7 +32,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
 };
 use serde::de::DeserializeOwned;
 use sidecert_contract::{
@@ -94,33 +96,6 @@ fn managed() -> ListParams {
     ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
 }
 
-/// The namespaces, other than the system ones and `own`, that hold a Role, RoleBinding or
-/// solver Service of sidecert's.
-pub async fn namespaces_with_objects(client: &Client, own: &str) -> Result<BTreeSet<String>> {
-    let mut found = BTreeSet::new();
-    found.extend(holding::<Role>(client).await?);
-    found.extend(holding::<RoleBinding>(client).await?);
-    found.extend(holding::<Service>(client).await?);
-    found.retain(|ns| may_serve(ns, own));
-    Ok(found)
-}
-
-async fn holding<K>(client: &Client) -> Result<Vec<String>>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
-    let list = Api::<K>::all(client.clone()).list_metadata(&managed()).await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|o| ours::<K>(&o.name_any()))
-        .filter_map(|o| o.metadata.namespace)
-        .collect())
-}
-
 /// The namespaces holding a host claim in `own`: those this release served (a certificate
 /// claims its hosts), and so the only ones its cleanup pass may touch; a namespace another
 /// webhook serves under another selector holds none.
@@ -141,6 +116,28 @@ pub async fn served_live(client: &Client, namespace: &str, selector: &str) -> Re
         .fields(&format!("metadata.name={namespace}"));
     let found = Api::<Namespace>::all(client.clone()).list_metadata(&lp).await?;
     Ok(!found.items.is_empty())
+}
+
+/// Whether RBAC lets the webhook delete its Roles in `ns` (asked of the API server: a
+/// namespace strict RBAC no longer lists grants it nothing, and is not worth a try).
+pub async fn may_clean(client: &Client, ns: &str) -> Result<bool> {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.to_owned()),
+                group: Some("rbac.authorization.k8s.io".to_owned()),
+                resource: Some("roles".to_owned()),
+                verb: Some("delete".to_owned()),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
 /// Takes sidecert's HTTP-01 paths off every Ingress of `ns`, and deletes its solver Services,
@@ -259,8 +256,8 @@ where
 /// Before sidecert is uninstalled: deletes its MutatingWebhookConfiguration `webhook` (no
 /// review mutates anything any more), scales its Deployment `deployment` in `own` to zero
 /// and waits up to `timeout` for its Pods to go (no reconciler adds a path back), then cleans
-/// every namespace it serves (`selector`) or served (it holds host claims in `own`) that holds
-/// sidecert's objects or HTTP-01 paths, three times at most for one that fails. Secrets and
+/// every namespace it serves (`selector`) or served (it holds host claims in `own`), three
+/// times at most for one that fails. Secrets and
 /// host claims stay (a claim grants nothing, and keeps a host its owner's across a
 /// reinstall). `Err` when anything is left (the hook fails and says what; it can be run again).
 pub async fn uninstall(
@@ -282,33 +279,31 @@ pub async fn uninstall(
     if !deployment.is_empty() {
         stop_webhook(client, own, deployment, timeout).await?;
     }
-    let mut namespaces = namespaces_with_objects(client, own).await?;
-    for ingress in Api::<Ingress>::all(client.clone())
-        .list(&ListParams::default())
-        .await?
-        .items
-    {
-        if let Some(ns) = ingress.namespace().filter(|ns| may_serve(ns, own))
-            && !route_removal_patch(&ingress).is_empty()
-        {
-            namespaces.insert(ns);
-        }
-    }
-    let mut ours = claim_holders(client, own).await?;
+    // Only namespaces it serves or served, each looked at on its own: no list of Roles or
+    // Secrets across the cluster (strict RBAC grants none).
+    let mut namespaces = claim_holders(client, own).await?;
     let served = Api::<Namespace>::all(client.clone())
         .list_metadata(&ListParams::default().labels(selector))
         .await?;
-    ours.extend(served.items.into_iter().filter_map(|n| n.metadata.name));
-    namespaces.retain(|ns| ours.contains(ns));
+    namespaces.extend(served.items.into_iter().filter_map(|n| n.metadata.name));
+    namespaces.retain(|ns| may_serve(ns, own));
     // A namespace whose cleanup failed (an Ingress changed under it, say) is tried again.
     let mut left: Vec<String> = namespaces.iter().cloned().collect();
     let mut failed = Vec::new();
+    // Where it may not act (a namespace strict RBAC no longer lists): nothing to retry.
+    let mut forbidden = Vec::new();
     for round in 1..=3 {
         failed.clear();
         let mut again = Vec::new();
         for ns in &left {
+            if round == 1 && !may_clean(client, ns).await? {
+                forbidden.push(ns.clone());
+                continue;
+            }
             let (cleaned, error) = clean_namespace(client, ns, None).await;
-            cleaned.log(ns, "sidecert is being uninstalled");
+            if !cleaned.is_empty() {
+                cleaned.log(ns, "sidecert is being uninstalled");
+            }
             if let Some(e) = error {
                 failed.push(format!("{ns}: {e}"));
                 again.push(ns.clone());
@@ -317,9 +312,19 @@ pub async fn uninstall(
         if again.is_empty() {
             break;
         }
-        tracing::warn!(round, namespaces = ?again, "cleanup left objects behind; trying again");
+        if round < 3 {
+            tracing::warn!(round, namespaces = ?again, "cleanup left objects behind; trying again");
+        }
         left = again;
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    if !forbidden.is_empty() {
+        tracing::warn!(
+            namespaces = ?forbidden,
+            "sidecert may no longer act in these namespaces (dropped from rbac.namespaces?); what it left there \
+             stays: its Roles and RoleBindings (labelled app.kubernetes.io/managed-by=sidecert, named sidecert-*), \
+             *-sidecert-solver Services and HTTP-01 paths"
+        );
     }
     tracing::info!(namespaces = namespaces.len(), "sidecert cleaned up");
     if failed.is_empty() {

@@ -21,9 +21,9 @@ use sidecert_runtime::Backoff;
 use crate::{
     error::{Error, Result},
     kube::claims::PROVISIONAL_RELEASE_AFTER,
-    mutate::ingress::is_annotated,
+    mutate::{ingress::is_annotated, namespace::may_serve},
     reconciler::{
-        cleanup::{CLEANUP_INTERVAL, claim_holders, clean_namespace, namespaces_with_objects, served_live},
+        cleanup::{CLEANUP_INTERVAL, claim_holders, clean_namespace, may_clean, served_live},
         context::Reconciler,
         plan::ingresses_for_service,
     },
@@ -166,26 +166,48 @@ pub async fn sweep_claims(ctx: Arc<Reconciler>) {
 pub async fn clean_unserved(ctx: Arc<Reconciler>) {
     let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Namespaces it may not clean, said once.
+    let mut told = std::collections::BTreeSet::new();
     loop {
         tick.tick().await;
         let own = &ctx.settings.own_namespace;
-        let found = match futures::try_join!(
-            namespaces_with_objects(&ctx.client, own),
-            claim_holders(&ctx.client, own)
-        ) {
-            // Only namespaces this release served: they hold its host claims.
-            Ok((found, holders)) => found.intersection(&holders).cloned().collect::<Vec<_>>(),
+        // Only namespaces this release served: they hold its host claims. Each is looked at
+        // on its own (no list across the cluster: strict RBAC grants none).
+        let found = match claim_holders(&ctx.client, own).await {
+            Ok(holders) => holders,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look for namespaces to clean up");
                 continue;
             }
         };
-        for ns in found.iter().filter(|ns| !ctx.namespace_enabled(ns)) {
+        for ns in found
+            .iter()
+            .filter(|ns| may_serve(ns, own) && !ctx.namespace_enabled(ns))
+        {
             match served_live(&ctx.client, ns, &ctx.settings.namespace_selector).await {
                 Ok(false) => {}
                 Ok(true) => continue,
                 Err(e) => {
                     tracing::warn!(namespace = ns, error = %e, "cannot tell whether the namespace is served");
+                    continue;
+                }
+            }
+            // A namespace strict RBAC no longer lists: the webhook may not act there.
+            match may_clean(&ctx.client, ns).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    if told.insert(ns.clone()) {
+                        tracing::warn!(
+                            namespace = ns,
+                            "sidecert no longer serves this namespace and may not clean up there (dropped from \
+                             rbac.namespaces while labelled?): its Roles, RoleBindings, solver Services and \
+                             HTTP-01 paths stay"
+                        );
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(namespace = ns, error = %e, "cannot tell whether sidecert may clean up");
                     continue;
                 }
             }
