@@ -2084,6 +2084,27 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     out.describe()
                 );
             }
+            // The Role pruning: a sidecar Role of its own loses a name, or goes with its binding.
+            let pruned_role = |names: Value| {
+                json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                    "metadata": {"name": "sidecert-s9-prune", "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                    "rules": [{"apiGroups": [""], "resources": ["secrets"],
+                        "verbs": ["get", "list", "watch", "update", "patch"], "resourceNames": names}]})
+                .to_string()
+            };
+            admin(&["create", "-f", "-"], Some(pruned_role(json!(["a-tls", "b-tls"])))).await?;
+            admin(&["create", "-f", "-"], Some(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "sidecert-s9-prune", "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sidecert-s9-prune"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": on}]}).to_string())).await?;
+            let narrowed = ctx
+                .kubectl(&[&as_webhook, "-n", on, "replace", "--dry-run=server", "-f", "-"], Some(&pruned_role(json!(["a-tls"]))))
+                .await?;
+            ensure!(narrowed.success, "narrowing its Role in a labelled namespace: {}", narrowed.describe());
+            for what in ["role", "rolebinding"] {
+                let out = attempt(on.to_owned(), owned(&["delete", what, "sidecert-s9-prune", "--dry-run=server"])).await?;
+                ensure!(out.success, "deleting its {what} in a labelled namespace: {}", out.describe());
+            }
                 Ok(())
             },
         )

@@ -4,9 +4,12 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::{Namespace, Service},
-    networking::v1::Ingress,
+use k8s_openapi::{
+    api::{
+        core::v1::{Namespace, Service},
+        networking::v1::Ingress,
+    },
+    jiff::Timestamp,
 };
 use kube::{
     Api, ResourceExt,
@@ -26,6 +29,7 @@ use crate::{
         cleanup::{CLEANUP_INTERVAL, claim_holders, clean_namespace, may_clean, served_live},
         context::Reconciler,
         plan::ingresses_for_service,
+        prune::{PRUNE_GRACE, PRUNE_INTERVAL, prune_namespace},
     },
 };
 
@@ -215,6 +219,47 @@ pub async fn clean_unserved(ctx: Arc<Reconciler>) {
             if !cleaned.is_empty() {
                 ctx.action("namespace_cleaned");
                 cleaned.log(ns, "sidecert no longer serves the namespace");
+            }
+        }
+    }
+}
+
+/// While this replica leads, prunes the sidecars' Roles in the served namespaces
+/// ([`crate::reconciler::prune`]).
+pub async fn prune_roles(ctx: Arc<Reconciler>) {
+    let mut tick = tokio::time::interval(PRUNE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let own = &ctx.settings.own_namespace;
+        let served: Vec<String> = ctx
+            .namespaces
+            .state()
+            .iter()
+            .map(|ns| ns.name_any())
+            .filter(|ns| may_serve(ns, own))
+            .collect();
+        for ns in served {
+            match prune_namespace(&ctx.client, &ns, PRUNE_GRACE, Timestamp::now()).await {
+                Ok(pruned) => {
+                    for role in &pruned.narrowed {
+                        ctx.action("role_narrowed");
+                        tracing::info!(
+                            namespace = ns,
+                            role,
+                            "took names no Pod asks for any more off the Role"
+                        );
+                    }
+                    for role in &pruned.deleted {
+                        ctx.action("role_deleted");
+                        tracing::info!(
+                            namespace = ns,
+                            role,
+                            "deleted the Role and RoleBinding of a ServiceAccount with no injected Pod left"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(namespace = ns, error = %e, "cannot prune the sidecars' Roles"),
             }
         }
     }

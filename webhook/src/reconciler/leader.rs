@@ -19,7 +19,7 @@ use crate::{
     mutate::lookup::Lookup,
     reconciler::{
         context::Reconciler,
-        controller::{clean_unserved, run_controller, sweep_claims},
+        controller::{clean_unserved, prune_roles, run_controller, sweep_claims},
         settings::{CONTROLLER_NAME, Settings},
     },
 };
@@ -176,6 +176,7 @@ async fn lead(
 ) -> Option<bool> {
     let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
     let cleanups = tokio::spawn(clean_unserved(ctx.clone()));
+    let prunes = tokio::spawn(prune_roles(ctx.clone()));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let controller = run_controller(ctx, stop_rx.map(drop));
     tokio::pin!(controller);
@@ -187,6 +188,7 @@ async fn lead(
     };
     sweeps.abort();
     cleanups.abort();
+    prunes.abort();
     let _ = stop_tx.send(());
     if outcome.is_some()
         && tokio::time::timeout(Duration::from_secs(5), &mut controller)

@@ -18,6 +18,9 @@
 //! For a namespace that loses its label: sidecert's HTTP-01 paths, solver Services, Roles and
 //! RoleBindings there go; Secrets and Leases stay ([`cleanup`]).
 //!
+//! For the sidecars' Roles in a served namespace: names no injected Pod asks for any more go,
+//! and a Role whose ServiceAccount has no injected Pod left goes ([`prune`]).
+//!
 //! One replica reconciles: the holder of a Lease ([`run`]); every replica serves admission.
 
 pub mod cleanup;
@@ -25,6 +28,7 @@ pub mod context;
 pub mod controller;
 pub mod leader;
 pub mod plan;
+pub mod prune;
 pub mod settings;
 pub mod workload;
 

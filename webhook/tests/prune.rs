@@ -1,0 +1,143 @@
+//! The sidecars' Roles pruned against the real API server: a certificate no injected Pod of
+//! the ServiceAccount names any more leaves its Role, a ServiceAccount with no injected Pod
+//! loses its Role and RoleBinding, a Role written a moment ago and a look-alike without
+//! sidecert's label are left alone.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+use sidecert_contract::{ACCOUNT_SECRET_PREFIX, STATUS_INJECTED, annotations, lease_name};
+use sidecert_e2e::Plane;
+use sidecert_webhook::{
+    mutate::objects::{role, role_binding},
+    reconciler::prune::{Pruned, prune_namespace},
+};
+
+async fn names<K>(api: &Api<K>) -> Vec<String>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut names: Vec<String> = api
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| o.metadata.name)
+        .collect();
+    names.sort();
+    names
+}
+
+fn rule_names(role: &Role, resource: &str) -> Vec<String> {
+    role.rules
+        .iter()
+        .flatten()
+        .filter(|r| {
+            r.resources.as_deref() == Some(&[resource.to_owned()][..])
+                && r.verbs.iter().any(|v| v == "update")
+        })
+        .flat_map(|r| r.resource_names.clone().unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_no_pod_asks_for_leave_the_role_and_a_role_nobody_uses_goes() {
+    let plane = Plane::get().await.expect("local plane");
+    let client = plane.client().await.unwrap();
+    let ns = plane.namespace("prune", false).await.unwrap();
+    let (roles, bindings): (Api<Role>, Api<RoleBinding>) = (ns.api(), ns.api());
+    let account = format!("{ACCOUNT_SECRET_PREFIX}0123456789ab");
+    for (sa, certs) in [("web", vec!["a-tls", "gone-tls"]), ("old", vec!["old-tls"])] {
+        let mut secrets: Vec<String> = certs.iter().map(|c| (*c).to_owned()).collect();
+        secrets.push(account.clone());
+        let leases: Vec<String> = certs.iter().map(|c| lease_name(c)).collect();
+        roles
+            .create(
+                &PostParams::default(),
+                &role(ns.name(), sa, &secrets, &[], &leases),
+            )
+            .await
+            .unwrap();
+        bindings
+            .create(&PostParams::default(), &role_binding(ns.name(), sa))
+            .await
+            .unwrap();
+    }
+    // Another team's Role of a sidecert name, bound to a ServiceAccount with no Pod.
+    let mut theirs = role(ns.name(), "theirs", &["x-tls".to_owned()], &[], &[]);
+    theirs.metadata.labels = None;
+    roles.create(&PostParams::default(), &theirs).await.unwrap();
+    let mut theirs_binding = role_binding(ns.name(), "theirs");
+    theirs_binding.metadata.labels = None;
+    bindings
+        .create(&PostParams::default(), &theirs_binding)
+        .await
+        .unwrap();
+
+    // One injected Pod of `web`, asking for a-tls only (never scheduled: no such node).
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "web"}})).unwrap();
+    ns.api::<ServiceAccount>()
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    let certs = json!([{"secretName": "a-tls", "domains": ["a.prune.example"]}]).to_string();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web", "annotations": {
+            annotations::STATUS: STATUS_INJECTED, annotations::CERTIFICATES: certs}},
+        "spec": {"serviceAccountName": "web", "nodeName": "nowhere",
+                 "containers": [{"name": "app", "image": "example/app:1.0"}]}
+    }))
+    .unwrap();
+    ns.api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap();
+
+    // Written a moment ago: the Pod whose admission wrote a Role may not be stored yet.
+    let none = prune_namespace(&client, ns.name(), Duration::from_secs(3600), Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(none, Pruned::default());
+
+    let pruned = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(pruned.narrowed, ["sidecert-web"]);
+    assert_eq!(pruned.deleted, ["sidecert-old"]);
+    assert_eq!(names(&roles).await, ["sidecert-theirs", "sidecert-web"]);
+    assert_eq!(names(&bindings).await, ["sidecert-theirs", "sidecert-web"]);
+    let web = roles.get("sidecert-web").await.unwrap();
+    assert_eq!(rule_names(&web, "secrets"), ["a-tls".to_owned(), account]);
+    assert_eq!(rule_names(&web, "leases"), [lease_name("a-tls")]);
+
+    // Nothing more to take.
+    let again = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(again, Pruned::default());
+
+    // The Pod gone, the ServiceAccount's Role and RoleBinding go too.
+    ns.api::<Pod>()
+        .delete("web", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let gone = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
+        .await
+        .unwrap();
+    assert_eq!(gone.deleted, ["sidecert-web"]);
+    assert_eq!(names(&roles).await, ["sidecert-theirs"]);
+    ns.cleanup().await.unwrap();
+}
