@@ -1,6 +1,8 @@
 //! Connections counted per source address and in total, refused at once over either limit:
 //! what keeps one client (a Pod that can reach a port) from holding all of a server's
-//! connections. Both binaries' servers use it.
+//! connections. Both binaries' servers use it. Addresses in a [`Reserved`] list (the API
+//! server's) count only against their own per-address limit, never against the total, so
+//! however many clients fill the total, they still get in.
 
 use std::{
     collections::HashMap,
@@ -13,8 +15,50 @@ pub fn key(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// Source addresses (CIDRs, or single addresses) whose connections and reviews are kept
+/// apart from the totals: the API server's, typically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reserved(Arc<[ipnet::IpNet]>);
+
+impl Reserved {
+    /// Parses `10.0.0.0/24,192.0.2.7,fd00::/64` (comma-separated; blanks ignored). An
+    /// address without a prefix length is that address alone.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let nets = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| format!("{s:?} is not an address or CIDR (e.g. 10.0.0.0/24)"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self(nets.into()))
+    }
+
+    /// Whether `ip` (IPv4-mapped IPv6 as its IPv4 address) is reserved.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = key(ip);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for Reserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&list.join(","))
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counts {
+    /// Connections from addresses that are not reserved.
     total: usize,
     by_address: HashMap<IpAddr, usize>,
 }
@@ -25,6 +69,7 @@ pub struct ConnectionLimiter {
     counts: Arc<Mutex<Counts>>,
     total: usize,
     per_address: usize,
+    reserved: Reserved,
 }
 
 /// Why a connection or a review was refused.
@@ -54,26 +99,37 @@ impl ConnectionLimiter {
             counts: Arc::default(),
             total,
             per_address: per_address.clamp(1, total),
+            reserved: Reserved::default(),
         }
+    }
+
+    /// The same limits, with `reserved` addresses kept apart from the total.
+    pub fn with_reserved(mut self, reserved: Reserved) -> Self {
+        self.reserved = reserved;
+        self
     }
 
     /// Counts a new connection from `ip`, or says which limit it is over. The connection is
     /// counted until the returned slot is dropped.
     pub fn admit(&self, ip: IpAddr) -> Result<ConnectionSlot, Refused> {
         let ip = key(ip);
+        let reserved = self.reserved.contains(ip);
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = c.by_address.get(&ip).copied().unwrap_or(0);
         if mine >= self.per_address {
             return Err(Refused::PerAddress);
         }
-        if c.total >= self.total {
-            return Err(Refused::Total);
+        if !reserved {
+            if c.total >= self.total {
+                return Err(Refused::Total);
+            }
+            c.total = c.total.saturating_add(1);
         }
-        c.total = c.total.saturating_add(1);
         c.by_address.insert(ip, mine.saturating_add(1));
         Ok(ConnectionSlot {
             counts: self.counts.clone(),
             ip,
+            reserved,
         })
     }
 
@@ -83,7 +139,7 @@ impl ConnectionLimiter {
         c.by_address.get(&key(ip)).copied().unwrap_or(0)
     }
 
-    /// Open connections in total.
+    /// Open connections in total, but those from reserved addresses.
     pub fn open(&self) -> usize {
         self.counts.lock().unwrap_or_else(PoisonError::into_inner).total
     }
@@ -94,12 +150,15 @@ impl ConnectionLimiter {
 pub struct ConnectionSlot {
     counts: Arc<Mutex<Counts>>,
     ip: IpAddr,
+    reserved: bool,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        c.total = c.total.saturating_sub(1);
+        if !self.reserved {
+            c.total = c.total.saturating_sub(1);
+        }
         if let Some(n) = c.by_address.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -134,6 +193,31 @@ mod tests {
         assert_eq!((c.open_from(A), c.open()), (1, 2));
         let _b2 = c.admit(B).unwrap();
         assert_eq!(c.open_from(B), 2);
+    }
+
+    #[test]
+    fn a_reserved_address_gets_in_past_the_total_but_not_past_its_own_limit() {
+        let reserved = Reserved::parse(" 10.0.0.0/30, fd00::1 ,").unwrap();
+        assert!(reserved.contains(A) && reserved.contains(B));
+        assert!(reserved.contains(IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped())));
+        assert!(!reserved.contains(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 4))));
+        assert!(
+            reserved.contains("fd00::1".parse().unwrap()) && !reserved.contains("fd00::2".parse().unwrap())
+        );
+        let c = ConnectionLimiter::new(2, 2).with_reserved(Reserved::parse("10.0.0.1").unwrap());
+        let other: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9));
+        let (_o1, _o2) = (c.admit(other).unwrap(), c.admit(other).unwrap());
+        assert_eq!(c.admit(B).unwrap_err(), Refused::Total);
+        let a1 = c.admit(A).unwrap();
+        let _a2 = c.admit(A).unwrap();
+        assert_eq!(c.admit(A).unwrap_err(), Refused::PerAddress);
+        assert_eq!((c.open(), c.open_from(A)), (2, 2));
+        drop(a1);
+        assert_eq!((c.open(), c.open_from(A)), (2, 1));
+        for bad in ["10.0.0.0/33", "shop", "10.0.0.1/8/1"] {
+            assert!(Reserved::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Reserved::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::{
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use sidecert_contract::KeyAlgorithm;
-pub use sidecert_runtime::parse_duration;
+pub use sidecert_runtime::{limit::Reserved, parse_duration};
 
 /// The default of every flag that has one and that code also builds (the `Default` impls
 /// below): written once, read by clap and by `Default`.
@@ -235,6 +235,14 @@ pub struct LimitArgs {
     #[arg(long, env = "SIDECERT_WEBHOOK_MAX_CONCURRENT_REVIEWS_PER_ADDRESS", default_value_t = defaults::MAX_CONCURRENT_REVIEWS_PER_ADDRESS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_reviews_per_address: u32,
+    /// Source addresses kept apart from the totals (comma-separated CIDRs or addresses, e.g.
+    /// the API server's): their connections and reviews count only against the
+    /// per-address limits, never against `--max-connections` or `--max-concurrent-reviews`,
+    /// so however many other clients fill those, the API server still gets in. Each such
+    /// address may add up to its per-address limits to the webhook's memory (some 25 MiB of
+    /// connections, 48 MiB of bodies): list only trusted ones. Empty: none.
+    #[arg(long, env = "SIDECERT_WEBHOOK_RESERVED_SOURCES", default_value = "", value_parser = Reserved::parse)]
+    pub reserved_sources: Reserved,
 }
 
 impl Default for LimitArgs {
@@ -246,6 +254,7 @@ impl Default for LimitArgs {
             max_connections_per_address: defaults::MAX_CONNECTIONS_PER_ADDRESS,
             max_concurrent_reviews: defaults::MAX_CONCURRENT_REVIEWS,
             max_concurrent_reviews_per_address: defaults::MAX_CONCURRENT_REVIEWS_PER_ADDRESS,
+            reserved_sources: Reserved::default(),
         }
     }
 }
@@ -664,6 +673,7 @@ mod tests {
             "--max-connections-per-address=3",
             "--max-concurrent-reviews=4",
             "--max-concurrent-reviews-per-address=2",
+            "--reserved-sources=10.0.0.0/24,192.0.2.7",
         ])
         .unwrap();
         assert_eq!(
@@ -674,9 +684,11 @@ mod tests {
                 max_connections_per_address: 3,
                 max_concurrent_reviews: 4,
                 max_concurrent_reviews_per_address: 2,
+                reserved_sources: Reserved::parse("10.0.0.0/24,192.0.2.7/32").unwrap(),
             }
         );
         assert!(serve(&["--self-signed", "--max-connections=0"]).is_err());
+        assert!(serve(&["--self-signed", "--reserved-sources=10.0.0.0/40"]).is_err());
         assert!(serve(&["--self-signed", "--request-read-timeout=soon"]).is_err());
     }
 

@@ -275,12 +275,13 @@ pub async fn serve_until(args: ServeArgs, shutdown: impl std::future::Future<Out
         .requiring_client_certificate(require_client_certificate),
     );
     let listener = listen(args.listen).map_err(|e| Error::io(args.listen.to_string(), e))?;
+    let connections = limits.connection_limiter();
     let settings = HttpsSettings {
         limits,
         workers: args.workers,
         shutdown_timeout: args.shutdown_timeout,
     };
-    let https = serve_https(listener, tls, state, limits.connection_limiter(), &settings)
+    let https = serve_https(listener, tls, state, connections, &settings)
         .map_err(|e| Error::io(args.listen.to_string(), e))?;
     let metrics_data = web::Data::new(metrics);
     let plain = HttpServer::new(move || {

@@ -15,7 +15,7 @@ use actix_web::web;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use sidecert_webhook::{
     AcmeDefaults, Context, Reviewer, SidecarSettings,
-    admission::{AppState, ConnectionLimiter, Limits, Readiness},
+    admission::{AppState, ConnectionLimiter, Limits, Readiness, limits::Reserved},
     https::{HttpsSettings, serve_https},
     metrics::Metrics,
     mutate::Snapshot,
@@ -277,6 +277,7 @@ async fn tricklers_are_bounded_and_cut_off_while_reviews_go_on() {
         connections_per_address: 8,
         reviews: 16,
         reviews_per_address: 4,
+        reserved: Default::default(),
     };
     let run = Arc::new(start("limits", limits));
 
@@ -372,6 +373,7 @@ async fn a_slow_head_is_cut_off_and_the_total_is_bounded() {
         connections_per_address: 4,
         reviews: 4,
         reviews_per_address: 4,
+        reserved: Default::default(),
     };
     let run = Arc::new(start("limits-head", limits));
     let result = tokio::task::spawn_blocking({
@@ -405,6 +407,45 @@ async fn a_slow_head_is_cut_off_and_the_total_is_bounded() {
                 review(&mut tls, &fixture("pod-direct")).as_deref(),
                 Some("http/1.1 200 ok")
             );
+        }
+    })
+    .await;
+    run.handle.stop(false).await;
+    result.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserved_source_gets_in_and_is_reviewed_while_others_fill_the_totals() {
+    // --reserved-sources: the API server's address counts only against its per-address
+    // limits. Four other addresses hold every connection and one holds the only review
+    // slot (a trickled body); the API server still connects and is answered at once.
+    let limits = Limits {
+        request_read_timeout: READ_TIMEOUT,
+        connections: 4,
+        connections_per_address: 4,
+        reviews: 1,
+        reviews_per_address: 1,
+        reserved: Reserved::parse(&API_SERVER.to_string()).unwrap(),
+    };
+    let run = Arc::new(start("limits-reserved", limits));
+    let result = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || {
+            let mut held: Vec<Tls> = (2..6)
+                .map(|i| connect(Ipv4Addr::new(127, 0, 2, i), &run).expect("within the total"))
+                .collect();
+            assert!(connect(Ipv4Addr::new(127, 0, 2, 9), &run).is_none(), "over the total");
+            // The only review slot, held by a body that trickles.
+            let head = "POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\nContent-Length: 3000000\r\n\r\n{";
+            held[0].write_all(head.as_bytes()).unwrap();
+            held[0].flush().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let started = Instant::now();
+            let mut api = connect(API_SERVER, &run).expect("a reserved source gets in past the total");
+            assert_eq!(review(&mut api, &fixture("pod-direct")).as_deref(), Some("http/1.1 200 ok"));
+            assert!(started.elapsed() < READ_TIMEOUT, "{:?}: waited for the held slot", started.elapsed());
+            assert_eq!(run.connections.open(), 4, "the reserved connection is not in the total");
+            drop(held);
         }
     })
     .await;

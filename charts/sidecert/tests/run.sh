@@ -244,6 +244,11 @@ refuse "strict: kube-system" 'sidecert never serves "kube-system"' --set 'rbac.n
 refuse "strict: the release namespace" 'sidecert never serves "sidecert-system"' --set 'rbac.namespaces={sidecert-system}'
 refuse "strict: not a namespace name" "rbac/namespaces/0" --set 'rbac.namespaces={Shop_1}'
 
+render reserved --set 'webhook.reservedSources={10.0.0.10/32,fd00::/64}'
+check reserved 'arg("--reserved-sources") == "10.0.0.10/32,fd00::/64"' "webhook.reservedSources passed as --reserved-sources"
+check defaults 'arg("--reserved-sources") is None' "no --reserved-sources by default"
+refuse "a reserved source that is no address" "reservedSources" --set 'webhook.reservedSources={apiserver}'
+
 render noguard --set rbac.namespaceGuard=false
 check noguard 'not has("ValidatingAdmissionPolicy") and not has("ValidatingAdmissionPolicyBinding")' "rbac.namespaceGuard=false: no policy"
 
@@ -253,7 +258,7 @@ check noguard 'not has("ValidatingAdmissionPolicy") and not has("ValidatingAdmis
 echo "flags known to the webhook binary"
 webhook_bin=${SIDECERT_WEBHOOK_BIN:-$repo/target/debug/sidecert-webhook}
 if [[ -x $webhook_bin ]] && "$webhook_bin" serve --help >"$tmp/help.txt" 2>&1 && grep -q -- '--self-signed' "$tmp/help.txt"; then
-	for r in defaults overrides cabundle noreconciler strict; do
+	for r in defaults overrides cabundle noreconciler strict reserved; do
 		HELP_FILE=$tmp/help.txt check "$r" 'known_flags(os.environ["HELP_FILE"])' \
 			"$r: every flag passed is in \`sidecert-webhook serve --help\`"
 	done

@@ -20,18 +20,20 @@ use tokio::{
     time::Instant,
 };
 
-pub use sidecert_runtime::limit::{ConnectionLimiter, ConnectionSlot, Refused, key};
+pub use sidecert_runtime::limit::{ConnectionLimiter, ConnectionSlot, Refused, Reserved, key};
 
 use crate::config::LimitArgs;
 
 /// The limits, resolved from the flags (a per-address limit never exceeds its total).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub request_read_timeout: Duration,
     pub connections: usize,
     pub connections_per_address: usize,
     pub reviews: usize,
     pub reviews_per_address: usize,
+    /// Addresses whose connections and reviews count only against the per-address limits.
+    pub reserved: Reserved,
 }
 
 impl Limits {
@@ -44,6 +46,7 @@ impl Limits {
             connections_per_address: n(args.max_connections_per_address).min(connections),
             reviews,
             reviews_per_address: n(args.max_concurrent_reviews_per_address).min(reviews),
+            reserved: args.reserved_sources.clone(),
         }
     }
 }
@@ -52,6 +55,7 @@ impl Limits {
     /// A counter of connections with these limits.
     pub fn connection_limiter(&self) -> ConnectionLimiter {
         ConnectionLimiter::new(self.connections, self.connections_per_address)
+            .with_reserved(self.reserved.clone())
     }
 }
 
@@ -69,6 +73,7 @@ pub struct ReviewLimiter {
     total: Arc<Semaphore>,
     by_address: Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>,
     per_address: usize,
+    reserved: Reserved,
 }
 
 impl ReviewLimiter {
@@ -77,11 +82,12 @@ impl ReviewLimiter {
             total: Arc::new(Semaphore::new(limits.reviews)),
             by_address: Arc::default(),
             per_address: limits.reviews_per_address,
+            reserved: limits.reserved.clone(),
         }
     }
 
-    /// Waits until `deadline` for a slot of `ip`'s (when the peer is known) and then one of
-    /// the total.
+    /// Waits until `deadline` for a slot of `ip`'s (when the peer is known) and then, unless
+    /// `ip` is reserved, one of the total.
     pub async fn acquire(&self, ip: Option<IpAddr>, deadline: Instant) -> Result<ReviewSlot, Refused> {
         let own = match ip.map(key) {
             Some(ip) => {
@@ -95,13 +101,19 @@ impl ReviewLimiter {
             }
             None => None,
         };
+        if ip.is_some_and(|ip| self.reserved.contains(ip)) {
+            return Ok(ReviewSlot {
+                _total: None,
+                _own: own,
+            });
+        }
         let total = tokio::time::timeout_at(deadline, self.total.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(Refused::Total)?;
         Ok(ReviewSlot {
-            _total: total,
+            _total: Some(total),
             _own: own,
         })
     }
@@ -158,7 +170,7 @@ impl Drop for Share {
 /// A review slot, held until the answer is sent.
 #[derive(Debug)]
 pub struct ReviewSlot {
-    _total: OwnedSemaphorePermit,
+    _total: Option<OwnedSemaphorePermit>,
     // (permit, share): the permit goes first, so the share then sees its address unused.
     _own: Option<(OwnedSemaphorePermit, Share)>,
 }
@@ -216,6 +228,7 @@ mod tests {
             connections_per_address: per_address,
             reviews: connections,
             reviews_per_address: per_address,
+            reserved: Reserved::default(),
         }
     }
 
