@@ -2582,10 +2582,12 @@ async fn strict_rbac_holds(ctx: &Ctx, listed: &TestNamespace, unlisted: &TestNam
         ("kube-system", "patch", "daemonsets", false),
         ("", "list", "secrets", false),
         ("", "list", "roles", false),
+        ("", "list", "pods", false),
+        (listed.name(), "list", "pods", true),
         // What stays cluster-wide: reads of what decides what sidecert does.
         ("", "watch", "ingresses", true),
         ("", "watch", "services", true),
-        ("", "list", "pods", true),
+        ("", "watch", "namespaces", true),
     ];
     for (ns, verb, what, want) in expect {
         let got = can_i(ns, verb, what).await?;

@@ -915,16 +915,21 @@ async fn another_teams_secret_is_never_overwritten() {
     })
     .await;
     let leases: Api<Lease> = ns.api();
-    let mut lease = leases.get(&spec.lease_name()).await.unwrap();
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
-    let held = lease.spec.get_or_insert_with(Default::default);
-    held.holder_identity = Some("another-replica".into());
-    held.acquire_time = Some(now.clone());
-    held.renew_time = Some(now);
-    leases
-        .replace(&spec.lease_name(), &PostParams::default(), &lease)
-        .await
-        .unwrap();
+    // Read and replaced until no renewal of the sidecar's comes in between.
+    wait_until("the Lease taken over", Duration::from_secs(10), || async {
+        let mut lease = leases.get(&spec.lease_name()).await.ok()?;
+        let now =
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let held = lease.spec.get_or_insert_with(Default::default);
+        held.holder_identity = Some("another-replica".into());
+        held.acquire_time = Some(now.clone());
+        held.renew_time = Some(now);
+        leases
+            .replace(&spec.lease_name(), &PostParams::default(), &lease)
+            .await
+            .ok()
+    })
+    .await;
     wait_until(
         "the leader gauge to follow the Lease",
         Duration::from_secs(20),

@@ -87,9 +87,12 @@ app.kubernetes.io/component: webhook
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}
 {{- end }}
 
-{{/* Strict RBAC: the ClusterRole bound by a RoleBinding in each of rbac.namespaces. */}}
+{{/* Strict RBAC: the ClusterRole bound by a RoleBinding in each of rbac.namespaces, and
+     those RoleBindings. A colon: no ServiceAccount name has one, so no sidecar RoleBinding
+     (sidecert-<serviceAccount>) can take this name, and it never equals the webhook's own
+     names however long the release name (RBAC names may be 253 long: not cut). */}}
 {{- define "sidecert.namespacedRoleName" -}}
-{{- printf "%s-webhook-namespaced" (include "sidecert.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- printf "%s:webhook" (include "sidecert.fullname" .) }}
 {{- end }}
 
 {{/* rbac.namespaces, checked: DNS labels, never a kube-* namespace or the release's own

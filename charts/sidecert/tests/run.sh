@@ -222,23 +222,26 @@ check renamed '"\"system:serviceaccount:sidecert-system:acme-injector-webhook\""
 # Strict RBAC: the namespaced rights are bound only where listed; cluster-wide only reads
 # and its own webhook configuration.
 render strict --set 'rbac.namespaces={shop,blog}'
-check strict '[d["metadata"]["name"] for d in all_of("ClusterRole")] == ["sidecert-webhook", "sidecert-webhook-namespaced"] and [d["roleRef"]["name"] for d in all_of("ClusterRoleBinding")] == ["sidecert-webhook"]' \
+check strict '[d["metadata"]["name"] for d in all_of("ClusterRole")] == ["sidecert-webhook", "sidecert:webhook"] and [d["roleRef"]["name"] for d in all_of("ClusterRoleBinding")] == ["sidecert-webhook"]' \
 	"strict: a ClusterRole for what is cluster-wide (bound), one for the rest (not bound cluster-wide)"
-check strict 'all(set(x["verbs"]) <= {"get", "list", "watch"} or x.get("resourceNames") == ["sidecert"] for x in one("ClusterRole", "sidecert-webhook")["rules"]) and {r for x in one("ClusterRole", "sidecert-webhook")["rules"] for r in x["resources"]} == {"ingresses", "services", "namespaces", "pods", "mutatingwebhookconfigurations"}' \
-	"strict: cluster-wide only reads of Ingresses, Services, Namespaces and Pods, and its own webhook configuration"
-check strict '{r for x in one("ClusterRole", "sidecert-webhook-namespaced")["rules"] for r in x["resources"]} >= {"secrets", "roles", "rolebindings", "leases", "events"}' \
-	"strict: Secrets, Roles, RoleBindings, Leases and Events only in the namespaced ClusterRole"
-check strict 'sorted((d["metadata"]["namespace"], d["roleRef"]["kind"], d["roleRef"]["name"]) for d in all_of("RoleBinding") if d["metadata"]["namespace"] != "sidecert-system") == [("blog", "ClusterRole", "sidecert-webhook-namespaced"), ("shop", "ClusterRole", "sidecert-webhook-namespaced")] and all(d["subjects"] == [{"kind": "ServiceAccount", "name": "sidecert-webhook", "namespace": "sidecert-system"}] for d in all_of("RoleBinding"))' \
+check strict 'all(set(x["verbs"]) <= {"get", "list", "watch"} or x.get("resourceNames") == ["sidecert"] for x in one("ClusterRole", "sidecert-webhook")["rules"]) and {r for x in one("ClusterRole", "sidecert-webhook")["rules"] for r in x["resources"]} == {"ingresses", "services", "namespaces", "mutatingwebhookconfigurations"}' \
+	"strict: cluster-wide only reads of Ingresses, Services and Namespaces, and its own webhook configuration"
+check strict '{r for x in one("ClusterRole", "sidecert:webhook")["rules"] for r in x["resources"]} >= {"secrets", "roles", "rolebindings", "leases", "events", "pods"}' \
+	"strict: Secrets, Roles, RoleBindings, Leases, Events and Pods only in the namespaced ClusterRole"
+check strict 'sorted((d["metadata"]["namespace"], d["metadata"]["name"], d["roleRef"]["kind"], d["roleRef"]["name"]) for d in all_of("RoleBinding") if d["metadata"]["namespace"] != "sidecert-system") == [("blog", "sidecert:webhook", "ClusterRole", "sidecert:webhook"), ("shop", "sidecert:webhook", "ClusterRole", "sidecert:webhook")] and all(d["subjects"] == [{"kind": "ServiceAccount", "name": "sidecert-webhook", "namespace": "sidecert-system"}] for d in all_of("RoleBinding"))' \
 	"strict: bound by a RoleBinding in each namespace listed, to the webhook's ServiceAccount"
 check strict 'all({"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["shop", "blog"]} in w["namespaceSelector"]["matchExpressions"] for w in one("MutatingWebhookConfiguration")["webhooks"])' \
 	"strict: the webhook configuration selects only the namespaces listed"
 check strict 'arg("--reconcile-namespace-selector") == "sidecert.io/injection=enabled,kubernetes.io/metadata.name in (shop,blog)" and "--namespace-selector=sidecert.io/injection=enabled,kubernetes.io/metadata.name in (shop,blog)" in cleanup_args()' \
 	"strict: the webhook and the uninstall cleanup serve only the namespaces listed (and labelled)"
-check strict '{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["sidecert-webhook"], "verbs": ["get"]} in one("Role")["rules"]' \
-	"strict: the uninstall cleanup reads its own Deployment by name in the release namespace"
+check strict '{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["sidecert-webhook"], "verbs": ["get"]} in one("Role")["rules"] and {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]} in one("Role")["rules"]' \
+	"strict: the uninstall cleanup reads its own Deployment by name and lists its Pods in the release namespace"
+render strictlong --set fullnameOverride=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa --set 'rbac.namespaces={shop}'
+check strictlong 'len({d["metadata"]["name"] for d in all_of("ClusterRole")}) == 2 and [d["roleRef"]["name"] for d in all_of("ClusterRoleBinding")] == [all_of("ClusterRole")[0]["metadata"]["name"]]' \
+	"strict, a 63-character fullname: the namespaced ClusterRole never takes the bound one's name"
 check defaults 'arg("--reconcile-namespace-selector") == "sidecert.io/injection=enabled" and len(all_of("RoleBinding")) == 1 and all(len(w["namespaceSelector"]["matchExpressions"]) == 1 for w in one("MutatingWebhookConfiguration")["webhooks"])' \
 	"default: every labelled namespace, no RoleBinding outside the release namespace"
-check strict '{r for x in one("ValidatingAdmissionPolicy")["spec"]["matchConstraints"]["resourceRules"] for r in x["resources"]} >= {w for x in one("ClusterRole", "sidecert-webhook-namespaced")["rules"] if set(x["verbs"]) & {"create", "update", "patch", "delete"} for w in x["resources"]}' \
+check strict '{r for x in one("ValidatingAdmissionPolicy")["spec"]["matchConstraints"]["resourceRules"] for r in x["resources"]} >= {w for x in one("ClusterRole", "sidecert:webhook")["rules"] if set(x["verbs"]) & {"create", "update", "patch", "delete"} for w in x["resources"]}' \
 	"strict: the namespace guard still covers every write (labelled as well as listed)"
 refuse "strict: kube-system" 'sidecert never serves "kube-system"' --set 'rbac.namespaces={shop,kube-system}'
 refuse "strict: the release namespace" 'sidecert never serves "sidecert-system"' --set 'rbac.namespaces={sidecert-system}'

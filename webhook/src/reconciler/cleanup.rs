@@ -296,9 +296,17 @@ pub async fn uninstall(
         failed.clear();
         let mut again = Vec::new();
         for ns in &left {
-            if round == 1 && !may_clean(client, ns).await? {
-                forbidden.push(ns.clone());
-                continue;
+            match may_clean(client, ns).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    forbidden.push(ns.clone());
+                    continue;
+                }
+                Err(e) => {
+                    failed.push(format!("{ns}: {e}"));
+                    again.push(ns.clone());
+                    continue;
+                }
             }
             let (cleaned, error) = clean_namespace(client, ns, None).await;
             if !cleaned.is_empty() {

@@ -198,7 +198,9 @@ pub async fn clean_unserved(ctx: Arc<Reconciler>) {
             }
             // A namespace strict RBAC no longer lists: the webhook may not act there.
             match may_clean(&ctx.client, ns).await {
-                Ok(true) => {}
+                Ok(true) => {
+                    told.remove(ns);
+                }
                 Ok(false) => {
                     if told.insert(ns.clone()) {
                         tracing::warn!(
