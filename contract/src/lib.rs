@@ -61,6 +61,10 @@ pub mod annotations {
     pub const STATUS: &str = key!("status");
     /// Pod: written by the webhook; the certificates the sidecar owns, as JSON.
     pub const CERTIFICATES: &str = key!("certificates");
+    /// Role: set by the Role pruning on a sidecar Role it would narrow or delete; any
+    /// admission that touches the Role takes it off, and the next pruning pass acts only on
+    /// a Role that still carries it (so a Pod admitted in between keeps its rights).
+    pub const PRUNE_CANDIDATE: &str = key!("prune-candidate");
     /// Secret: `"true"` while the certificate is the webhook's temporary self-signed one.
     pub const TEMPORARY: &str = key!("temporary");
     /// Secret: RFC 3339 expiry of the certificate.

@@ -2084,10 +2084,12 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                     out.describe()
                 );
             }
-            // The Role pruning: a sidecar Role of its own loses a name, or goes with its binding.
+            // The Role pruning: a sidecar Role of its own, marked, loses a name, or goes with
+            // its binding.
             let pruned_role = |names: Value| {
                 json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-                    "metadata": {"name": "sidecert-s9-prune", "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
+                    "metadata": {"name": "sidecert-s9-prune", "labels": {"app.kubernetes.io/managed-by": "sidecert"},
+                        "annotations": {"sidecert.io/prune-candidate": "true"}},
                     "rules": [{"apiGroups": [""], "resources": ["secrets"],
                         "verbs": ["get", "list", "watch", "update", "patch"], "resourceNames": names}]})
                 .to_string()

@@ -1,8 +1,9 @@
 //! Connections counted per source address and in total, refused at once over either limit:
 //! what keeps one client (a Pod that can reach a port) from holding all of a server's
 //! connections. Both binaries' servers use it. Addresses in a [`Reserved`] list (the API
-//! server's) count only against their own per-address limit, never against the total, so
-//! however many clients fill the total, they still get in.
+//! server's) never count against the total: they share a pool of their own, the size of one
+//! address's limit, so however many clients fill the total, they still get in, and a wide
+//! list costs no more than one address.
 
 use std::{
     collections::HashMap,
@@ -22,17 +23,32 @@ pub struct Reserved(Arc<[ipnet::IpNet]>);
 
 impl Reserved {
     /// Parses `10.0.0.0/24,192.0.2.7,fd00::/64` (comma-separated; blanks ignored). An
-    /// address without a prefix length is that address alone.
+    /// address without a prefix length is that address alone; an IPv4-mapped IPv6 entry is
+    /// its IPv4 one. Refused: a CIDR with host bits set (`10.0.0.10/8`, most likely a typo)
+    /// and a zero-length prefix (every address).
     pub fn parse(list: &str) -> Result<Self, String> {
         let nets = list
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(|s| {
-                s.parse::<ipnet::IpNet>()
+                let net = s
+                    .parse::<ipnet::IpNet>()
                     .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-                    .map(|n| n.trunc())
-                    .map_err(|_| format!("{s:?} is not an address or CIDR (e.g. 10.0.0.0/24)"))
+                    .map_err(|_| format!("{s:?} is not an address or CIDR (e.g. 10.0.0.0/24)"))?;
+                let net = match (net, net.addr().to_canonical()) {
+                    (ipnet::IpNet::V6(v6), IpAddr::V4(v4)) if v6.prefix_len() >= 96 => {
+                        ipnet::IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96).map_err(|e| e.to_string())?
+                    }
+                    _ => net,
+                };
+                if net.trunc() != net {
+                    return Err(format!("{s:?} has host bits set: did you mean {}?", net.trunc()));
+                }
+                if net.prefix_len() == 0 {
+                    return Err(format!("{s:?} is every address: nothing would be kept apart"));
+                }
+                Ok(net)
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self(nets.into()))
@@ -60,6 +76,8 @@ impl std::fmt::Display for Reserved {
 struct Counts {
     /// Connections from addresses that are not reserved.
     total: usize,
+    /// Connections from reserved addresses (their own pool).
+    reserved: usize,
     by_address: HashMap<IpAddr, usize>,
 }
 
@@ -119,7 +137,13 @@ impl ConnectionLimiter {
         if mine >= self.per_address {
             return Err(Refused::PerAddress);
         }
-        if !reserved {
+        if reserved {
+            // One address's worth, for all of them together.
+            if c.reserved >= self.per_address {
+                return Err(Refused::Total);
+            }
+            c.reserved = c.reserved.saturating_add(1);
+        } else {
             if c.total >= self.total {
                 return Err(Refused::Total);
             }
@@ -156,7 +180,9 @@ pub struct ConnectionSlot {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        if !self.reserved {
+        if self.reserved {
+            c.reserved = c.reserved.saturating_sub(1);
+        } else {
             c.total = c.total.saturating_sub(1);
         }
         if let Some(n) = c.by_address.get_mut(&self.ip) {
@@ -214,10 +240,27 @@ mod tests {
         assert_eq!((c.open(), c.open_from(A)), (2, 2));
         drop(a1);
         assert_eq!((c.open(), c.open_from(A)), (2, 1));
-        for bad in ["10.0.0.0/33", "shop", "10.0.0.1/8/1"] {
+        for bad in [
+            "10.0.0.0/33",
+            "shop",
+            "10.0.0.1/8/1",
+            "10.1.2.3/8",
+            "0.0.0.0/0",
+            "::/0",
+        ] {
             assert!(Reserved::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(Reserved::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        let mapped = Reserved::parse("::ffff:10.0.0.1").unwrap();
+        assert_eq!(mapped.to_string(), "10.0.0.1/32");
+        assert!(mapped.contains(A));
+        // Reserved addresses share one address's worth: a wide list costs no more.
+        let wide = ConnectionLimiter::new(4, 2).with_reserved(Reserved::parse("10.0.0.0/24").unwrap());
+        let (_a, _b) = (wide.admit(A).unwrap(), wide.admit(B).unwrap());
+        assert_eq!(
+            wide.admit(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3))).unwrap_err(),
+            Refused::Total
+        );
+        assert_eq!(wide.open(), 0);
     }
 
     #[test]

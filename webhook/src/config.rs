@@ -236,11 +236,14 @@ pub struct LimitArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_reviews_per_address: u32,
     /// Source addresses kept apart from the totals (comma-separated CIDRs or addresses, e.g.
-    /// the API server's): their connections and reviews count only against the
-    /// per-address limits, never against `--max-connections` or `--max-concurrent-reviews`,
-    /// so however many other clients fill those, the API server still gets in. Each such
-    /// address may add up to its per-address limits to the webhook's memory (some 25 MiB of
-    /// connections, 48 MiB of bodies): list only trusted ones. Empty: none.
+    /// the API server's): their connections and reviews never count against
+    /// `--max-connections` or `--max-concurrent-reviews`; together they get a pool of their
+    /// own, of `--max-connections-per-address` connections and
+    /// `--max-concurrent-reviews-per-address` reviews, so however many other clients fill
+    /// the totals, the API server still gets in. That pool adds up to some 75 MiB to the
+    /// webhook's worst case (25 MiB of connections, 48 MiB of bodies), whatever the list's
+    /// size: give the webhook 320Mi when you set it. A CIDR with host bits set, or one of
+    /// every address, is refused. Empty: none.
     #[arg(long, env = "SIDECERT_WEBHOOK_RESERVED_SOURCES", default_value = "", value_parser = Reserved::parse)]
     pub reserved_sources: Reserved,
 }

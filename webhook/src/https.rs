@@ -124,6 +124,16 @@ pub fn serve_https(
     // No `h2` (actix-web is built without it): the API server speaks HTTP/1.1 to webhooks.
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let read_timeout = settings.limits.request_read_timeout;
+    // actix-tls stops accepting on a worker at 256 handshakes in flight (a per-thread
+    // counter, set before the workers start): above what the limits admit, so that clients
+    // stalled in their handshakes within the total never keep a reserved source waiting.
+    actix_tls::accept::max_concurrent_tls_connect(
+        settings
+            .limits
+            .connections
+            .saturating_add(settings.limits.connections_per_address)
+            .saturating_add(1),
+    );
     let metrics: Metrics = state.reviewer.metrics.clone();
     let mut builder = Server::build()
         .disable_signals()

@@ -1,17 +1,15 @@
-//! The sidecars' Roles pruned against the real API server: a certificate no injected Pod of
-//! the ServiceAccount names any more leaves its Role, a ServiceAccount with no injected Pod
-//! loses its Role and RoleBinding, a Role written a moment ago and a look-alike without
-//! sidecert's label are left alone.
+//! The sidecars' Roles pruned against the real API server, in two passes: a Role to narrow or
+//! delete is marked first, and an admission in between (the real executor) takes the mark
+//! off. Then a certificate no injected Pod of the ServiceAccount names any more leaves its
+//! Role, a ServiceAccount with no injected Pod loses its Role and RoleBinding, and a
+//! look-alike without sidecert's label is left alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Pod, ServiceAccount},
-        rbac::v1::{Role, RoleBinding},
-    },
-    jiff::Timestamp,
+use k8s_openapi::api::{
+    core::v1::{Pod, ServiceAccount},
+    rbac::v1::{Role, RoleBinding},
 };
 use kube::{
     Api,
@@ -21,8 +19,13 @@ use serde_json::json;
 use sidecert_contract::{ACCOUNT_SECRET_PREFIX, STATUS_INJECTED, annotations, lease_name};
 use sidecert_e2e::Plane;
 use sidecert_webhook::{
-    mutate::objects::{role, role_binding},
-    reconciler::prune::{Pruned, prune_namespace},
+    kube::Executor,
+    mutate::{
+        effect::Effect,
+        lookup::Snapshot,
+        objects::{role, role_binding},
+    },
+    reconciler::prune::prune_namespace,
 };
 
 async fn names<K>(api: &Api<K>) -> Vec<String>
@@ -106,38 +109,69 @@ async fn names_no_pod_asks_for_leave_the_role_and_a_role_nobody_uses_goes() {
         .await
         .unwrap();
 
-    // Written a moment ago: the Pod whose admission wrote a Role may not be stored yet.
-    let none = prune_namespace(&client, ns.name(), Duration::from_secs(3600), Timestamp::now())
-        .await
-        .unwrap();
-    assert_eq!(none, Pruned::default());
+    // First pass: both Roles that would lose something are only marked.
+    let first = prune_namespace(&client, ns.name()).await.unwrap();
+    assert_eq!(first.marked, ["sidecert-old", "sidecert-web"]);
+    assert!(first.narrowed.is_empty() && first.deleted.is_empty(), "{first:?}");
+    let marked = |r: &Role| {
+        r.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(annotations::PRUNE_CANDIDATE))
+    };
+    assert!(marked(&roles.get("sidecert-old").await.unwrap()));
 
-    let pruned = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
+    // A Pod of `old` admitted meanwhile (its names are in the Role already, so the merge
+    // changes nothing): the admission takes the mark off, and the Role stays.
+    let executor = Executor::new(
+        client.clone(),
+        Arc::new(Snapshot::default()),
+        Duration::from_secs(5),
+    );
+    executor
+        .apply_one(&Effect::Rbac {
+            namespace: ns.name().to_owned(),
+            service_account: "old".into(),
+            certificates: vec!["old-tls".into()],
+            account: account.clone(),
+            eab: None,
+            leases: vec![lease_name("old-tls")],
+        })
         .await
         .unwrap();
+    assert!(!marked(&roles.get("sidecert-old").await.unwrap()));
+
+    // Second pass: `web` still marked, so narrowed (and unmarked); `old` marked again.
+    let pruned = prune_namespace(&client, ns.name()).await.unwrap();
     assert_eq!(pruned.narrowed, ["sidecert-web"]);
-    assert_eq!(pruned.deleted, ["sidecert-old"]);
-    assert_eq!(names(&roles).await, ["sidecert-theirs", "sidecert-web"]);
-    assert_eq!(names(&bindings).await, ["sidecert-theirs", "sidecert-web"]);
+    assert_eq!(pruned.marked, ["sidecert-old"]);
+    assert!(pruned.deleted.is_empty(), "{pruned:?}");
     let web = roles.get("sidecert-web").await.unwrap();
+    assert!(!marked(&web));
     assert_eq!(rule_names(&web, "secrets"), ["a-tls".to_owned(), account]);
     assert_eq!(rule_names(&web, "leases"), [lease_name("a-tls")]);
 
-    // Nothing more to take.
-    let again = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
-        .await
-        .unwrap();
-    assert_eq!(again, Pruned::default());
+    // Third pass: `old` goes with its binding; `web` has nothing more to lose.
+    let third = prune_namespace(&client, ns.name()).await.unwrap();
+    assert_eq!(third.deleted, ["sidecert-old"]);
+    assert!(third.marked.is_empty() && third.narrowed.is_empty(), "{third:?}");
+    assert_eq!(names(&roles).await, ["sidecert-theirs", "sidecert-web"]);
+    assert_eq!(names(&bindings).await, ["sidecert-theirs", "sidecert-web"]);
 
-    // The Pod gone, the ServiceAccount's Role and RoleBinding go too.
+    // The Pod gone, the ServiceAccount's Role and RoleBinding go too, two passes later.
     ns.api::<Pod>()
         .delete("web", &kube::api::DeleteParams::default().grace_period(0))
         .await
         .unwrap();
-    let gone = prune_namespace(&client, ns.name(), Duration::ZERO, Timestamp::now())
-        .await
-        .unwrap();
-    assert_eq!(gone.deleted, ["sidecert-web"]);
+    assert_eq!(
+        prune_namespace(&client, ns.name()).await.unwrap().marked,
+        ["sidecert-web"]
+    );
+    assert_eq!(
+        prune_namespace(&client, ns.name()).await.unwrap().deleted,
+        ["sidecert-web"]
+    );
     assert_eq!(names(&roles).await, ["sidecert-theirs"]);
+    assert_eq!(names(&bindings).await, ["sidecert-theirs"]);
     ns.cleanup().await.unwrap();
 }

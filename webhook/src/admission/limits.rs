@@ -71,6 +71,8 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct ReviewLimiter {
     total: Arc<Semaphore>,
+    /// The reserved addresses' own total: one address's share, for all of them.
+    reserved_total: Arc<Semaphore>,
     by_address: Arc<Mutex<HashMap<IpAddr, Arc<Semaphore>>>>,
     per_address: usize,
     reserved: Reserved,
@@ -80,14 +82,15 @@ impl ReviewLimiter {
     pub fn new(limits: &Limits) -> Self {
         Self {
             total: Arc::new(Semaphore::new(limits.reviews)),
+            reserved_total: Arc::new(Semaphore::new(limits.reviews_per_address)),
             by_address: Arc::default(),
             per_address: limits.reviews_per_address,
             reserved: limits.reserved.clone(),
         }
     }
 
-    /// Waits until `deadline` for a slot of `ip`'s (when the peer is known) and then, unless
-    /// `ip` is reserved, one of the total.
+    /// Waits until `deadline` for a slot of `ip`'s (when the peer is known) and then one of
+    /// the total (a reserved `ip`: of the reserved addresses' own total).
     pub async fn acquire(&self, ip: Option<IpAddr>, deadline: Instant) -> Result<ReviewSlot, Refused> {
         let own = match ip.map(key) {
             Some(ip) => {
@@ -101,19 +104,18 @@ impl ReviewLimiter {
             }
             None => None,
         };
-        if ip.is_some_and(|ip| self.reserved.contains(ip)) {
-            return Ok(ReviewSlot {
-                _total: None,
-                _own: own,
-            });
-        }
-        let total = tokio::time::timeout_at(deadline, self.total.clone().acquire_owned())
+        let pool = if ip.is_some_and(|ip| self.reserved.contains(ip)) {
+            &self.reserved_total
+        } else {
+            &self.total
+        };
+        let total = tokio::time::timeout_at(deadline, pool.clone().acquire_owned())
             .await
             .ok()
             .and_then(Result::ok)
             .ok_or(Refused::Total)?;
         Ok(ReviewSlot {
-            _total: Some(total),
+            _total: total,
             _own: own,
         })
     }
@@ -170,7 +172,7 @@ impl Drop for Share {
 /// A review slot, held until the answer is sent.
 #[derive(Debug)]
 pub struct ReviewSlot {
-    _total: Option<OwnedSemaphorePermit>,
+    _total: OwnedSemaphorePermit,
     // (permit, share): the permit goes first, so the share then sees its address unused.
     _own: Option<(OwnedSemaphorePermit, Share)>,
 }

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
+    api::{ListParams, ObjectMeta, PostParams},
 };
 use sidecert_contract::{
     MANAGED_BY, MANAGED_BY_LABEL, annotations, decode_certificates,
@@ -33,7 +33,11 @@ use sidecert_contract::{
 
 use crate::{
     error::Result,
-    kube::{executor::already_exists, namespaces::Served},
+    kube::{
+        delete::{Deleted, delete_unchanged},
+        executor::already_exists,
+        namespaces::Served,
+    },
     mutate::{
         context::{HostChecks, HostStanding, MAX_CLAIMS_PER_NAMESPACE, MAX_HOSTS_PER_REVIEW},
         ingress::{is_annotated, plan},
@@ -465,18 +469,7 @@ impl HostClaims {
 
     /// Deletes a claim unless it changed since it was listed; whether it did.
     async fn release(&self, lease: &Lease) -> Result<bool> {
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: lease.uid(),
-                resource_version: lease.resource_version(),
-            }),
-            ..DeleteParams::default()
-        };
-        match self.api.delete(&lease.name_any(), &dp).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        Ok(delete_unchanged(&self.api, &lease.metadata).await? == Deleted::Yes)
     }
 
     /// Renews and confirms a claim `owner` was seen using, unless it changed since it was

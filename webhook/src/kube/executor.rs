@@ -18,10 +18,10 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
-use sidecert_contract::{is_sidecerts_secret, lease_name};
+use sidecert_contract::{annotations, is_sidecerts_secret, lease_name};
 
 use crate::{
     error::{Error, Result},
@@ -433,12 +433,18 @@ impl Executor {
                         name,
                     });
                 }
-                Some(existing) => match merge_role(&existing, wanted) {
-                    None => Ok(()),
-                    Some(merged) => roles
-                        .replace(&name, &PostParams::default(), &merged)
-                        .await
-                        .map(drop),
+                // The Role pruning's mark comes off with any admission that needs the Role,
+                // so the pruning never acts on what a Pod admitted since it looked needs.
+                Some(existing) => match (merge_role(&existing, wanted), is_prune_candidate(&existing)) {
+                    (None, false) => Ok(()),
+                    (merged, _) => {
+                        let mut merged = merged.unwrap_or(existing);
+                        merged.annotations_mut().remove(annotations::PRUNE_CANDIDATE);
+                        roles
+                            .replace(&name, &PostParams::default(), &merged)
+                            .await
+                            .map(drop)
+                    }
                 },
             };
             match result {
@@ -503,6 +509,11 @@ fn without_secrets(effect: &Effect, refused: &BTreeSet<(&str, &str)>) -> Effect 
         },
         other => other.clone(),
     }
+}
+
+/// Whether the Role pruning marked `role` ([`annotations::PRUNE_CANDIDATE`]).
+fn is_prune_candidate(role: &Role) -> bool {
+    role.annotations().contains_key(annotations::PRUNE_CANDIDATE)
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! What talks to the API server for admission: the watch [`cache`]s the pure selection reads,
 //! the [`live`] re-check of a Pod the caches may have missed, the [`executor`] of
-//! [`crate::mutate::Effect`]s, the [`namespaces`] sidecert serves, and the [`client`] itself.
+//! [`crate::mutate::Effect`]s, the [`namespaces`] sidecert serves, the conditional [`delete`]
+//! of what it read, and the [`client`] itself.
 
 pub mod cache;
 pub mod claims;
 pub mod client;
+pub mod delete;
 pub mod executor;
 pub mod live;
 pub mod namespaces;

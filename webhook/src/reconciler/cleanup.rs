@@ -32,7 +32,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde::de::DeserializeOwned;
 use sidecert_contract::{
@@ -42,6 +42,7 @@ use sidecert_contract::{
 
 use crate::{
     error::{Error, Result},
+    kube::delete::{Deleted, delete_unchanged},
     mutate::{ingress::route_removal_patch, namespace::may_serve},
     reconciler::plan::{guarded, selector_string},
 };
@@ -236,18 +237,16 @@ where
         if !ours::<K>(&name) {
             continue;
         }
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: object.uid(),
-                resource_version: object.resource_version(),
-            }),
-            ..DeleteParams::default()
-        };
-        match api.delete(&name, &dp).await {
-            Ok(_) => deleted.push(name),
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        match delete_unchanged(&api, &object.metadata).await? {
+            Deleted::Yes => deleted.push(name),
+            Deleted::Gone => {}
             // Changed since listed: left for the next try, which looks at it again.
-            Err(e) => return Err(e.into()),
+            Deleted::Changed => {
+                return Err(Error::Contended(format!(
+                    "{} {ns}/{name} changed while sidecert cleaned up",
+                    K::kind(&())
+                )));
+            }
         }
     }
     Ok(deleted)

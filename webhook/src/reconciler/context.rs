@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions},
+    api::{ListParams, Patch, PatchParams},
     runtime::{
         events::{Event, EventType, Recorder, Reporter},
         reflector::{ObjectRef, Store},
@@ -29,6 +29,7 @@ use crate::{
     error::{Error, Result},
     kube::{
         claims::{Ask, Claimed, HostClaims},
+        delete::{Deleted, delete_unchanged},
         executor::Executor,
         namespaces::Served,
     },
@@ -459,20 +460,16 @@ pub async fn remove_solvers(
         let name = svc.name_any();
         match solver_removal(&svc, ingress_uid, routed) {
             Removal::Keep => {}
-            Removal::Delete => {
-                let dp = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        uid: svc.uid(),
-                        resource_version: svc.resource_version(),
-                    }),
-                    ..DeleteParams::default()
-                };
-                match api.delete(&name, &dp).await {
-                    Ok(_) => deleted.push(name),
-                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                    Err(e) => return Err(e.into()),
+            Removal::Delete => match delete_unchanged(&api, &svc.metadata).await? {
+                Deleted::Yes => deleted.push(name),
+                Deleted::Gone => {}
+                // Changed since listed: the next reconcile looks again.
+                Deleted::Changed => {
+                    return Err(Error::Contended(format!(
+                        "solver Service {name} changed while it was removed"
+                    )));
                 }
-            }
+            },
             Removal::Disown(owners) => {
                 let patch = json!({"metadata": {
                     "ownerReferences": owners,

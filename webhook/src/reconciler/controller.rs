@@ -4,12 +4,9 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Service},
-        networking::v1::Ingress,
-    },
-    jiff::Timestamp,
+use k8s_openapi::api::{
+    core::v1::{Namespace, Service},
+    networking::v1::Ingress,
 };
 use kube::{
     Api, ResourceExt,
@@ -29,7 +26,7 @@ use crate::{
         cleanup::{CLEANUP_INTERVAL, claim_holders, clean_namespace, may_clean, served_live},
         context::Reconciler,
         plan::ingresses_for_service,
-        prune::{PRUNE_GRACE, PRUNE_INTERVAL, prune_namespace},
+        prune::{PRUNE_INTERVAL, prune_namespace},
     },
 };
 
@@ -242,8 +239,15 @@ pub async fn prune_roles(ctx: Arc<Reconciler>) {
             .filter(|ns| may_serve(ns, own))
             .collect();
         for ns in served {
-            match prune_namespace(&ctx.client, &ns, PRUNE_GRACE, Timestamp::now()).await {
+            match prune_namespace(&ctx.client, &ns).await {
                 Ok(pruned) => {
+                    for role in &pruned.marked {
+                        tracing::debug!(
+                            namespace = ns,
+                            role,
+                            "marked the Role for pruning on the next pass"
+                        );
+                    }
                     for role in &pruned.narrowed {
                         ctx.action("role_narrowed");
                         tracing::info!(

@@ -19,7 +19,8 @@
 //! RoleBindings there go; Secrets and Leases stay ([`cleanup`]).
 //!
 //! For the sidecars' Roles in a served namespace: names no injected Pod asks for any more go,
-//! and a Role whose ServiceAccount has no injected Pod left goes ([`prune`]).
+//! and a Role whose ServiceAccount has no injected Pod left goes, each only on the pass after
+//! the one that marked it ([`prune`]).
 //!
 //! One replica reconciles: the holder of a Lease ([`run`]); every replica serves admission.
 

@@ -9,39 +9,43 @@
 //! - a Role whose ServiceAccount has no injected Pod left goes, with its RoleBinding.
 //!
 //! Names are only ever taken out, never added, so what a Pod's author writes in its
-//! annotations can keep a name sidecert granted but never gain one. The account Secret and the
-//! read-only EAB Secret stay while the ServiceAccount has a Pod. A Role written in the last
-//! [`PRUNE_GRACE`] is left alone: the Pod whose admission wrote it may not be stored yet.
-//! Every write is conditional on the Role (or binding) being as it was read.
+//! annotations can keep a name sidecert granted but never gain one. The account Secrets and
+//! the read-only EAB Secret stay while the ServiceAccount has a Pod.
+//!
+//! A Pod is stored only after its admission wrote (or found) its Role, so a pass may see the
+//! Role and not yet the Pod. A Role is therefore first marked
+//! ([`annotations::PRUNE_CANDIDATE`]), and narrowed or deleted only on a later pass that
+//! still finds the mark: every admission that touches the Role takes the mark off
+//! (`Executor::ensure_rbac`), so a Pod admitted in between keeps its rights, whatever the
+//! clocks say. Every write is conditional on the Role (or binding) being as it was read.
+//! A namespace of more than [`MAX_PODS`] Pods is left as it is.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::Pod,
-        rbac::v1::{PolicyRule, Role, RoleBinding},
-    },
-    jiff::Timestamp,
+use k8s_openapi::api::{
+    core::v1::Pod,
+    rbac::v1::{PolicyRule, Role, RoleBinding},
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams, Preconditions},
+    api::{ListParams, PostParams},
 };
 use sidecert_contract::{
     ACCOUNT_SECRET_PREFIX, MANAGED_BY, MANAGED_BY_LABEL, STATUS_INJECTED, annotations, decode_certificates,
     lease_name,
 };
 
-use crate::{error::Result, mutate::objects::is_managed};
+use crate::{
+    error::Result,
+    kube::delete::{Deleted, delete_unchanged},
+    mutate::objects::is_managed,
+};
 
 /// How often the leader prunes the sidecars' Roles.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(300);
-
-/// How long after its last write a Role is left as it is.
-pub const PRUNE_GRACE: Duration = Duration::from_secs(300);
 
 /// The names the injected Pods of one ServiceAccount ask for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,6 +59,8 @@ pub struct Wanted {
 /// What one namespace's pruning changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pruned {
+    /// Roles marked, to narrow or delete on a later pass.
+    pub marked: Vec<String>,
     /// Roles that lost names.
     pub narrowed: Vec<String>,
     /// Roles (with their RoleBindings) whose ServiceAccount has no injected Pod left.
@@ -123,22 +129,61 @@ fn is_rule(rule: &PolicyRule, resource: &str) -> bool {
     rule.resources.as_deref() == Some(&[resource.to_owned()][..])
 }
 
-/// When sidecert (or anyone) last wrote `meta`'s object: the latest managedFields entry, else
-/// its creation.
-fn last_written(role: &Role) -> Option<Timestamp> {
-    role.metadata
-        .managed_fields
-        .iter()
-        .flatten()
-        .filter_map(|f| f.time.as_ref().map(|t| t.0))
-        .max()
-        .or(role.metadata.creation_timestamp.as_ref().map(|t| t.0))
+/// Pods a namespace may hold for its Roles to be pruned; past it, its Roles are left as they
+/// are (listing them is bounded, and a guess from part of them could take a right away).
+pub const MAX_PODS: usize = 5000;
+
+/// Pods listed per request.
+const PAGE: u32 = 100;
+
+/// What the Pods of `ns` ask of their ServiceAccounts' Roles, read a page at a time; `None`
+/// past [`MAX_PODS`].
+async fn wanted_in(client: &Client, ns: &str) -> Result<Option<BTreeMap<String, Wanted>>> {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+    let mut seen = 0usize;
+    let mut params = ListParams::default().limit(PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        seen = seen.saturating_add(page.items.len());
+        if seen > MAX_PODS {
+            return Ok(None);
+        }
+        for (account, w) in wanted_by(&page.items) {
+            let entry = wanted.entry(account).or_default();
+            entry.secrets.extend(w.secrets);
+            entry.leases.extend(w.leases);
+        }
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(Some(wanted)),
+        }
+    }
+}
+
+/// `role` with the prune mark set (`true`) or taken off.
+fn with_mark(mut role: Role, marked: bool) -> Role {
+    let annotations = role.annotations_mut();
+    if marked {
+        annotations.insert(annotations::PRUNE_CANDIDATE.to_owned(), "true".to_owned());
+    } else {
+        annotations.remove(annotations::PRUNE_CANDIDATE);
+    }
+    role
+}
+
+/// Whether `role` carries the prune mark.
+pub fn is_marked(role: &Role) -> bool {
+    role.annotations().contains_key(annotations::PRUNE_CANDIDATE)
 }
 
 /// Prunes the sidecert Roles of `ns` (labelled as its own, named `sidecert-*`, bound by a
-/// RoleBinding of the same name that is its own too) against its Pods. A Role written less
-/// than `grace` before `now` is skipped.
-pub async fn prune_namespace(client: &Client, ns: &str, grace: Duration, now: Timestamp) -> Result<Pruned> {
+/// RoleBinding of the same name that is its own too) against its Pods, in two passes: a Role
+/// to narrow or delete is first marked ([`annotations::PRUNE_CANDIDATE`]); any admission
+/// that touches it takes the mark off; a later pass narrows or deletes it only if the mark
+/// is still there, against the Pods it sees then. One Role that cannot be written is logged
+/// and left; the others go on.
+pub async fn prune_namespace(client: &Client, ns: &str) -> Result<Pruned> {
     let managed = ListParams::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let roles_api = Api::<Role>::namespaced(client.clone(), ns);
     let roles: Vec<Role> = roles_api
@@ -146,7 +191,7 @@ pub async fn prune_namespace(client: &Client, ns: &str, grace: Duration, now: Ti
         .await?
         .items
         .into_iter()
-        .filter(|r| r.name_any().starts_with("sidecert-"))
+        .filter(|r| r.name_any().starts_with("sidecert-") && is_managed(&r.metadata))
         .collect();
     let mut pruned = Pruned::default();
     if roles.is_empty() {
@@ -160,19 +205,16 @@ pub async fn prune_namespace(client: &Client, ns: &str, grace: Duration, now: Ti
         .into_iter()
         .map(|b| (b.name_any(), b))
         .collect();
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default())
-        .await?
-        .items;
-    let wanted = wanted_by(&pods);
-    let grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+    let Some(wanted) = wanted_in(client, ns).await? else {
+        tracing::warn!(
+            namespace = ns,
+            max = MAX_PODS,
+            "too many Pods to prune the sidecars' Roles against; left as they are"
+        );
+        return Ok(pruned);
+    };
     for role in roles {
         let name = role.name_any();
-        let recent =
-            last_written(&role).is_none_or(|t| now.as_second().saturating_sub(t.as_second()) < grace);
-        if recent || !is_managed(&role.metadata) {
-            continue;
-        }
         // The ServiceAccount is the binding's subject (a long name's Role name is cut).
         let Some(binding) = bindings.get(&name).filter(|b| is_managed(&b.metadata)) else {
             continue;
@@ -187,44 +229,72 @@ pub async fn prune_namespace(client: &Client, ns: &str, grace: Duration, now: Ti
         let [service_account] = accounts[..] else {
             continue;
         };
-        match wanted.get(service_account) {
-            None => {
-                delete_unchanged(&bindings_api, binding).await?;
-                delete_unchanged(&roles_api, &role).await?;
-                pruned.deleted.push(name);
-            }
-            Some(w) => {
-                if let Some(narrow) = narrowed(&role, w) {
-                    // The resourceVersion read makes this conditional.
-                    match roles_api.replace(&name, &PostParams::default(), &narrow).await {
-                        Ok(_) => pruned.narrowed.push(name),
-                        Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
+        if let Err(e) = prune_role(
+            &roles_api,
+            &bindings_api,
+            role,
+            binding,
+            wanted.get(service_account),
+            &mut pruned,
+        )
+        .await
+        {
+            tracing::warn!(namespace = ns, role = name, error = %e, "cannot prune the Role");
         }
     }
     Ok(pruned)
 }
 
-/// Deletes `object` if it is unchanged since read (gone or changed: left for the next pass).
-async fn delete_unchanged<K>(api: &Api<K>, object: &K) -> Result<()>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let dp = DeleteParams {
-        preconditions: Some(Preconditions {
-            uid: object.meta().uid.clone(),
-            resource_version: object.meta().resource_version.clone(),
-        }),
-        ..DeleteParams::default()
+/// One Role of the pass (see [`prune_namespace`]); `wanted` is what its ServiceAccount's
+/// Pods ask for (`None`: it has no injected Pod).
+async fn prune_role(
+    roles: &Api<Role>,
+    bindings: &Api<RoleBinding>,
+    role: Role,
+    binding: &RoleBinding,
+    wanted: Option<&Wanted>,
+    pruned: &mut Pruned,
+) -> Result<()> {
+    let name = role.name_any();
+    let marked = is_marked(&role);
+    // Every write carries the resourceVersion read: conditional.
+    let replace = |r: Role| async move {
+        match roles.replace(&r.name_any(), &PostParams::default(), &r).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     };
-    match api.delete(&object.name_any(), &dp).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.is_not_found() || s.is_conflict() => Ok(()),
-        Err(e) => Err(e.into()),
+    match (wanted, marked) {
+        // Nothing to take: a mark left from an earlier pass goes.
+        (Some(w), true) if narrowed(&role, w).is_none() => {
+            replace(with_mark(role, false)).await?;
+        }
+        (Some(w), _) if narrowed(&role, w).is_none() => {}
+        // Something to take, not marked yet: mark, act next pass.
+        (_, false) => {
+            if replace(with_mark(role, true)).await? {
+                pruned.marked.push(name);
+            }
+        }
+        (Some(w), true) => {
+            if let Some(narrow) = narrowed(&role, w)
+                && replace(with_mark(narrow, false)).await?
+            {
+                pruned.narrowed.push(name);
+            }
+        }
+        // No Pod left, and none admitted since the mark: the Role first (a binding to no
+        // Role grants nothing, and the next admission writes the Role again), then the
+        // binding.
+        (None, true) => {
+            if delete_unchanged(roles, &role.metadata).await? == Deleted::Yes {
+                delete_unchanged(bindings, &binding.metadata).await?;
+                pruned.deleted.push(name);
+            }
+        }
     }
+    Ok(())
 }
 
 #[cfg(test)]
