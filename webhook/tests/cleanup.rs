@@ -4,16 +4,16 @@
 //! without its label) stays.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::names;
+
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Secret, Service},
     networking::v1::Ingress,
     rbac::v1::{Role, RoleBinding},
 };
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use kube::{Api, api::PostParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sidecert_contract::ACME_CHALLENGE_PATH;
@@ -33,22 +33,6 @@ where
         .create(&PostParams::default(), &object)
         .await
         .unwrap();
-}
-
-async fn names<K>(api: &Api<K>) -> Vec<String>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let mut names: Vec<String> = api
-        .list_metadata(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|o| o.metadata.name)
-        .collect();
-    names.sort();
-    names
 }
 
 fn role(name: &str, labels: Value) -> Value {

@@ -5,16 +5,16 @@
 //! look-alike without sidecert's label is left alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+use common::names;
+
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
     core::v1::{Pod, ServiceAccount},
     rbac::v1::{Role, RoleBinding},
 };
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use kube::{Api, api::PostParams};
 use serde_json::json;
 use sidecert_contract::{ACCOUNT_SECRET_PREFIX, STATUS_INJECTED, annotations, lease_name};
 use sidecert_e2e::Plane;
@@ -27,22 +27,6 @@ use sidecert_webhook::{
     },
     reconciler::prune::prune_namespace,
 };
-
-async fn names<K>(api: &Api<K>) -> Vec<String>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut names: Vec<String> = api
-        .list_metadata(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|o| o.metadata.name)
-        .collect();
-    names.sort();
-    names
-}
 
 fn rule_names(role: &Role, resource: &str) -> Vec<String> {
     role.rules

@@ -30,8 +30,8 @@ use crate::{
         effect::Effect,
         lookup::Lookup,
         objects::{
-            account_secret, certificate_lease, is_managed, merge_role, rbac_name, role, role_binding,
-            solver_repair, solver_service, temporary_secret,
+            account_secret, certificate_lease, is_managed, is_prune_candidate, merge_role, rbac_name, role,
+            role_binding, solver_repair, solver_service, temporary_secret,
         },
     },
 };
@@ -509,11 +509,6 @@ fn without_secrets(effect: &Effect, refused: &BTreeSet<(&str, &str)>) -> Effect 
         },
         other => other.clone(),
     }
-}
-
-/// Whether the Role pruning marked `role` ([`annotations::PRUNE_CANDIDATE`]).
-fn is_prune_candidate(role: &Role) -> bool {
-    role.annotations().contains_key(annotations::PRUNE_CANDIDATE)
 }
 
 #[cfg(test)]

@@ -133,6 +133,15 @@ pub fn solver_service(
     }
 }
 
+/// Whether the Role pruning marked `role` ([`annotations::PRUNE_CANDIDATE`]): admission
+/// takes the mark off, the pruning acts only on a Role that still has it.
+pub fn is_prune_candidate(role: &Role) -> bool {
+    role.metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(annotations::PRUNE_CANDIDATE))
+}
+
 /// Whether sidecert made this object (`app.kubernetes.io/managed-by: sidecert`).
 pub fn is_managed(meta: &ObjectMeta) -> bool {
     meta.labels

@@ -41,7 +41,7 @@ use sidecert_contract::{
 use crate::{
     error::Result,
     kube::delete::{Deleted, delete_unchanged},
-    mutate::objects::is_managed,
+    mutate::objects::{is_managed, is_prune_candidate},
 };
 
 /// How often the leader prunes the sidecars' Roles.
@@ -172,11 +172,6 @@ fn with_mark(mut role: Role, marked: bool) -> Role {
     role
 }
 
-/// Whether `role` carries the prune mark.
-pub fn is_marked(role: &Role) -> bool {
-    role.annotations().contains_key(annotations::PRUNE_CANDIDATE)
-}
-
 /// Prunes the sidecert Roles of `ns` (labelled as its own, named `sidecert-*`, bound by a
 /// RoleBinding of the same name that is its own too) against its Pods, in two passes: a Role
 /// to narrow or delete is first marked ([`annotations::PRUNE_CANDIDATE`]); any admission
@@ -256,7 +251,7 @@ async fn prune_role(
     pruned: &mut Pruned,
 ) -> Result<()> {
     let name = role.name_any();
-    let marked = is_marked(&role);
+    let marked = is_prune_candidate(&role);
     // Every write carries the resourceVersion read: conditional.
     let replace = |r: Role| async move {
         match roles.replace(&r.name_any(), &PostParams::default(), &r).await {
@@ -265,29 +260,32 @@ async fn prune_role(
             Err(e) => Err(e),
         }
     };
-    match (wanted, marked) {
+    // What the Pods leave the Role: everything (`None`: keep), less, or nothing.
+    let change = match wanted {
+        Some(w) => narrowed(&role, w).map(Some),
+        None => Some(None),
+    };
+    match (change, marked) {
+        (None, false) => {}
         // Nothing to take: a mark left from an earlier pass goes.
-        (Some(w), true) if narrowed(&role, w).is_none() => {
+        (None, true) => {
             replace(with_mark(role, false)).await?;
         }
-        (Some(w), _) if narrowed(&role, w).is_none() => {}
         // Something to take, not marked yet: mark, act next pass.
-        (_, false) => {
+        (Some(_), false) => {
             if replace(with_mark(role, true)).await? {
                 pruned.marked.push(name);
             }
         }
-        (Some(w), true) => {
-            if let Some(narrow) = narrowed(&role, w)
-                && replace(with_mark(narrow, false)).await?
-            {
+        (Some(Some(narrow)), true) => {
+            if replace(with_mark(narrow, false)).await? {
                 pruned.narrowed.push(name);
             }
         }
         // No Pod left, and none admitted since the mark: the Role first (a binding to no
         // Role grants nothing, and the next admission writes the Role again), then the
         // binding.
-        (None, true) => {
+        (Some(None), true) => {
             if delete_unchanged(roles, &role.metadata).await? == Deleted::Yes {
                 delete_unchanged(bindings, &binding.metadata).await?;
                 pruned.deleted.push(name);
