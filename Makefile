@@ -10,7 +10,7 @@ help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 .PHONY: tools
-tools: ## build the pinned Go tools (control plane, node, Pebble, helm, registry, crane) into e2e/.cache
+tools: ## build the pinned Go tools (control plane, node, Traefik, Pebble, helm, registry, crane) into e2e/.cache
 	e2e/tools/build.sh
 
 .PHONY: build

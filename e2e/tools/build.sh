@@ -117,4 +117,93 @@ if ! fresh pause "$KUBERNETES_VERSION"; then
   stamp pause "$KUBERNETES_VERSION"
 fi
 
+# ---- the ingress controller: Traefik (issue 13) -------------------------------------------
+# Traefik's go.mod has replace directives, so `go install` refuses it: it builds in a wrapper
+# module (tools/traefik) that carries its replace and exclude lines. Three of them point at
+# what this machine's module proxy refuses (403), each worked around here, on copies in
+# e2e/.cache/traefik (never in the repository):
+# - github.com/traefik/traefik/dynamic/ext (upstream: ./pkg/config/dynamic/ext, not in the
+#   module zip): an empty module of our own with the three empty structs it holds in the
+#   open-source build;
+# - containous/go-http-auth at its 2026 pseudo-version: the served 2020 one of the same fork;
+# - the SDKs of 13 lego DNS providers: lego registers every provider in one generated file,
+#   zz_gen_dns_providers.go; the copy's is replaced by an empty registry (the plane solves
+#   HTTP-01 only), which also drops every DNS SDK from the build.
+traefik_src="$e2e/.cache/traefik"
+traefik_mod="$here/traefik"
+traefik_prepare() {
+  local pinned lego legodir
+  pinned=$(sed -n 's/^require github.com\/traefik\/traefik\/v3 \(v[^ ]*\)$/\1/p' "$traefik_mod/go.mod")
+  [[ $pinned == "$TRAEFIK_VERSION" ]] ||
+    fail "check Traefik's pin" "set TRAEFIK_VERSION in e2e/versions.env and the require line of $traefik_mod/go.mod to the same version (now $TRAEFIK_VERSION and $pinned)"
+  [[ "$(cat "$traefik_src/.prepared" 2>/dev/null)" == "$TRAEFIK_VERSION" ]] && return 0
+  step "preparing Traefik $TRAEFIK_VERSION's module workarounds in $traefik_src"
+  local gomod
+  gomod=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "github.com/traefik/traefik/v3@$TRAEFIK_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p') ||
+    fail "download Traefik $TRAEFIK_VERSION" "go mod download github.com/traefik/traefik/v3@$TRAEFIK_VERSION"
+  lego=$(sed -n 's/^\tgithub.com\/go-acme\/lego\/v5 \(v[^ ]*\)$/\1/p' "$gomod")
+  [[ -n $lego ]] || fail "find Traefik's lego v5 version" "grep go-acme/lego/v5 $gomod"
+  legodir=$(cd /tmp && go mod download -json "github.com/go-acme/lego/v5@$lego" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p') ||
+    fail "download lego $lego" "go mod download github.com/go-acme/lego/v5@$lego"
+  rm -rf "$traefik_src" && mkdir -p "$traefik_src/ext"
+  printf 'module github.com/traefik/traefik/dynamic/ext\n\ngo 1.24\n' >"$traefik_src/ext/go.mod"
+  cat >"$traefik_src/ext/ext.go" <<'GO'
+// Package ext is where Traefik's own builds extend the dynamic configuration; the
+// open-source build has nothing in it.
+package ext
+
+// HTTP extends dynamic.HTTPConfiguration.
+type HTTP struct{}
+
+// Router extends dynamic.Router.
+type Router struct{}
+
+// RouterIng extends the Kubernetes Ingress router annotations.
+type RouterIng struct{}
+GO
+  cp -r "$legodir" "$traefik_src/lego" && chmod -R u+w "$traefik_src/lego"
+  rm -f "$traefik_src/lego/providers/dns/dns_providers_test.go"
+  cat >"$traefik_src/lego/providers/dns/zz_gen_dns_providers.go" <<'GO'
+// Replaced by sidecert's e2e/tools/build.sh: no DNS-01 provider in this build.
+package dns
+
+import (
+	"fmt"
+
+	"github.com/go-acme/lego/v5/challenge"
+)
+
+// NewDNSChallengeProviderByName knows no provider in this build.
+func NewDNSChallengeProviderByName(name string) (challenge.Provider, error) {
+	return nil, fmt.Errorf("unrecognized DNS provider: %s (none in this build)", name)
+}
+GO
+  echo "$TRAEFIK_VERSION" >"$traefik_src/.prepared"
+}
+if ! fresh traefik "$TRAEFIK_VERSION"; then
+  traefik_prepare
+  step "building traefik $TRAEFIK_VERSION (cold: about 15 minutes on 2 cores)"
+  (cd "$traefik_mod" && CGO_ENABLED=0 go build -trimpath \
+    -ldflags "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
+    -o "$bin/traefik" github.com/traefik/traefik/v3/cmd/traefik) ||
+    fail "build traefik" "cd $traefik_mod && CGO_ENABLED=0 go build -o $bin/traefik github.com/traefik/traefik/v3/cmd/traefik"
+  stamp traefik "$TRAEFIK_VERSION"
+fi
+# The Gateway API CRDs Traefik implements: the standard channel of the version its go.mod
+# requires (so the pin in versions.env must be that one), from the module's config/crd.
+gwapi="$e2e/.cache/gateway-api/$GATEWAY_API_VERSION"
+if [[ ! -f "$gwapi/.complete" ]]; then
+  step "taking the Gateway API $GATEWAY_API_VERSION CRDs (standard channel) from sigs.k8s.io/gateway-api"
+  traefik_prepare # the wrapper module's replace folders must exist for `go list`
+  traefiks=$(cd "$traefik_mod" && go list -m -f '{{.Version}}' sigs.k8s.io/gateway-api) ||
+    fail "find Traefik's Gateway API version" "cd $traefik_mod && go list -m sigs.k8s.io/gateway-api"
+  [[ $traefiks == "$GATEWAY_API_VERSION" ]] ||
+    fail "check the Gateway API pin" "set GATEWAY_API_VERSION in e2e/versions.env to $traefiks, the version Traefik $TRAEFIK_VERSION implements"
+  gwdir=$(cd "$traefik_mod" && go list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api) ||
+    fail "download sigs.k8s.io/gateway-api" "cd $traefik_mod && go mod download sigs.k8s.io/gateway-api"
+  rm -rf "$gwapi" && mkdir -p "$gwapi"
+  cp "$gwdir"/config/crd/standard/*.yaml "$gwapi/" && chmod 0644 "$gwapi"/*.yaml
+  touch "$gwapi/.complete"
+fi
+
 step "tools ready in $bin"
