@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up the local plane: bridge, etcd, kube-apiserver, kube-controller-manager,
 # pebble-challtestsrv, Pebble, the node (node.sh: registry, containerd, kube-scheduler,
-# kube-proxy, kubelet) and plane-dns (`sidecert-e2e plane-dns`, Pebble's DNS records).
+# kube-proxy, kubelet), the ingress controller (ingress.sh: Traefik) and plane-dns
+# (`sidecert-e2e plane-dns`, Pebble's DNS records).
 # Idempotent: a running plane is reported and reused. On any failure everything this run
 # started is stopped again, so there is never a half-started plane.
 set -euo pipefail
@@ -198,6 +199,15 @@ export PEBBLE_MANAGEMENT="https://$GATEWAY:$PEBBLE_MGMT_PORT"
 export PEBBLE_HTTP_PORT=$PEBBLE_HTTP01_PORT
 export CHALLTESTSRV_URL="http://$CHALLTESTSRV_MGMT"
 export SIDECERT_PLANE_GATEWAY=$GATEWAY
+# The ingress controller (Traefik): curl --resolve HOST:\$INGRESS_HTTPS_PORT:\$INGRESS_IP https://HOST:\$INGRESS_HTTPS_PORT/
+export INGRESS_IP=$GATEWAY
+export INGRESS_HTTP_PORT=$INGRESS_HTTP_PORT
+export INGRESS_HTTPS_PORT=$INGRESS_HTTPS_PORT
+export INGRESS_CLASS=traefik
+# Gateway API (standard channel $GATEWAY_API_VERSION): a Gateway of this class, listeners on these ports.
+export GATEWAY_CLASS=traefik
+export GATEWAY_HTTP_PORT=$INGRESS_HTTP_PORT
+export GATEWAY_HTTPS_PORT=$INGRESS_HTTPS_PORT
 ENV
 
 # The node: a real kubelet on containerd, with kube-scheduler and kube-proxy (node.sh).
@@ -210,6 +220,8 @@ node_ready() {
 wait_until "the node (kubelet on containerd)" "${SIDECERT_NODE_WAIT:-60}" node_ready
 # Every namespace gets its default ServiceAccount from the controller-manager.
 wait_until "the default ServiceAccount" 60 kubectl_admin -n default get serviceaccount default
+# The ingress controller every Ingress host resolves to (ingress.sh).
+"$E2E/scripts/ingress.sh" up
 
 trap - EXIT
 cat >&2 <<DONE

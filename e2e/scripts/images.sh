@@ -2,12 +2,14 @@
 # Builds sidecert's images with no container daemon, as OCI image archives in
 # e2e/.cache/images/<name>.tar (an OCI image layout, tarred), and prints each digest.
 #
-#   e2e/scripts/images.sh [webhook|sidecar|app ...]     (default: all)
+#   e2e/scripts/images.sh [webhook|sidecar|app|traefik ...]     (default: all)
 #
 # webhook, sidecar: what webhook/Dockerfile and sidecar/Dockerfile describe: one static (musl)
 #   binary, CA certificates, /etc/passwd with the nonroot user 65532, /tmp; no shell. The same
 #   commit gives the same digest in any clone on the same machine: fixed file times, owners and
 #   order, --remap-path-prefix for the build folders, no timestamps in the image config.
+# traefik: the plane's ingress controller, never published: the binary make tools builds
+#   (e2e/tools/build.sh), static, run as the nonroot user on the node's network.
 # app: the local plane's test workload, never published: Debian's static busybox, serving
 #   HTTP on :8080 (busybox httpd, /www; exits on SIGTERM) unless given another command.
 #
@@ -29,7 +31,7 @@ registry_prefix="${IMAGE_REGISTRY:-ghcr.io/sidecert}"
 tag="${IMAGE_TAG:-$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$root/charts/sidecert/Chart.yaml")}"
 
 names=("$@")
-((${#names[@]})) || names=(webhook sidecar app)
+((${#names[@]})) || names=(webhook sidecar app traefik)
 
 # ---- binaries --------------------------------------------------------------------------
 # The musl target comes with the pinned toolchain when rustup installs it (rust-toolchain.toml
@@ -92,7 +94,7 @@ image() { # name ref entrypoint ports rootfs
   "$crane" append --oci-empty-base --platform linux/amd64 -f "$layer" -t "$scratch:layer" >/dev/null 2>>"$work/crane.log"
   local args=(mutate "$scratch:layer" -t "$scratch:final" --user 65532:65532 --entrypoint "$entrypoint"
     --label "org.opencontainers.image.source=https://github.com/sidecert/sidecert"
-    --label "org.opencontainers.image.version=$tag")
+    --label "org.opencontainers.image.version=${version:-$tag}")
   [[ -n $ports ]] && args+=(--exposed-ports "$ports")
   "$crane" "${args[@]}" >/dev/null 2>>"$work/crane.log"
   local layout="$work/$name.oci"
@@ -121,7 +123,8 @@ for n in "${names[@]}"; do
     webhook) build release sidecert-webhook sidecert-webhook ;;
     sidecar) build release-small sidecert-sidecar sidecert-sidecar ;;
     app) [[ -x /bin/busybox ]] || die "busybox is missing: run make tools (Debian's busybox-static)" ;;
-    *) die "unknown image $n (webhook, sidecar, app)" ;;
+    traefik) [[ -x $bin/traefik ]] || die "traefik is missing: run make tools" ;;
+    *) die "unknown image $n (webhook, sidecar, app, traefik)" ;;
   esac
 done
 serve_registry
@@ -143,5 +146,8 @@ for n in "${names[@]}"; do
       # httpd as PID 1 would ignore SIGTERM (the kernel drops signals PID 1 has no handler
       # for), so every deletion would wait out the grace period: a shell that exits on it.
       image app sidecert.test/app:1.0 "/bin/sh,-c,trap 'exit 0' TERM; httpd -f -v -p 8080 -h /www & wait" 8080 "$rootfs" ;;
+    traefik)
+      install -m 0755 "$bin/traefik" "$rootfs/traefik"
+      version=$TRAEFIK_VERSION image traefik "sidecert.test/traefik:$TRAEFIK_VERSION" /traefik "" "$rootfs" ;;
   esac
 done

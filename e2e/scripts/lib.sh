@@ -7,6 +7,8 @@ STATE="$E2E/.state"
 PIDS="$STATE/pids"
 LOGS="$STATE/logs"
 PKI="$STATE/pki"
+# shellcheck source=../versions.env
+source "$E2E/versions.env"
 
 # Network of the plane. Pods get addresses on the bridge; the host end is the gateway,
 # where the API server and Pebble listen. No traffic leaves this machine.
@@ -20,6 +22,12 @@ ETCD_PEER=127.0.0.1:2380
 PEBBLE_PORT=14000
 PEBBLE_MGMT_PORT=15000
 PEBBLE_HTTP01_PORT=8089
+# The ingress controller (Traefik, on the node's network): Pebble validates HTTP-01 on one
+# port for every name, so its HTTP entrypoint is that port; HTTPS on the next, ping on its own.
+INGRESS_HTTP_PORT=$PEBBLE_HTTP01_PORT
+INGRESS_HTTPS_PORT=8443
+INGRESS_PING_PORT=8082
+INGRESS_NAMESPACE=sidecert-ingress
 CHALLTESTSRV_DNS=127.0.0.1:8053
 CHALLTESTSRV_MGMT=127.0.0.1:8055
 KCM_PORT=10257

@@ -251,7 +251,7 @@ refuse_foreign_proxy_state() {
 push_images() {
   local crane="$BIN/crane"
   "$E2E/scripts/images.sh"
-  for name in webhook sidecar app; do
+  for name in webhook sidecar app traefik; do
     local ref repo
     ref=$(cut -d@ -f1 "$E2E/.cache/images/$name.ref")
     repo=${ref#*/}

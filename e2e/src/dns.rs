@@ -1,10 +1,11 @@
 //! `sidecert-e2e plane-dns`: keeps pebble-challtestsrv's A records in line with the cluster,
-//! as real DNS plus an ingress controller would. No real component gives Pebble these records:
-//! the kubelet, containerd and kube-proxy run the node, and this is all the plane adds.
+//! as real DNS (external-dns, say) would. No real component gives Pebble these records: the
+//! kubelet, containerd, kube-proxy and the ingress controller run the node, and this is all
+//! the plane adds.
 //!
-//! * every TLS host of every Ingress resolves to the ready endpoints of the Service behind
-//!   the host's `/.well-known/acme-challenge/` path (else the rule's first backend, else the
-//!   Ingress' default backend);
+//! * every host of every Ingress (its TLS hosts and its rules' hosts) resolves to the
+//!   addresses the ingress controller serving it published in its status (Traefik: the
+//!   node's address); an Ingress no controller serves resolves nowhere;
 //! * every domain in a Pod's `sidecert.io/domains` annotation resolves to that Pod's IP.
 
 use std::{
@@ -16,17 +17,13 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::{
-    core::v1::Pod,
-    discovery::v1::EndpointSlice,
-    networking::v1::{Ingress, IngressBackend},
-};
+use k8s_openapi::api::{core::v1::Pod, networking::v1::Ingress};
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
-use sidecert_contract::{ACME_CHALLENGE_PATH, annotations::DOMAINS, parse_domains};
+use sidecert_contract::{annotations::DOMAINS, parse_domains};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -45,27 +42,32 @@ pub struct Config {
 /// Host → addresses.
 pub type Records = BTreeMap<String, BTreeSet<Ipv4Addr>>;
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const DEBOUNCE: Duration = Duration::from_millis(200);
 
+fn normalise(host: &str) -> Option<String> {
+    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty() && !host.starts_with("*.")).then_some(host)
+}
+
 /// The records the cluster asks for. Hosts without any address are left out.
-pub fn desired(ingresses: &[Arc<Ingress>], slices: &[Arc<EndpointSlice>], pods: &[Arc<Pod>]) -> Records {
+pub fn desired(ingresses: &[Arc<Ingress>], pods: &[Arc<Pod>]) -> Records {
     let mut records = Records::new();
     for ing in ingresses {
-        let ns = ing.metadata.namespace.as_deref().unwrap_or_default();
+        let published: BTreeSet<Ipv4Addr> = ing
+            .status
+            .iter()
+            .filter_map(|s| s.load_balancer.as_ref())
+            .flat_map(|lb| lb.ingress.iter().flatten())
+            .filter_map(|i| i.ip.as_deref()?.parse().ok())
+            .collect();
+        if published.is_empty() {
+            continue;
+        }
         let Some(spec) = &ing.spec else { continue };
-        for host in spec.tls.iter().flatten().flat_map(|t| t.hosts.iter().flatten()) {
-            let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
-            if host.is_empty() || host.starts_with("*.") {
-                continue;
-            }
-            let Some(service) = service_for_host(ing, &host) else {
-                continue;
-            };
-            let ready = ready_addresses(slices, ns, &service);
-            if !ready.is_empty() {
-                records.entry(host).or_default().extend(ready);
-            }
+        let tls_hosts = spec.tls.iter().flatten().flat_map(|t| t.hosts.iter().flatten());
+        let rule_hosts = spec.rules.iter().flatten().filter_map(|r| r.host.as_ref());
+        for host in tls_hosts.chain(rule_hosts).filter_map(|h| normalise(h)) {
+            records.entry(host).or_default().extend(&published);
         }
     }
     for pod in pods {
@@ -95,52 +97,6 @@ pub fn desired(ingresses: &[Arc<Ingress>], slices: &[Arc<EndpointSlice>], pods: 
         }
     }
     records
-}
-
-/// The Service that serves `host`'s HTTP-01 challenges.
-fn service_for_host(ing: &Ingress, host: &str) -> Option<String> {
-    let spec = ing.spec.as_ref()?;
-    let backend_service = |b: &IngressBackend| b.service.as_ref().map(|s| s.name.clone());
-    let rule = spec
-        .rules
-        .iter()
-        .flatten()
-        .find(|r| r.host.as_deref().is_some_and(|h| h.eq_ignore_ascii_case(host)))
-        .or_else(|| spec.rules.iter().flatten().find(|r| r.host.is_none()));
-    let paths = rule
-        .and_then(|r| r.http.as_ref())
-        .map(|h| h.paths.as_slice())
-        .unwrap_or_default();
-    let challenge = paths.iter().find(|p| {
-        p.path.as_deref().is_some_and(|path| {
-            path.trim_end_matches('/') == ACME_CHALLENGE_PATH.trim_end_matches('/')
-                || path.starts_with(ACME_CHALLENGE_PATH)
-        })
-    });
-    challenge
-        .or_else(|| paths.first())
-        .and_then(|p| backend_service(&p.backend))
-        .or_else(|| spec.default_backend.as_ref().and_then(backend_service))
-}
-
-fn ready_addresses(slices: &[Arc<EndpointSlice>], ns: &str, service: &str) -> BTreeSet<Ipv4Addr> {
-    slices
-        .iter()
-        .filter(|s| s.metadata.namespace.as_deref() == Some(ns))
-        .filter(|s| {
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                == Some(service)
-        })
-        .flat_map(|s| s.endpoints.iter())
-        // An unset `ready` means ready (the API's documented reading of "unknown").
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-        .flat_map(|e| e.addresses.iter())
-        .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-        .collect()
 }
 
 /// What to send to bring `current` to `desired`: records to add (new or changed) and hosts
@@ -228,20 +184,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
     Ok(())
 }
 
-/// Recomputes the records on every Ingress, EndpointSlice or Pod change (debounced) and
+/// Recomputes the records on every Ingress or Pod change (debounced) and
 /// sends the difference to challtestsrv, until `shutdown`.
 async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: CancellationToken) {
     let notify = Arc::new(Notify::new());
     let (ingresses, a) = reflect(Api::<Ingress>::all(client.clone()), notify.clone());
-    let (slices, b) = reflect(Api::<EndpointSlice>::all(client.clone()), notify.clone());
-    let (pods, c) = reflect(Api::<Pod>::all(client), notify.clone());
+    let (pods, b) = reflect(Api::<Pod>::all(client), notify.clone());
     let drivers = async {
-        tokio::join!(a, b, c);
+        tokio::join!(a, b);
     };
     let sync = async {
         for store in [
             ingresses.wait_until_ready().await.is_ok(),
-            slices.wait_until_ready().await.is_ok(),
             pods.wait_until_ready().await.is_ok(),
         ] {
             if !store {
@@ -250,7 +204,7 @@ async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: Cancellation
         }
         let mut current = Records::new();
         loop {
-            let want = desired(&ingresses.state(), &slices.state(), &pods.state());
+            let want = desired(&ingresses.state(), &pods.state());
             let (adds, clears) = diff(&current, &want);
             let mut failed = false;
             for (host, addrs) in adds {
@@ -301,24 +255,12 @@ async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: Cancellation
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
     fn ingress(v: serde_json::Value) -> Arc<Ingress> {
         Arc::new(serde_json::from_value(v).unwrap())
-    }
-
-    fn slice(ns: &str, svc: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"name": format!("{svc}-x"), "namespace": ns,
-                              "labels": {"kubernetes.io/service-name": svc}},
-                "addressType": "IPv4",
-                "endpoints": endpoints
-            }))
-            .unwrap(),
-        )
     }
 
     fn pod(name: &str, domains: Option<&str>, ip: Option<&str>, deleting: bool) -> Arc<Pod> {
@@ -339,87 +281,48 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn web_ingress() -> Arc<Ingress> {
+    fn web_ingress(status_ips: &[&str]) -> Arc<Ingress> {
+        let lb: Vec<Value> = status_ips.iter().map(|ip| json!({"ip": ip})).collect();
         ingress(json!({
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {
-                "tls": [{"hosts": ["Web.Example", "api.example", "*.wild.example", "nobackend.example"], "secretName": "web-tls"}],
+                "tls": [{"hosts": ["Web.Example.", "*.wild.example"], "secretName": "web-tls"}],
                 "rules": [
                     {"host": "web.example", "http": {"paths": [
-                        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}},
-                        {"path": "/.well-known/acme-challenge/", "pathType": "Prefix",
-                         "backend": {"service": {"name": "web-sidecert-solver", "port": {"number": 8089}}}}
+                        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "web", "port": {"number": 80}}}}
                     ]}},
                     {"host": "api.example", "http": {"paths": [
                         {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "api", "port": {"number": 80}}}}
+                    ]}},
+                    {"http": {"paths": [
+                        {"path": "/", "pathType": "Prefix", "backend": {"service": {"name": "any", "port": {"number": 80}}}}
                     ]}}
                 ]
-            }
+            },
+            "status": {"loadBalancer": {"ingress": lb}}
         }))
     }
 
     #[test]
-    fn ingress_hosts_follow_the_challenge_route_else_first_backend() {
-        let slices = [
-            slice(
-                "shop",
-                "web",
-                json!([{"addresses": ["10.213.0.50"], "conditions": {"ready": true}}]),
-            ),
-            slice(
-                "shop",
-                "web-sidecert-solver",
-                json!([
-                    {"addresses": ["10.213.0.10"], "conditions": {"ready": true}},
-                    {"addresses": ["10.213.0.11"], "conditions": {"ready": false}},
-                    {"addresses": ["10.213.0.12"]}
-                ]),
-            ),
-            slice(
-                "shop",
-                "api",
-                json!([{"addresses": ["10.213.0.20"], "conditions": {"ready": true}}]),
-            ),
-            slice(
-                "other",
-                "api",
-                json!([{"addresses": ["10.213.0.99"], "conditions": {"ready": true}}]),
-            ),
-        ];
-        let got = desired(&[web_ingress()], &slices, &[]);
+    fn ingress_hosts_resolve_to_the_controllers_published_addresses() {
+        let got = desired(&[web_ingress(&["10.213.0.1"])], &[]);
         let want: Records = [
-            (
-                "web.example".to_string(),
-                [ip("10.213.0.10"), ip("10.213.0.12")].into(),
-            ),
-            ("api.example".to_string(), [ip("10.213.0.20")].into()),
+            ("web.example".to_string(), [ip("10.213.0.1")].into()),
+            ("api.example".to_string(), [ip("10.213.0.1")].into()),
         ]
         .into();
         assert_eq!(got, want);
     }
 
     #[test]
-    fn hosts_without_ready_endpoints_are_left_out() {
-        let slices = [slice(
-            "shop",
-            "web-sidecert-solver",
-            json!([{"addresses": ["10.213.0.10"], "conditions": {"ready": false}}]),
-        )];
-        assert!(desired(&[web_ingress()], &slices, &[]).is_empty());
-    }
-
-    #[test]
-    fn default_backend_serves_hosts_without_a_rule() {
-        let ing = ingress(json!({
-            "metadata": {"name": "d", "namespace": "shop"},
-            "spec": {"tls": [{"hosts": ["d.example"]}],
-                     "defaultBackend": {"service": {"name": "dflt", "port": {"number": 80}}}}
+    fn ingresses_no_controller_serves_resolve_nowhere() {
+        assert!(desired(&[web_ingress(&[])], &[]).is_empty());
+        let hostname_only = ingress(json!({
+            "metadata": {"name": "h", "namespace": "shop"},
+            "spec": {"tls": [{"hosts": ["h.example"]}]},
+            "status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}
         }));
-        let slices = [slice("shop", "dflt", json!([{"addresses": ["10.213.0.30"]}]))];
-        assert_eq!(
-            desired(&[ing], &slices, &[]),
-            [("d.example".to_string(), [ip("10.213.0.30")].into())].into()
-        );
+        assert!(desired(&[hostname_only], &[]).is_empty());
     }
 
     #[test]
@@ -440,7 +343,7 @@ mod tests {
             ),
         ]
         .into();
-        assert_eq!(desired(&[], &[], &pods), want);
+        assert_eq!(desired(&[], &pods), want);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! the kubelet runs them on containerd from the local registry's images, EndpointSlices
 //! follow and kube-proxy routes their Service; a container gets its env and a working
 //! ServiceAccount token; Pebble issues a certificate over HTTP-01 through challtestsrv's DNS,
-//! which plane-dns points at Pods and at Ingress backends.
+//! which plane-dns points at Pods and, for Ingress hosts, at the ingress controller (Traefik).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -513,10 +513,11 @@ async fn pod_domains_resolve_to_the_pod_for_http01() -> anyhow::Result<()> {
     .await
 }
 
-/// plane-dns for Ingresses: a TLS host resolves to the ready endpoints of the Service
-/// behind the host's `/.well-known/acme-challenge/` path, so Pebble reaches the Pod behind it.
+/// plane-dns for Ingresses: a host resolves to the address the ingress controller (Traefik)
+/// published in the Ingress's status, and Traefik routes the host's
+/// `/.well-known/acme-challenge/` path to the Pod behind it, where Pebble validates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<()> {
+async fn ingress_hosts_resolve_to_the_ingress_controller_which_routes_the_challenge() -> anyhow::Result<()> {
     let name = random_name("ing");
     in_namespace("e2e-ingress", |plane, ns| async move {
         let pod: Pod = serde_json::from_value(json!({
@@ -560,10 +561,23 @@ async fn ingress_tls_hosts_resolve_to_the_challenge_backend() -> anyhow::Result<
         })
         .await
         .context("the solver Service has a ready endpoint")?;
+        let ingresses = ns.api::<k8s_openapi::api::networking::v1::Ingress>();
+        let published = wait_for(Duration::from_secs(30), || async {
+            let ing = ingresses.get("web").await.ok()?;
+            let lb = ing.status?.load_balancer?.ingress?;
+            lb.first()?.ip.clone()
+        })
+        .await
+        .context("Traefik published no address in the Ingress's status")?;
+        anyhow::ensure!(
+            published == plane.ingress_https().ip().to_string(),
+            "the Ingress's status says {published}, want the ingress controller's {}",
+            plane.ingress_https().ip()
+        );
         plane
             .wait_dns_record(&name, Duration::from_secs(10))
             .await
-            .context("plane-dns points the Ingress host at the solver")?;
+            .context("plane-dns points the Ingress host at the ingress controller")?;
         issue_and_check(plane, &name, |token, key_authorization| {
             publish_in_pod(plane, ns.name(), token, key_authorization)
         })
