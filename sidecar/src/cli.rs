@@ -120,8 +120,10 @@ pub struct RunArgs {
     #[arg(long, env = "SIDECERT_ROUTE_WAIT", default_value = "60s", value_parser = parse_duration)]
     pub route_wait: Duration,
     /// Ingress certificates: delay after the endpoint appears, for the ingress controller to
-    /// route to it.
-    #[arg(long, env = "SIDECERT_ROUTE_SETTLE", default_value = "1s", value_parser = parse_duration)]
+    /// route to it. Traefik applies a change at most every 2 s (its
+    /// `providers.providersThrottleDuration`) and sees the endpoint through a watch first:
+    /// with 1 s, about half the first orders on the plane failed validation with a 404.
+    #[arg(long, env = "SIDECERT_ROUTE_SETTLE", default_value = "3s", value_parser = parse_duration)]
     pub route_settle: Duration,
     /// Delay before the reload URL is called. Default: 0 with --cert-dir (the files are in
     /// place), else 90s: an app reading the Secret through a volume sees the new files only
@@ -299,7 +301,7 @@ mod tests {
         assert_eq!(opts.namespace, "shop");
         assert!(!opts.ari);
         assert_eq!(opts.route_wait, Duration::from_secs(60));
-        assert_eq!(opts.route_settle, Duration::from_secs(1));
+        assert_eq!(opts.route_settle, Duration::from_secs(3));
         assert_eq!(
             opts.reload_delay,
             Duration::from_secs(90),
