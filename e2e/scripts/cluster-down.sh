@@ -24,5 +24,5 @@ done
 if ip link show "$BRIDGE" >/dev/null 2>&1; then
   ip link del "$BRIDGE" 2>/dev/null || true
 fi
-rm -rf "$STATE/etcd" "$STATE/env" "$STATE/flexvolume" "$STATE/traefik"
+rm -rf "$STATE/etcd" "$STATE/env" "$STATE/flexvolume" "$STATE/traefik" "$STATE/pebble-root.pem"
 say "the local plane is stopped"

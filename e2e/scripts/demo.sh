@@ -3,7 +3,8 @@
 # sidecert installed with helm from charts/sidecert, pushed to the local registry as an OCI
 # artifact (the webhook runs from its image as the chart's Deployment, reached by the API
 # server through its Service), and examples/ applied in the labelled namespace `demo`. Waits, showing progress, until the Secret holds the certificate
-# Pebble issued, then prints it. `make demo-down` (or Ctrl-C while it waits) stops it all.
+# Pebble issued, prints it, then the `curl` through the ingress controller (Traefik) that gets
+# the app over HTTPS with it. `make demo-down` (or Ctrl-C while it waits) stops it all.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 NS=demo
@@ -84,6 +85,27 @@ while ((SECONDS - started < TIMEOUT)); do
     else
       echo "chain: does NOT verify against Pebble's root" >&2
     fi
+    # What a browser sees: the app over HTTPS through the ingress controller (Traefik), with
+    # that certificate. Traefik follows the Secret (1-2 s after it changed).
+    host=$(kubectl -n "$NS" get ingress web -o jsonpath='{.spec.tls[0].hosts[0]}')
+    serial=$(openssl x509 -in "$work/leaf.pem" -noout -serial | cut -d= -f2)
+    cp "$work/root.pem" "$STATE/pebble-root.pem"
+    curl_cmd=(curl -sS --resolve "$host:$INGRESS_HTTPS_PORT:$INGRESS_IP" --cacert "$STATE/pebble-root.pem" "https://$host:$INGRESS_HTTPS_PORT/")
+    served=""
+    for _ in $(seq 1 30); do
+      served=$(openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" </dev/null 2>/dev/null |
+        openssl x509 -noout -serial 2>/dev/null | cut -d= -f2 || true)
+      [[ "$served" == "$serial" ]] && break
+      sleep 1
+    done
+    say "through the ingress controller (Traefik at $INGRESS_IP:$INGRESS_HTTPS_PORT), trusting only Pebble's root:"
+    echo "\$ ${curl_cmd[*]}"
+    "${curl_cmd[@]}" || echo "curl through the ingress failed" >&2
+    echo "the certificate the ingress served for $host:"
+    openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" -showcerts </dev/null 2>/dev/null |
+      openssl x509 -noout -subject -issuer -serial -dates
+    [[ "$served" == "$serial" ]] && echo "(the same certificate as in Secret $NS/$SECRET)" ||
+      echo "(NOT the certificate in Secret $NS/$SECRET: serial $served, want $serial)" >&2
     rm -rf "$work"
     cat <<LOOK
 
@@ -97,6 +119,8 @@ Look around (source $STATE/env first):
   $HELM -n $RELEASE_NS status $RELEASE
   kubectl -n $NS logs deploy/web -c sidecert               # the sidecar's log
   kubectl get node -o wide                                   # the kubelet and containerd that run it all
+  curl --resolve $host:$INGRESS_HTTPS_PORT:$INGRESS_IP --cacert $STATE/pebble-root.pem https://$host:$INGRESS_HTTPS_PORT/
+  kubectl -n $INGRESS_NAMESPACE logs deploy/traefik             # the ingress controller's access log
 Stop everything: make demo-down
 LOOK
     exit 0

@@ -3,11 +3,14 @@
 //! * [`dns`] — `sidecert-e2e plane-dns`, which `e2e/scripts/cluster-up.sh` starts: it keeps
 //!   pebble-challtestsrv's DNS in line with the cluster (Ingress hosts, Pod domains). A real
 //!   kubelet on containerd runs the node (`e2e/scripts/node.sh`).
+//! * [`ingress`] — requests through the plane's ingress controller (Traefik), keeping the
+//!   certificate chain it served.
 //! * [`Plane`] — the helper integration tests use to reach (or bring up) the plane and get a
 //!   fresh namespace.
 
 pub mod dns;
 mod error;
+pub mod ingress;
 mod plane;
 
 use std::path::Path;

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,6 +32,9 @@ pub struct Plane {
     pebble_management: String,
     challtestsrv_url: String,
     gateway: Ipv4Addr,
+    ingress_http: SocketAddr,
+    ingress_https: SocketAddr,
+    state_dir: PathBuf,
 }
 
 impl Plane {
@@ -100,7 +103,16 @@ impl Plane {
             .await
             .map_err(|e| Error::io(&pebble_ca_file, e))?;
         let webhook_client_ca_file = resolve(get("WEBHOOK_CLIENT_CA_FILE")?);
+        let ingress_ip: Ipv4Addr = get("INGRESS_IP")?
+            .parse()
+            .map_err(|e| Error::invalid("INGRESS_IP", format!("{e}")))?;
+        let port = |key: &'static str| -> Result<u16> {
+            get(key)?.parse().map_err(|e| Error::invalid(key, format!("{e}")))
+        };
         Ok(Plane {
+            ingress_http: SocketAddr::from((ingress_ip, port("INGRESS_HTTP_PORT")?)),
+            ingress_https: SocketAddr::from((ingress_ip, port("INGRESS_HTTPS_PORT")?)),
+            state_dir: path.parent().map(Path::to_owned).unwrap_or_default(),
             webhook_client_ca_file,
             repo_root: repo_root.to_owned(),
             kubeconfig: resolve(get("KUBECONFIG")?),
@@ -185,6 +197,22 @@ impl Plane {
     /// The bridge's host address (API server, Pebble, Node InternalIP).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+
+    /// The ingress controller's HTTP entrypoint (also Pebble's HTTP-01 port).
+    pub fn ingress_http(&self) -> SocketAddr {
+        self.ingress_http
+    }
+
+    /// The ingress controller's HTTPS entrypoint.
+    pub fn ingress_https(&self) -> SocketAddr {
+        self.ingress_https
+    }
+
+    /// The folder Traefik's file provider watches (`e2e/scripts/ingress.sh`): a scenario puts
+    /// dynamic configuration there (an HTTP-to-HTTPS redirect).
+    pub fn traefik_dynamic_dir(&self) -> PathBuf {
+        self.state_dir.join("traefik/dynamic")
     }
 
     /// A new client (clients are bound to the runtime that made them; each test has its own).

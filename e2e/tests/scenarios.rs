@@ -37,7 +37,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 use sidecert_contract::{ACME_CHALLENGE_PATH, SIDECAR_CONTAINER_NAME, SOLVER_SERVICE_SUFFIX, annotations};
-use sidecert_e2e::{Plane, TestNamespace, create_until, wait_for};
+use sidecert_e2e::{Plane, TestNamespace, create_until, ingress, wait_for};
 use tokio::io::AsyncWriteExt;
 
 /// Release name: its cluster-scoped objects (MutatingWebhookConfiguration `sidecert-e2e`,
@@ -46,6 +46,10 @@ const RELEASE: &str = "sidecert-e2e";
 const CHART: &str = "charts/sidecert";
 const HELM: &str = "e2e/.cache/bin/helm";
 const APP_IMAGE: &str = "example/app:1.0";
+/// What the app image serves at `/` (e2e/scripts/images.sh).
+const APP_PAGE: &str = "sidecert test app";
+/// What a sidecar's HTTP-01 responder answers for a token it does not hold.
+const SOLVER_UNKNOWN_TOKEN: &str = "unknown token\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scenarios() {
@@ -717,9 +721,15 @@ struct CertInfo {
 fn check_chain(chain_pem: &str, root_pem: Option<&str>) -> Result<CertInfo> {
     let pems: Vec<_> =
         x509_parser::pem::Pem::iter_from_buffer(chain_pem.as_bytes()).collect::<Result<_, _>>()?;
-    let certs = pems
+    let ders: Vec<Vec<u8>> = pems.into_iter().map(|p| p.contents).collect();
+    check_der_chain(&ders, root_pem)
+}
+
+/// [`check_chain`] for a chain in DER (as a TLS server sends it).
+fn check_der_chain(ders: &[Vec<u8>], root_pem: Option<&str>) -> Result<CertInfo> {
+    let certs = ders
         .iter()
-        .map(|p| p.parse_x509())
+        .map(|d| x509_parser::parse_x509_certificate(d).map(|(_, c)| c))
         .collect::<Result<Vec<_>, _>>()?;
     let leaf = certs.first().context("empty tls.crt")?;
     let sans = leaf
@@ -782,6 +792,77 @@ async fn check_issued(plane: &Plane, secret: &Secret, domains: &[String]) -> Res
         secret.type_
     );
     Ok(info)
+}
+
+/// The ingress controller's Pod (the plane runs one): its uid and restart count, so a
+/// scenario can tell it was neither replaced nor restarted.
+async fn traefik_pod(client: &Client) -> Result<(String, i32)> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "sidecert-ingress");
+    let list = pods.list(&ListParams::default().labels("app=traefik")).await?;
+    let pod = list.items.first().context("no Traefik Pod in sidecert-ingress")?;
+    Ok((pod.metadata.uid.clone().unwrap_or_default(), restarts(pod)))
+}
+
+/// `GET https://{host}{path}` through the ingress controller (SNI and Host `host`).
+async fn through_ingress(plane: &Plane, host: &str, path: &str) -> Result<ingress::Response> {
+    ingress::https_get(plane.ingress_https(), host, path)
+        .await
+        .with_context(|| {
+            format!(
+                "GET https://{host}{path} through the ingress controller at {}",
+                plane.ingress_https()
+            )
+        })
+}
+
+/// Waits until the ingress controller serves `host` with the certificate whose serial is
+/// `serial` (`root`: and it chains to that root) and, if `app`, `/` answers the app's page;
+/// returns how long after `since` that was.
+async fn wait_served(
+    plane: &Plane,
+    host: &str,
+    serial: &str,
+    root: Option<&str>,
+    app: bool,
+    since: Instant,
+    timeout: Duration,
+) -> Result<Duration> {
+    let last = Arc::new(std::sync::Mutex::new(String::from("no answer yet")));
+    let seen = wait_for(timeout, || {
+        let last = last.clone();
+        async move {
+            let outcome = async {
+                let r = through_ingress(plane, host, "/").await?;
+                let info = check_der_chain(&r.chain, root)?;
+                ensure!(
+                    !app || (r.status == 200 && r.body.contains(APP_PAGE)),
+                    "status {} body {:?}",
+                    r.status,
+                    r.body.chars().take(120).collect::<String>()
+                );
+                ensure!(
+                    info.serial == serial,
+                    "served serial {}, want {serial}",
+                    info.serial
+                );
+                ensure!(info.sans.contains(host), "served certificate for {:?}", info.sans);
+                Ok(since.elapsed())
+            }
+            .await;
+            match outcome {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    *last.lock().unwrap() = format!("{e:#}");
+                    None
+                }
+            }
+        }
+    })
+    .await;
+    let last = last.lock().unwrap().clone();
+    seen.with_context(|| {
+        format!("https://{host}/ through the ingress never served serial {serial}: last {last}")
+    })
 }
 
 /// Sum of `metric` over the sidecars of `pods` (their metrics port on the Pod IP), for the
@@ -866,7 +947,15 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
         .in_namespaces(&[("e2e-s1", true)], |namespaces| async move {
             let ns = &namespaces[0];
             let hosts = vec![host("web", ns), host("www", ns)];
-            let manifest = web_app("web", &hosts, "web-tls", 3, json!({}), json!({}));
+            let mut manifest = web_app("web", &hosts, "web-tls", 3, json!({}), json!({}));
+            // The app's own paths beside sidecert's: web_app's `/` Prefix and an Exact one.
+            manifest["items"][1]["spec"]["rules"][0]["http"]["paths"]
+                .as_array_mut()
+                .context("web_app's Ingress has no paths")?
+                .push(json!({"path": "/index.html", "pathType": "Exact",
+                             "backend": {"service": {"name": "web", "port": {"name": "http"}}}}));
+            let traefik = traefik_pod(&ctx.client).await?;
+            let applied = Instant::now();
             ctx.kubectl_ok(
                 &["-n", ns.name(), "apply", "-f", "-"],
                 Some(&manifest.to_string()),
@@ -936,9 +1025,74 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
                 ensure!(sidecar(pod).is_some(), "Pod {} has no sidecar", pod_name(pod));
             }
 
+            // What a user sees through Traefik: HTTPS at once, with the temporary certificate.
+            let temporary_after = wait_served(
+                ctx.plane,
+                &hosts[0],
+                &temp_info.serial,
+                None,
+                true,
+                applied,
+                Duration::from_secs(60),
+            )
+            .await?;
+            eprintln!(
+                "scenario 1: apply -> https://{}/ through the ingress with the temporary certificate: {:.1} s",
+                hosts[0],
+                temporary_after.as_secs_f64()
+            );
+            // The app's paths still reach the app; the challenge path reaches a sidecar.
+            let exact = through_ingress(ctx.plane, &hosts[0], "/index.html").await?;
+            ensure!(
+                exact.status == 200 && exact.body.contains(APP_PAGE),
+                "the Exact path /index.html answered {} {:?}",
+                exact.status,
+                exact.body
+            );
+            let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
+            for h in &hosts {
+                let challenge = through_ingress(ctx.plane, h, &probe).await?;
+                ensure!(
+                    challenge.status == 404 && challenge.body == SOLVER_UNKNOWN_TOKEN,
+                    "https://{h}{probe} answered {} {:?}, not the solver's unknown token",
+                    challenge.status,
+                    challenge.body
+                );
+                let plain = ingress::http_get(ctx.plane.ingress_http(), h, "/").await?;
+                ensure!(
+                    plain.status == 200 && plain.body.contains(APP_PAGE),
+                    "http://{h}/ answered {} {:?}",
+                    plain.status,
+                    plain.body
+                );
+            }
+
             let issued = wait_issued(&secrets, "web-tls", Duration::from_secs(90)).await?;
             let info = check_issued(ctx.plane, &issued, &hosts).await?;
             eprintln!("scenario 1: issued serial {} for {:?}", info.serial, info.sans);
+            // Then, with no restart of any Pod or of Traefik, the issued one.
+            let root = ctx.plane.pebble_root_pem().await?;
+            for h in &hosts {
+                let issued_after = wait_served(
+                    ctx.plane,
+                    h,
+                    &info.serial,
+                    Some(&root),
+                    true,
+                    applied,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                eprintln!(
+                    "scenario 1: apply -> https://{h}/ through the ingress with the issued certificate: {:.1} s",
+                    issued_after.as_secs_f64()
+                );
+            }
+            let now = traefik_pod(&ctx.client).await?;
+            ensure!(
+                now == traefik,
+                "Traefik's Pod was replaced or restarted (uid, restarts): {traefik:?} then {now:?}"
+            );
             ensure!(
                 info.not_after - info.not_before > 86_400,
                 "certificate lives {}s: the chart's acme.profile=default did not reach the order",
@@ -972,7 +1126,7 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             let issued_events = events_with_reason(&ctx.client, ns.name(), "Issued").await?;
             ensure!(issued_events.len() == 1, "Issued Events: {issued_events:?}");
 
-            unlabelled_namespace_is_cleaned(&ctx, ns, &solver, &issued).await
+            unlabelled_namespace_is_cleaned(&ctx, ns, &hosts[0], &solver, &issued).await
         })
         .await
 }
@@ -984,6 +1138,7 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
 async fn unlabelled_namespace_is_cleaned(
     ctx: &Ctx,
     ns: &TestNamespace,
+    host: &str,
     solver: &str,
     issued: &Secret,
 ) -> Result<()> {
@@ -1024,6 +1179,14 @@ async fn unlabelled_namespace_is_cleaned(
             left().await
         );
     }
+    // Through Traefik, the challenge path is the app's again (its `/` Prefix: httpd's 404).
+    let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
+    wait_for(Duration::from_secs(20), || async {
+        let r = through_ingress(ctx.plane, host, &probe).await.ok()?;
+        (r.status == 404 && r.body != SOLVER_UNKNOWN_TOKEN).then_some(())
+    })
+    .await
+    .with_context(|| format!("https://{host}{probe} still reaches the solver after the cleanup"))?;
     let sa = format!("--as=system:serviceaccount:{}:default", ns.name());
     let out = ctx
         .kubectl(
@@ -1151,6 +1314,11 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
         .in_namespaces(&[("e2e-s2", true)], |namespaces| async move {
             let ns = &namespaces[0];
             let hosts = vec![host("short", ns)];
+            // What most installations turn on: every plain-HTTP request redirected to HTTPS.
+            // The same router Traefik's `entryPoints.web.http.redirections` makes, scoped to
+            // this scenario's host (the plane's Traefik serves the others plain HTTP).
+            let _redirect = Redirect::to_https(ctx.plane, ns.name(), &hosts[0]).await?;
+            let applied = Instant::now();
             let manifest = web_app(
                 "short",
                 &hosts,
@@ -1180,8 +1348,38 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 "certificate lives {lifetime}s: the shortlived profile was not used"
             );
             eprintln!(
-                "scenario 2: first certificate {} valid {lifetime}s, until {}",
+                "scenario 2: first certificate {} valid {lifetime}s, until {}, validated through the redirect",
                 first.serial, first.not_after
+            );
+            // Pebble asked on HTTP, got the redirect and fetched the token on Traefik's
+            // HTTPS entrypoint (its access log names the router, `websecure-<namespace>-...`).
+            let tokens = pebble_tokens(ctx.plane, &hosts[0]);
+            let access_log = ctx
+                .kubectl_ok(&["-n", "sidecert-ingress", "logs", "deploy/traefik"], None)
+                .await?
+                .stdout;
+            let over_https = format!("\"websecure-{}-", ns.name());
+            ensure!(
+                !tokens.is_empty()
+                    && tokens.iter().any(|t| access_log.lines().any(|l| {
+                        l.contains(&format!("GET {ACME_CHALLENGE_PATH}{t} ")) && l.contains(" 200 ") && l.contains(&over_https)
+                    })),
+                "Traefik's access log shows no challenge ({tokens:?}) answered on its HTTPS entrypoint"
+            );
+            let root = ctx.plane.pebble_root_pem().await?;
+            let served_after = wait_served(
+                ctx.plane,
+                &hosts[0],
+                &first.serial,
+                Some(&root),
+                true,
+                applied,
+                Duration::from_secs(30),
+            )
+            .await?;
+            eprintln!(
+                "scenario 2: apply -> issued certificate served through the ingress: {:.1} s",
+                served_after.as_secs_f64()
             );
 
             let left = (first.not_after - now_unix()).max(1) as u64;
@@ -1212,6 +1410,21 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 second.serial,
                 first.not_after - seen_at
             );
+            let renewed_at = Instant::now();
+            let served_after = wait_served(
+                ctx.plane,
+                &hosts[0],
+                &second.serial,
+                Some(&root),
+                true,
+                renewed_at,
+                Duration::from_secs(30),
+            )
+            .await?;
+            eprintln!(
+                "scenario 2: renewed certificate served through the ingress {:.1} s after the test saw the Secret change",
+                served_after.as_secs_f64()
+            );
 
             tokio::time::sleep(Duration::from_secs(2)).await;
             let pods = pods_api
@@ -1234,6 +1447,47 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
             Ok(())
         })
         .await
+}
+
+/// An HTTP-to-HTTPS redirect of `host` on Traefik's HTTP entrypoint, through its file
+/// provider; removed again on drop.
+struct Redirect(PathBuf);
+
+impl Redirect {
+    /// Turns it on and waits until Traefik answers plain HTTP for `host` with the redirect.
+    async fn to_https(plane: &Plane, name: &str, host: &str) -> Result<Redirect> {
+        let dir = plane.traefik_dynamic_dir();
+        let path = dir.join(format!("{name}.yaml"));
+        let https_port = plane.ingress_https().port();
+        // Priority: the highest a user may give (math.MaxInt - 1000); Traefik gives its own
+        // entrypoint redirections math.MaxInt - 1, above every router as well.
+        let yaml = format!(
+            "http:\n  routers:\n    {name}-to-https:\n      entryPoints: [web]\n      rule: \"Host(`{host}`)\"\n      \
+             priority: {}\n      middlewares: [{name}-to-https]\n      service: noop@internal\n  middlewares:\n    \
+             {name}-to-https:\n      redirectScheme: {{scheme: https, port: \"{https_port}\", permanent: true}}\n",
+            i64::MAX - 1000
+        );
+        tokio::fs::write(&path, yaml)
+            .await
+            .with_context(|| format!("write {}", path.display()))?;
+        let redirect = Redirect(path);
+        let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
+        let want = format!("https://{host}:{https_port}{probe}");
+        wait_for(Duration::from_secs(20), || async {
+            let r = ingress::http_get(plane.ingress_http(), host, &probe).await.ok()?;
+            // Permanent: 301 for a GET (308 for other methods).
+            (matches!(r.status, 301 | 308) && r.header("location") == Some(want.as_str())).then_some(())
+        })
+        .await
+        .with_context(|| format!("Traefik does not redirect http://{host}{probe} to {want}"))?;
+        Ok(redirect)
+    }
+}
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Scenario 3: A Pod with the direct annotations and no Ingress gets its own certificate.
@@ -2223,6 +2477,21 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
                 ctx.claim_holder(&shared).await?.as_deref() == Some(ns.name()),
                 "the claim of {shared} moved"
             );
+            // Traefik merges both namespaces' rules for the host; what it serves for it is the
+            // owner's certificate (the other namespace got no Secret to offer).
+            let owners = ns.api::<Secret>().get("shared-tls").await?;
+            let owners = check_chain(&tls_crt(&owners).context("shared-tls without tls.crt")?, None)?;
+            wait_served(
+                ctx.plane,
+                &shared,
+                &owners.serial,
+                None,
+                false,
+                Instant::now(),
+                Duration::from_secs(20),
+            )
+            .await
+            .context("the ingress does not serve the owning namespace's certificate for the shared host")?;
             Ok(())
         })
         .await
