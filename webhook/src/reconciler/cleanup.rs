@@ -187,6 +187,9 @@ pub async fn clean_namespace(
     (cleaned, first_error)
 }
 
+/// How often the cleanup reads an Ingress again when it changed under the patch.
+const PATCH_ATTEMPTS: usize = 5;
+
 /// Takes the HTTP-01 paths off every Ingress of `ns`, going on past one that fails; the
 /// Ingresses done, and the first error.
 async fn remove_paths(client: &Client, ns: &str) -> (Vec<String>, Option<Error>) {
@@ -198,27 +201,48 @@ async fn remove_paths(client: &Client, ns: &str) -> (Vec<String>, Option<Error>)
     };
     let mut first_error = None;
     for ingress in ingresses {
-        let patch = route_removal_patch(&ingress);
-        if patch.is_empty() {
-            continue;
-        }
         let name = ingress.name_any();
-        match api
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Json::<()>(guarded(ingress.resource_version().as_deref(), patch)),
-            )
-            .await
-        {
-            Ok(_) => done.push(name),
+        match remove_paths_of(&api, ingress).await {
+            Ok(true) => done.push(name),
+            Ok(false) => {}
             Err(e) => {
                 tracing::warn!(namespace = ns, ingress = name, error = %e, "cannot take the HTTP-01 paths off");
-                first_error.get_or_insert(e.into());
+                first_error.get_or_insert(e);
             }
         }
     }
     (done, first_error)
+}
+
+/// Takes the HTTP-01 paths off one Ingress; whether it had any. The patch is guarded by the
+/// resourceVersion it was computed from; an ingress controller writes the Ingress's status
+/// at any time (Traefik does right after a change), which fails the guard (the API server
+/// answers 422 for a failed test operation, 409 for a conflict), so the Ingress is read
+/// again and the patch recomputed, a few times.
+async fn remove_paths_of(api: &Api<Ingress>, mut ingress: Ingress) -> Result<bool> {
+    let name = ingress.name_any();
+    let mut attempt = 1;
+    loop {
+        let patch = route_removal_patch(&ingress);
+        if patch.is_empty() {
+            return Ok(false);
+        }
+        let guarded_patch = guarded(ingress.resource_version().as_deref(), patch);
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Json::<()>(guarded_patch))
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(kube::Error::Api(s)) if matches!(s.code, 409 | 422) && attempt < PATCH_ATTEMPTS => {
+                attempt += 1;
+                match api.get_opt(&name).await? {
+                    Some(fresh) => ingress = fresh,
+                    None => return Ok(false),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Deletes the objects of kind `K` in `ns` that carry sidecert's label and one of its names,
