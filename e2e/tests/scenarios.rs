@@ -815,18 +815,44 @@ async fn through_ingress(plane: &Plane, host: &str, path: &str) -> Result<ingres
         })
 }
 
-/// Waits until the ingress controller serves `host` with the certificate whose serial is
-/// `serial` (`root`: and it chains to that root) and, if `app`, `/` answers the app's page;
-/// returns how long after `since` that was.
+/// What the ingress controller is to serve for a host: the certificate whose serial is
+/// `serial` (`root`: and it chains to that root) and, if `app`, the app's page at `/`.
+struct Expect<'a> {
+    serial: &'a str,
+    root: Option<&'a str>,
+    app: bool,
+}
+
+impl<'a> Expect<'a> {
+    /// The app, with the temporary certificate.
+    fn temporary(serial: &'a str) -> Self {
+        Self {
+            serial,
+            root: None,
+            app: true,
+        }
+    }
+
+    /// The app, with the issued certificate chaining to Pebble's `root`.
+    fn issued(serial: &'a str, root: &'a str) -> Self {
+        Self {
+            serial,
+            root: Some(root),
+            app: true,
+        }
+    }
+}
+
+/// Waits up to `timeout` until the ingress controller serves `host` as `want` says; returns
+/// how long after `since` that was.
 async fn wait_served(
     plane: &Plane,
     host: &str,
-    serial: &str,
-    root: Option<&str>,
-    app: bool,
+    want: Expect<'_>,
     since: Instant,
     timeout: Duration,
 ) -> Result<Duration> {
+    let Expect { serial, root, app } = want;
     let last = Arc::new(std::sync::Mutex::new(String::from("no answer yet")));
     let seen = wait_for(timeout, || {
         let last = last.clone();
@@ -1026,15 +1052,7 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             }
 
             // What a user sees through Traefik: HTTPS at once, with the temporary certificate.
-            let temporary_after = wait_served(
-                ctx.plane,
-                &hosts[0],
-                &temp_info.serial,
-                None,
-                true,
-                applied,
-                Duration::from_secs(60),
-            )
+            let temporary_after = wait_served(ctx.plane, &hosts[0], Expect::temporary(&temp_info.serial), applied, Duration::from_secs(60))
             .await?;
             eprintln!(
                 "scenario 1: apply -> https://{}/ through the ingress with the temporary certificate: {:.1} s",
@@ -1073,15 +1091,7 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             // Then, with no restart of any Pod or of Traefik, the issued one.
             let root = ctx.plane.pebble_root_pem().await?;
             for h in &hosts {
-                let issued_after = wait_served(
-                    ctx.plane,
-                    h,
-                    &info.serial,
-                    Some(&root),
-                    true,
-                    applied,
-                    Duration::from_secs(30),
-                )
+                let issued_after = wait_served(ctx.plane, h, Expect::issued(&info.serial, &root), applied, Duration::from_secs(30))
                 .await?;
                 eprintln!(
                     "scenario 1: apply -> https://{h}/ through the ingress with the issued certificate: {:.1} s",
@@ -1367,15 +1377,7 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 "Traefik's access log shows no challenge ({tokens:?}) answered on its HTTPS entrypoint"
             );
             let root = ctx.plane.pebble_root_pem().await?;
-            let served_after = wait_served(
-                ctx.plane,
-                &hosts[0],
-                &first.serial,
-                Some(&root),
-                true,
-                applied,
-                Duration::from_secs(30),
-            )
+            let served_after = wait_served(ctx.plane, &hosts[0], Expect::issued(&first.serial, &root), applied, Duration::from_secs(30))
             .await?;
             eprintln!(
                 "scenario 2: apply -> issued certificate served through the ingress: {:.1} s",
@@ -1411,15 +1413,7 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 first.not_after - seen_at
             );
             let renewed_at = Instant::now();
-            let served_after = wait_served(
-                ctx.plane,
-                &hosts[0],
-                &second.serial,
-                Some(&root),
-                true,
-                renewed_at,
-                Duration::from_secs(30),
-            )
+            let served_after = wait_served(ctx.plane, &hosts[0], Expect::issued(&second.serial, &root), renewed_at, Duration::from_secs(30))
             .await?;
             eprintln!(
                 "scenario 2: renewed certificate served through the ingress {:.1} s after the test saw the Secret change",
@@ -2481,15 +2475,7 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             // owner's certificate (the other namespace got no Secret to offer).
             let owners = ns.api::<Secret>().get("shared-tls").await?;
             let owners = check_chain(&tls_crt(&owners).context("shared-tls without tls.crt")?, None)?;
-            wait_served(
-                ctx.plane,
-                &shared,
-                &owners.serial,
-                None,
-                false,
-                Instant::now(),
-                Duration::from_secs(20),
-            )
+            wait_served(ctx.plane, &shared, Expect { serial: &owners.serial, root: None, app: false }, Instant::now(), Duration::from_secs(20))
             .await
             .context("the ingress does not serve the owning namespace's certificate for the shared host")?;
             Ok(())
