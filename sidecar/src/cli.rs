@@ -122,7 +122,7 @@ pub struct RunArgs {
     /// Ingress certificates: delay after the endpoint appears, for the ingress controller to
     /// route to it. Traefik applies a change at most every 2 s (its
     /// `providers.providersThrottleDuration`) and sees the endpoint through a watch first:
-    /// with 1 s, about half the first orders on the plane failed validation with a 404.
+    /// with 1 s, two of four first orders on the plane failed validation with a 404.
     #[arg(long, env = "SIDECERT_ROUTE_SETTLE", default_value = "3s", value_parser = parse_duration)]
     pub route_settle: Duration,
     /// Delay before the reload URL is called. Default: 0 with --cert-dir (the files are in
