@@ -75,6 +75,7 @@ while ((SECONDS - started < TIMEOUT)); do
   if ((issued)); then
     printf '\n' >&2
     work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
     kubectl -n "$NS" get secret "$SECRET" -o jsonpath='{.data.tls\.crt}' | base64 -d >"$work/chain.pem"
     awk -v dir="$work" '/BEGIN CERTIFICATE/{n++} {print > (dir "/" (n == 1 ? "leaf" : "intermediates") ".pem")}' "$work/chain.pem"
     curl -sf --cacert "$PEBBLE_CA_FILE" "$PEBBLE_MANAGEMENT/roots/0" >"$work/root.pem"
@@ -90,22 +91,30 @@ while ((SECONDS - started < TIMEOUT)); do
     host=$(kubectl -n "$NS" get ingress web -o jsonpath='{.spec.tls[0].hosts[0]}')
     serial=$(openssl x509 -in "$work/leaf.pem" -noout -serial | cut -d= -f2)
     cp "$work/root.pem" "$STATE/pebble-root.pem"
-    curl_cmd=(curl -sS --resolve "$host:$INGRESS_HTTPS_PORT:$INGRESS_IP" --cacert "$STATE/pebble-root.pem" "https://$host:$INGRESS_HTTPS_PORT/")
+    curl_cmd=(curl -fsS --resolve "$host:$INGRESS_HTTPS_PORT:$INGRESS_IP" --cacert "$STATE/pebble-root.pem" "https://$host:$INGRESS_HTTPS_PORT/")
+    served_serial() {
+      { openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" </dev/null 2>/dev/null |
+        openssl x509 -noout -serial 2>/dev/null | cut -d= -f2; } || true
+    }
     served=""
     for _ in $(seq 1 30); do
-      served=$(openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" </dev/null 2>/dev/null |
-        openssl x509 -noout -serial 2>/dev/null | cut -d= -f2 || true)
+      served=$(served_serial)
       [[ "$served" == "$serial" ]] && break
       sleep 1
     done
     say "through the ingress controller (Traefik at $INGRESS_IP:$INGRESS_HTTPS_PORT), trusting only Pebble's root:"
     echo "\$ ${curl_cmd[*]}"
-    "${curl_cmd[@]}" || echo "curl through the ingress failed" >&2
+    https_ok=1
+    "${curl_cmd[@]}" || https_ok=0
     echo "the certificate the ingress served for $host:"
-    openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" -showcerts </dev/null 2>/dev/null |
-      openssl x509 -noout -subject -issuer -serial -dates
-    [[ "$served" == "$serial" ]] && echo "(the same certificate as in Secret $NS/$SECRET)" ||
-      echo "(NOT the certificate in Secret $NS/$SECRET: serial $served, want $serial)" >&2
+    { openssl s_client -connect "$INGRESS_IP:$INGRESS_HTTPS_PORT" -servername "$host" </dev/null 2>/dev/null |
+      openssl x509 -noout -subject -issuer -serial -dates; } || echo "  (none: the TLS handshake failed)"
+    if [[ "$served" == "$serial" ]]; then
+      echo "(the same certificate as in Secret $NS/$SECRET)"
+    else
+      echo "(NOT the certificate in Secret $NS/$SECRET: serial ${served:-none}, want $serial)" >&2
+      https_ok=0
+    fi
     rm -rf "$work"
     cat <<LOOK
 
@@ -123,6 +132,7 @@ Look around (source $STATE/env first):
   kubectl -n $INGRESS_NAMESPACE logs deploy/traefik             # the ingress controller's access log
 Stop everything: make demo-down
 LOOK
+    ((https_ok)) || die "HTTPS through the ingress controller did not serve the issued certificate; see: kubectl -n $INGRESS_NAMESPACE logs deploy/traefik (make demo-down stops the plane)"
     exit 0
   fi
   sleep 1

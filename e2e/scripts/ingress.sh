@@ -103,7 +103,7 @@ spec:
         image: sidecert.test/traefik:$TRAEFIK_VERSION
         imagePullPolicy: IfNotPresent
         # It looks for a configuration file in \$HOME/.config (flags only here); the image's
-        # home is root's and closed to 65532, so the lookup would fail on permissions.
+        # /home/nonroot is owned by root, mode 0700, so the lookup would fail on permissions.
         env: [{name: HOME, value: /tmp}]
         args:
         - --global.checkNewVersion=false
@@ -146,7 +146,7 @@ up() {
   [[ -f "$crds/.complete" ]] || die "the Gateway API CRDs are missing from $crds; run make tools"
   say "installing the Gateway API $GATEWAY_API_VERSION CRDs (standard channel)"
   kubectl_admin apply --server-side --force-conflicts -f "$crds" >/dev/null
-  kubectl_admin wait --for condition=Established --timeout 30s crd/gatewayclasses.gateway.networking.k8s.io crd/gateways.gateway.networking.k8s.io crd/httproutes.gateway.networking.k8s.io >/dev/null
+  kubectl_admin wait --for condition=Established --timeout 30s crd -l gateway.networking.k8s.io/channel=standard >/dev/null
   say "starting the ingress controller (Traefik $TRAEFIK_VERSION: Ingress and Gateway API providers)"
   manifest | kubectl_admin apply -f - >/dev/null
   kubectl_admin -n "$INGRESS_NAMESPACE" rollout status deployment/traefik --timeout "${SIDECERT_INGRESS_WAIT:-90}s" >&2 ||

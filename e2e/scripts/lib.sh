@@ -136,5 +136,9 @@ plane_running() {
     kube-scheduler kubelet kube-proxy plane-dns; do
     alive "$c" || return 1
   done
-  kubectl_admin get --raw /readyz >/dev/null 2>&1
+  kubectl_admin get --raw /readyz >/dev/null 2>&1 || return 1
+  # A plane of an older checkout (no ingress controller), or one whose Traefik is not ready,
+  # is not reused: cluster-up takes it down and starts afresh.
+  grep -q '^export INGRESS_IP=' "$STATE/env" 2>/dev/null || return 1
+  [[ "$(kubectl_admin -n "$INGRESS_NAMESPACE" get deployment traefik -o jsonpath='{.status.readyReplicas}' 2>/dev/null)" == 1 ]]
 }

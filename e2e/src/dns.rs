@@ -5,7 +5,10 @@
 //!
 //! * every host of every Ingress (its TLS hosts and its rules' hosts) resolves to the
 //!   addresses the ingress controller serving it published in its status (Traefik: the
-//!   node's address); an Ingress no controller serves resolves nowhere;
+//!   node's address); an Ingress no controller serves gets no record;
+//! * every hostname of a Gateway API Gateway's listeners, and of the HTTPRoutes attached to
+//!   it, resolves to the addresses in the Gateway's status (Traefik's Gateway provider
+//!   publishes the node's address); without the Gateway API CRDs there are none;
 //! * every domain in a Pod's `sidecert.io/domains` annotation resolves to that Pod's IP.
 
 use std::{
@@ -20,6 +23,7 @@ use futures::StreamExt;
 use k8s_openapi::api::{core::v1::Pod, networking::v1::Ingress};
 use kube::{
     Api, Client,
+    api::{ApiResource, DynamicObject, GroupVersionKind},
     runtime::{WatchStreamExt, reflector, reflector::Store, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -49,9 +53,78 @@ fn normalise(host: &str) -> Option<String> {
     (!host.is_empty() && !host.starts_with("*.")).then_some(host)
 }
 
+/// The Gateway API kinds plane-dns reads (k8s-openapi has no types for them).
+pub fn gateway_api(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind))
+}
+
+/// The IPv4 addresses a Gateway's status publishes (`type` unset or `IPAddress`).
+fn gateway_addresses(gateway: &DynamicObject) -> BTreeSet<Ipv4Addr> {
+    gateway.data["status"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| matches!(a["type"].as_str(), None | Some("IPAddress")))
+        .filter_map(|a| a["value"].as_str()?.parse().ok())
+        .collect()
+}
+
+fn strings(v: &serde_json::Value) -> impl Iterator<Item = &str> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+}
+
+/// Gateway hosts: each Gateway's listener hostnames, and the hostnames of the HTTPRoutes
+/// whose `parentRefs` name it, resolve to the Gateway's published addresses.
+fn gateway_records(records: &mut Records, gateways: &[Arc<DynamicObject>], routes: &[Arc<DynamicObject>]) {
+    let mut published: BTreeMap<(String, String), BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for gw in gateways {
+        let addresses = gateway_addresses(gw);
+        if addresses.is_empty() {
+            continue;
+        }
+        let ns = gw.metadata.namespace.clone().unwrap_or_default();
+        let name = gw.metadata.name.clone().unwrap_or_default();
+        let listeners = gw.data["spec"]["listeners"].as_array().into_iter().flatten();
+        for host in listeners
+            .filter_map(|l| l["hostname"].as_str())
+            .filter_map(normalise)
+        {
+            records.entry(host).or_default().extend(&addresses);
+        }
+        published.insert((ns, name), addresses);
+    }
+    for route in routes {
+        let route_ns = route.metadata.namespace.as_deref().unwrap_or_default();
+        let parents = route.data["spec"]["parentRefs"].as_array().into_iter().flatten();
+        for parent in parents {
+            let is_gateway = matches!(parent["kind"].as_str(), None | Some("Gateway"))
+                && matches!(parent["group"].as_str(), None | Some("gateway.networking.k8s.io"));
+            let Some(name) = parent["name"].as_str().filter(|_| is_gateway) else {
+                continue;
+            };
+            let ns = parent["namespace"].as_str().unwrap_or(route_ns);
+            let Some(addresses) = published.get(&(ns.to_owned(), name.to_owned())) else {
+                continue;
+            };
+            for host in strings(&route.data["spec"]["hostnames"]).filter_map(normalise) {
+                records.entry(host).or_default().extend(addresses);
+            }
+        }
+    }
+}
+
 /// The records the cluster asks for. Hosts without any address are left out.
-pub fn desired(ingresses: &[Arc<Ingress>], pods: &[Arc<Pod>]) -> Records {
+pub fn desired(
+    ingresses: &[Arc<Ingress>],
+    gateways: &[Arc<DynamicObject>],
+    routes: &[Arc<DynamicObject>],
+    pods: &[Arc<Pod>],
+) -> Records {
     let mut records = Records::new();
+    gateway_records(&mut records, gateways, routes);
     for ing in ingresses {
         let published: BTreeSet<Ipv4Addr> = ing
             .status
@@ -156,11 +229,17 @@ impl Challtestsrv {
     }
 }
 
-fn reflect<K>(api: Api<K>, notify: Arc<Notify>) -> (Store<K>, impl std::future::Future<Output = ()>)
+fn reflect<K>(
+    api: Api<K>,
+    dyntype: K::DynamicType,
+    notify: Arc<Notify>,
+) -> (Store<K>, impl std::future::Future<Output = ()>)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync,
 {
-    let (reader, writer) = reflector::store();
+    let writer = reflector::store::Writer::new(dyntype);
+    let reader = writer.as_reader();
     let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
     let drive = async move {
         let mut stream = stream.boxed();
@@ -184,14 +263,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> crate::Result<(
     Ok(())
 }
 
-/// Recomputes the records on every Ingress or Pod change (debounced) and
+/// Recomputes the records on every Ingress, Gateway, HTTPRoute or Pod change (debounced) and
 /// sends the difference to challtestsrv, until `shutdown`.
 async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: CancellationToken) {
     let notify = Arc::new(Notify::new());
-    let (ingresses, a) = reflect(Api::<Ingress>::all(client.clone()), notify.clone());
-    let (pods, b) = reflect(Api::<Pod>::all(client), notify.clone());
+    let (ingresses, a) = reflect(Api::<Ingress>::all(client.clone()), (), notify.clone());
+    let (pods, b) = reflect(Api::<Pod>::all(client.clone()), (), notify.clone());
+    // Until the Gateway API CRDs are installed (ingress.sh, after plane-dns starts) these
+    // watches fail and back off; their stores stay empty meanwhile and are not waited for.
+    let (gw, route) = (gateway_api("Gateway"), gateway_api("HTTPRoute"));
+    let (gateways, c) = reflect(
+        Api::<DynamicObject>::all_with(client.clone(), &gw),
+        gw,
+        notify.clone(),
+    );
+    let (routes, d) = reflect(
+        Api::<DynamicObject>::all_with(client, &route),
+        route,
+        notify.clone(),
+    );
     let drivers = async {
-        tokio::join!(a, b);
+        tokio::join!(a, b, c, d);
     };
     let sync = async {
         for store in [
@@ -204,7 +296,12 @@ async fn sync(client: Client, challtestsrv: Challtestsrv, shutdown: Cancellation
         }
         let mut current = Records::new();
         loop {
-            let want = desired(&ingresses.state(), &pods.state());
+            let want = desired(
+                &ingresses.state(),
+                &gateways.state(),
+                &routes.state(),
+                &pods.state(),
+            );
             let (adds, clears) = diff(&current, &want);
             let mut failed = false;
             for (host, addrs) in adds {
@@ -305,7 +402,7 @@ mod tests {
 
     #[test]
     fn ingress_hosts_resolve_to_the_controllers_published_addresses() {
-        let got = desired(&[web_ingress(&["10.213.0.1"])], &[]);
+        let got = desired(&[web_ingress(&["10.213.0.1"])], &[], &[], &[]);
         let want: Records = [
             ("web.example".to_string(), [ip("10.213.0.1")].into()),
             ("api.example".to_string(), [ip("10.213.0.1")].into()),
@@ -316,13 +413,13 @@ mod tests {
 
     #[test]
     fn ingresses_no_controller_serves_resolve_nowhere() {
-        assert!(desired(&[web_ingress(&[])], &[]).is_empty());
+        assert!(desired(&[web_ingress(&[])], &[], &[], &[]).is_empty());
         let hostname_only = ingress(json!({
             "metadata": {"name": "h", "namespace": "shop"},
             "spec": {"tls": [{"hosts": ["h.example"]}]},
             "status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}
         }));
-        assert!(desired(&[hostname_only], &[]).is_empty());
+        assert!(desired(&[hostname_only], &[], &[], &[]).is_empty());
     }
 
     #[test]
@@ -343,7 +440,75 @@ mod tests {
             ),
         ]
         .into();
-        assert_eq!(desired(&[], &pods), want);
+        assert_eq!(desired(&[], &[], &[], &pods), want);
+    }
+
+    fn dynamic(kind: &str, v: serde_json::Value) -> Arc<DynamicObject> {
+        let mut obj: DynamicObject = serde_json::from_value(v).unwrap();
+        obj.types = Some(kube::api::TypeMeta {
+            api_version: "gateway.networking.k8s.io/v1".into(),
+            kind: kind.into(),
+        });
+        Arc::new(obj)
+    }
+
+    #[test]
+    fn gateway_and_route_hostnames_resolve_to_the_gateways_published_addresses() {
+        let gw = |name: &str, ns: &str, addresses: Value| {
+            dynamic(
+                "Gateway",
+                json!({
+                    "metadata": {"name": name, "namespace": ns},
+                    "spec": {"gatewayClassName": "traefik", "listeners": [
+                        {"name": "http", "protocol": "HTTP", "port": 8089, "hostname": "Shop.Example"},
+                        {"name": "https", "protocol": "HTTPS", "port": 8443, "hostname": "*.wild.example"},
+                        {"name": "any", "protocol": "HTTP", "port": 8089}
+                    ]},
+                    "status": {"addresses": addresses}
+                }),
+            )
+        };
+        let gateways = [
+            gw(
+                "edge",
+                "infra",
+                json!([{"type": "IPAddress", "value": "10.213.0.1"}, {"type": "Hostname", "value": "lb.example"}]),
+            ),
+            gw("unpublished", "infra", json!([])),
+        ];
+        let route = |ns: &str, parents: Value, hostnames: Value| {
+            dynamic(
+                "HTTPRoute",
+                json!({"metadata": {"name": "r", "namespace": ns},
+                                        "spec": {"parentRefs": parents, "hostnames": hostnames}}),
+            )
+        };
+        let routes = [
+            route(
+                "shop",
+                json!([{"name": "edge", "namespace": "infra"}]),
+                json!(["api.example", "*.x.example"]),
+            ),
+            // Same name, the route's own namespace: not the Gateway in infra.
+            route("shop", json!([{"name": "edge"}]), json!(["wrong-ns.example"])),
+            route(
+                "shop",
+                json!([{"name": "unpublished", "namespace": "infra"}]),
+                json!(["nowhere.example"]),
+            ),
+            route(
+                "shop",
+                json!([{"name": "edge", "namespace": "infra", "kind": "Service", "group": ""}]),
+                json!(["svc.example"]),
+            ),
+        ];
+        let got = desired(&[], &gateways, &routes, &[]);
+        let want: Records = [
+            ("shop.example".to_string(), [ip("10.213.0.1")].into()),
+            ("api.example".to_string(), [ip("10.213.0.1")].into()),
+        ]
+        .into();
+        assert_eq!(got, want);
     }
 
     #[test]

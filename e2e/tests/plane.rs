@@ -457,6 +457,39 @@ fn solver_spec(readiness: serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// The Pod `solver` ([`solver_spec`], Ready once httpd answers) behind the Service `solver`
+/// (port 8089).
+async fn solver_behind_service(ns: &TestNamespace) -> anyhow::Result<()> {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "solver", "labels": {"app": "solver"}},
+        "spec": solver_spec(json!({"httpGet": {"path": "/", "port": 8089}, "periodSeconds": 1}))
+    }))?;
+    ns.api::<Pod>().create(&PostParams::default(), &pod).await?;
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "solver"},
+        "spec": {"selector": {"app": "solver"}, "ports": [{"port": 8089}]}
+    }))?;
+    ns.api::<Service>()
+        .create(&PostParams::default(), &service)
+        .await?;
+    Ok(())
+}
+
+/// Waits until Traefik sends `host`'s challenge path to the solver Pod (busybox httpd's own
+/// 404 page for an unknown file, not Traefik's `404 page not found`): it applies changes at
+/// most every 2 s, so a ready endpoint is not yet a route.
+async fn routed_to_solver(plane: &Plane, host: &str) -> anyhow::Result<()> {
+    let probe = "/.well-known/acme-challenge/probe";
+    wait_for(Duration::from_secs(20), || async {
+        let r = sidecert_e2e::ingress::http_get(plane.ingress_http(), host, probe)
+            .await
+            .ok()?;
+        (r.status == 404 && r.body.contains("<TITLE>404 Not Found</TITLE>")).then_some(())
+    })
+    .await
+    .with_context(|| format!("Traefik does not route {host}'s challenge path to the solver Pod"))
+}
+
 /// Writes a key authorization where the solver Pod's httpd serves it (`kubectl exec`).
 fn publish_in_pod(plane: &Plane, ns: &str, token: &str, key_authorization: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -520,18 +553,7 @@ async fn pod_domains_resolve_to_the_pod_for_http01() -> anyhow::Result<()> {
 async fn ingress_hosts_resolve_to_the_ingress_controller_which_routes_the_challenge() -> anyhow::Result<()> {
     let name = random_name("ing");
     in_namespace("e2e-ingress", |plane, ns| async move {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "solver", "labels": {"app": "solver"}},
-            "spec": solver_spec(json!({"httpGet": {"path": "/", "port": 8089}, "periodSeconds": 1}))
-        }))?;
-        ns.api::<Pod>().create(&PostParams::default(), &pod).await?;
-        let service: Service = serde_json::from_value(json!({
-            "metadata": {"name": "solver"},
-            "spec": {"selector": {"app": "solver"}, "ports": [{"port": 8089}]}
-        }))?;
-        ns.api::<Service>()
-            .create(&PostParams::default(), &service)
-            .await?;
+        solver_behind_service(&ns).await?;
         let ingress: k8s_openapi::api::networking::v1::Ingress = serde_json::from_value(json!({
             "metadata": {"name": "web"},
             "spec": {
@@ -578,6 +600,144 @@ async fn ingress_hosts_resolve_to_the_ingress_controller_which_routes_the_challe
             .wait_dns_record(&name, Duration::from_secs(10))
             .await
             .context("plane-dns points the Ingress host at the ingress controller")?;
+        routed_to_solver(plane, &name).await?;
+        issue_and_check(plane, &name, |token, key_authorization| {
+            publish_in_pod(plane, ns.name(), token, key_authorization)
+        })
+        .await
+    })
+    .await
+}
+
+/// Traefik's Gateway API provider: a Gateway of the class the plane exports, with an HTTP
+/// listener on Pebble's port and an HTTPS one on Traefik's, and an HTTPRoute to a Pod. The
+/// Gateway is programmed with the node's address, plane-dns points the hostname there,
+/// Pebble validates HTTP-01 through the Gateway's HTTP listener, and the HTTPS listener
+/// serves the certificate its `certificateRefs` Secret holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_routes_http01_and_serves_its_listeners_certificate() -> anyhow::Result<()> {
+    use kube::api::DynamicObject;
+    use sidecert_e2e::dns::gateway_api;
+
+    let name = random_name("gw");
+    in_namespace("e2e-gateway", |plane, ns| async move {
+        let env = |key: &str| std::env::var(key).ok();
+        let class = env("GATEWAY_CLASS").unwrap_or_else(|| "traefik".into());
+        let (http_port, https_port) = (plane.ingress_http().port(), plane.ingress_https().port());
+
+        solver_behind_service(&ns).await?;
+
+        // The HTTPS listener's certificate: self-signed for the hostname (openssl).
+        let dir = std::env::temp_dir().join(format!("sidecert-e2e-{name}"));
+        std::fs::create_dir_all(&dir)?;
+        let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args([
+                "-subj",
+                &format!("/CN={name}"),
+                "-addext",
+                &format!("subjectAltName=DNS:{name}"),
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt)
+            .output()
+            .context("run openssl")?;
+        ensure!(
+            out.status.success(),
+            "openssl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let crt_pem = std::fs::read_to_string(&crt)?;
+        let key_pem = std::fs::read_to_string(&key)?;
+        std::fs::remove_dir_all(&dir)?;
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "gw-tls"}, "type": "kubernetes.io/tls",
+            "stringData": {"tls.crt": &crt_pem, "tls.key": key_pem}
+        }))?;
+        ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+
+        let gw_api = gateway_api("Gateway");
+        let route_api = gateway_api("HTTPRoute");
+        let gateways: Api<DynamicObject> = Api::namespaced_with(ns.client(), ns.name(), &gw_api);
+        let routes: Api<DynamicObject> = Api::namespaced_with(ns.client(), ns.name(), &route_api);
+        let gateway: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge"},
+            "spec": {"gatewayClassName": class, "listeners": [
+                {"name": "http", "protocol": "HTTP", "port": http_port, "hostname": name},
+                {"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": name,
+                 "tls": {"mode": "Terminate", "certificateRefs": [{"name": "gw-tls"}]}}
+            ]}
+        }))?;
+        gateways.create(&PostParams::default(), &gateway).await?;
+        let route: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "solver"},
+            "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [name],
+                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                                "backendRefs": [{"name": "solver", "port": 8089}]}]}
+        }))?;
+        routes.create(&PostParams::default(), &route).await?;
+
+        let programmed = wait_for(Duration::from_secs(60), || async {
+            let gw = gateways.get("edge").await.ok()?;
+            let conditions = gw.data["status"]["conditions"].as_array()?.clone();
+            let ok = conditions
+                .iter()
+                .any(|c| c["type"] == "Programmed" && c["status"] == "True");
+            let address = gw.data["status"]["addresses"][0]["value"].as_str()?.to_owned();
+            ok.then_some(address)
+        })
+        .await
+        .context("Traefik did not program the Gateway")?;
+        ensure!(
+            programmed == plane.ingress_https().ip().to_string(),
+            "the Gateway's status address is {programmed}, want the node's {}",
+            plane.ingress_https().ip()
+        );
+        plane
+            .wait_dns_record(&name, Duration::from_secs(20))
+            .await
+            .context("plane-dns points the Gateway's hostname at Traefik")?;
+        // Ready before Pebble asks: the route has an endpoint only then.
+        let pods: Api<Pod> = ns.api();
+        wait_for(Duration::from_secs(60), || async {
+            let p = pods.get("solver").await.ok()?;
+            is_ready(&p).then_some(())
+        })
+        .await
+        .context("the solver Pod is not Ready")?;
+        let want_leaf = x509_parser::pem::parse_x509_pem(crt_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .1
+            .contents;
+        let served = wait_for(Duration::from_secs(30), || async {
+            let r = sidecert_e2e::ingress::https_get(plane.ingress_https(), &name, "/")
+                .await
+                .ok()?;
+            (r.chain.first() == Some(&want_leaf)).then_some(r)
+        })
+        .await
+        .context("the Gateway's HTTPS listener does not serve gw-tls's certificate")?;
+        ensure!(
+            served.status == 200,
+            "HTTPS through the Gateway answered {}",
+            served.status
+        );
+        routed_to_solver(plane, &name).await?;
         issue_and_check(plane, &name, |token, key_authorization| {
             publish_in_pod(plane, ns.name(), token, key_authorization)
         })

@@ -48,6 +48,9 @@ const HELM: &str = "e2e/.cache/bin/helm";
 const APP_IMAGE: &str = "example/app:1.0";
 /// What the app image serves at `/` (e2e/scripts/images.sh).
 const APP_PAGE: &str = "sidecert test app";
+/// What the app (busybox httpd) answers for a file it does not have, unlike Traefik's own
+/// `404 page not found` when no router matches.
+const APP_NOT_FOUND: &str = "<TITLE>404 Not Found</TITLE>";
 /// What a sidecar's HTTP-01 responder answers for a token it does not hold.
 const SOLVER_UNKNOWN_TOKEN: &str = "unknown token\n";
 
@@ -816,18 +819,28 @@ async fn through_ingress(plane: &Plane, host: &str, path: &str) -> Result<ingres
 }
 
 /// What the ingress controller is to serve for a host: the certificate whose serial is
-/// `serial` (`root`: and it chains to that root) and, if `app`, the app's page at `/`.
+/// `serial` (any, if `None`; `root`: and it chains to that root) and, if `app`, the app's page
+/// at `/`.
 struct Expect<'a> {
-    serial: &'a str,
+    serial: Option<&'a str>,
     root: Option<&'a str>,
     app: bool,
 }
 
 impl<'a> Expect<'a> {
-    /// The app, with the temporary certificate.
-    fn temporary(serial: &'a str) -> Self {
+    /// The certificate whose serial is `serial`, whatever answers behind it.
+    fn certificate(serial: &'a str) -> Self {
         Self {
-            serial,
+            serial: Some(serial),
+            root: None,
+            app: false,
+        }
+    }
+
+    /// The app's page, with any certificate.
+    fn app() -> Self {
+        Self {
+            serial: None,
             root: None,
             app: true,
         }
@@ -836,7 +849,7 @@ impl<'a> Expect<'a> {
     /// The app, with the issued certificate chaining to Pebble's `root`.
     fn issued(serial: &'a str, root: &'a str) -> Self {
         Self {
-            serial,
+            serial: Some(serial),
             root: Some(root),
             app: true,
         }
@@ -844,14 +857,14 @@ impl<'a> Expect<'a> {
 }
 
 /// Waits up to `timeout` until the ingress controller serves `host` as `want` says; returns
-/// how long after `since` that was.
+/// how long after `since` that was, and the serial it served.
 async fn wait_served(
     plane: &Plane,
     host: &str,
     want: Expect<'_>,
     since: Instant,
     timeout: Duration,
-) -> Result<Duration> {
+) -> Result<(Duration, String)> {
     let Expect { serial, root, app } = want;
     let last = Arc::new(std::sync::Mutex::new(String::from("no answer yet")));
     let seen = wait_for(timeout, || {
@@ -866,13 +879,15 @@ async fn wait_served(
                     r.status,
                     r.body.chars().take(120).collect::<String>()
                 );
-                ensure!(
-                    info.serial == serial,
-                    "served serial {}, want {serial}",
-                    info.serial
-                );
+                if let Some(serial) = serial {
+                    ensure!(
+                        info.serial == serial,
+                        "served serial {}, want {serial}",
+                        info.serial
+                    );
+                }
                 ensure!(info.sans.contains(host), "served certificate for {:?}", info.sans);
-                Ok(since.elapsed())
+                Ok((since.elapsed(), info.serial))
             }
             .await;
             match outcome {
@@ -887,7 +902,11 @@ async fn wait_served(
     .await;
     let last = last.lock().unwrap().clone();
     seen.with_context(|| {
-        format!("https://{host}/ through the ingress never served serial {serial}: last {last}")
+        format!(
+            "https://{host}/ through the ingress never served {}{}: last {last}",
+            serial.map_or("a certificate".to_owned(), |s| format!("serial {s}")),
+            if app { " with the app" } else { "" }
+        )
     })
 }
 
@@ -1045,21 +1064,35 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
                 "solver Service selects {selector:?}, want the backend's app=web"
             );
 
-            let pods_api: Api<Pod> = ns.api();
-            let pods = running_pods(&pods_api, "app=web", 3, Duration::from_secs(60)).await?;
-            for pod in &pods {
-                ensure!(sidecar(pod).is_some(), "Pod {} has no sidecar", pod_name(pod));
-            }
-
-            // What a user sees through Traefik: HTTPS at once, with the temporary certificate.
-            let temporary_after = wait_served(ctx.plane, &hosts[0], Expect::temporary(&temp_info.serial), applied, Duration::from_secs(60))
+            // What a user sees through Traefik: HTTPS at once, with the temporary certificate
+            // (Traefik loads an Ingress's certificate before any Pod runs), then the app.
+            let (temporary_after, _) = wait_served(
+                ctx.plane,
+                &hosts[0],
+                Expect::certificate(&temp_info.serial),
+                applied,
+                Duration::from_secs(30),
+            )
             .await?;
             eprintln!(
                 "scenario 1: apply -> https://{}/ through the ingress with the temporary certificate: {:.1} s",
                 hosts[0],
                 temporary_after.as_secs_f64()
             );
-            // The app's paths still reach the app; the challenge path reaches a sidecar.
+            let pods_api: Api<Pod> = ns.api();
+            let pods = running_pods(&pods_api, "app=web", 3, Duration::from_secs(60)).await?;
+            for pod in &pods {
+                ensure!(sidecar(pod).is_some(), "Pod {} has no sidecar", pod_name(pod));
+            }
+            let (app_after, serial) =
+                wait_served(ctx.plane, &hosts[0], Expect::app(), applied, Duration::from_secs(60)).await?;
+            eprintln!(
+                "scenario 1: apply -> the app over HTTPS through the ingress: {:.1} s, with the {} certificate",
+                app_after.as_secs_f64(),
+                if serial == temp_info.serial { "temporary" } else { "issued" }
+            );
+            // The app's paths still reach the app; the challenge path reaches a sidecar (its
+            // EndpointSlice may reach Traefik in a later batch than the app's).
             let exact = through_ingress(ctx.plane, &hosts[0], "/index.html").await?;
             ensure!(
                 exact.status == 200 && exact.body.contains(APP_PAGE),
@@ -1069,13 +1102,19 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             );
             let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
             for h in &hosts {
-                let challenge = through_ingress(ctx.plane, h, &probe).await?;
-                ensure!(
-                    challenge.status == 404 && challenge.body == SOLVER_UNKNOWN_TOKEN,
-                    "https://{h}{probe} answered {} {:?}, not the solver's unknown token",
-                    challenge.status,
-                    challenge.body
-                );
+                let solver_answers = wait_for(Duration::from_secs(15), || async {
+                    let r = through_ingress(ctx.plane, h, &probe).await.ok()?;
+                    (r.status == 404 && r.body == SOLVER_UNKNOWN_TOKEN).then_some(())
+                })
+                .await;
+                if solver_answers.is_err() {
+                    let r = through_ingress(ctx.plane, h, &probe).await?;
+                    anyhow::bail!(
+                        "https://{h}{probe} answered {} {:?}, not the solver's unknown token",
+                        r.status,
+                        r.body
+                    );
+                }
                 let plain = ingress::http_get(ctx.plane.ingress_http(), h, "/").await?;
                 ensure!(
                     plain.status == 200 && plain.body.contains(APP_PAGE),
@@ -1091,7 +1130,13 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             // Then, with no restart of any Pod or of Traefik, the issued one.
             let root = ctx.plane.pebble_root_pem().await?;
             for h in &hosts {
-                let issued_after = wait_served(ctx.plane, h, Expect::issued(&info.serial, &root), applied, Duration::from_secs(30))
+                let (issued_after, _) = wait_served(
+                    ctx.plane,
+                    h,
+                    Expect::issued(&info.serial, &root),
+                    applied,
+                    Duration::from_secs(30),
+                )
                 .await?;
                 eprintln!(
                     "scenario 1: apply -> https://{h}/ through the ingress with the issued certificate: {:.1} s",
@@ -1193,7 +1238,7 @@ async fn unlabelled_namespace_is_cleaned(
     let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
     wait_for(Duration::from_secs(20), || async {
         let r = through_ingress(ctx.plane, host, &probe).await.ok()?;
-        (r.status == 404 && r.body != SOLVER_UNKNOWN_TOKEN).then_some(())
+        (r.status == 404 && r.body.contains(APP_NOT_FOUND)).then_some(())
     })
     .await
     .with_context(|| format!("https://{host}{probe} still reaches the solver after the cleanup"))?;
@@ -1377,7 +1422,13 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 "Traefik's access log shows no challenge ({tokens:?}) answered on its HTTPS entrypoint"
             );
             let root = ctx.plane.pebble_root_pem().await?;
-            let served_after = wait_served(ctx.plane, &hosts[0], Expect::issued(&first.serial, &root), applied, Duration::from_secs(30))
+            let (served_after, _) = wait_served(
+                ctx.plane,
+                &hosts[0],
+                Expect::issued(&first.serial, &root),
+                applied,
+                Duration::from_secs(30),
+            )
             .await?;
             eprintln!(
                 "scenario 2: apply -> issued certificate served through the ingress: {:.1} s",
@@ -1413,7 +1464,13 @@ async fn s2_renewal(ctx: Ctx) -> Result<()> {
                 first.not_after - seen_at
             );
             let renewed_at = Instant::now();
-            let served_after = wait_served(ctx.plane, &hosts[0], Expect::issued(&second.serial, &root), renewed_at, Duration::from_secs(30))
+            let (served_after, _) = wait_served(
+                ctx.plane,
+                &hosts[0],
+                Expect::issued(&second.serial, &root),
+                renewed_at,
+                Duration::from_secs(30),
+            )
             .await?;
             eprintln!(
                 "scenario 2: renewed certificate served through the ingress {:.1} s after the test saw the Secret change",
@@ -1461,9 +1518,16 @@ impl Redirect {
              {name}-to-https:\n      redirectScheme: {{scheme: https, port: \"{https_port}\", permanent: true}}\n",
             i64::MAX - 1000
         );
-        tokio::fs::write(&path, yaml)
+        // Readable by Traefik (uid 65532) whatever the umask, and renamed into place so its
+        // file watch never reads half a file.
+        let partial = dir.join(format!(".{name}.yaml.partial"));
+        tokio::fs::write(&partial, yaml)
             .await
-            .with_context(|| format!("write {}", path.display()))?;
+            .with_context(|| format!("write {}", partial.display()))?;
+        std::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        tokio::fs::rename(&partial, &path)
+            .await
+            .with_context(|| format!("rename {} to {}", partial.display(), path.display()))?;
         let redirect = Redirect(path);
         let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
         let want = format!("https://{host}:{https_port}{probe}");
@@ -2475,7 +2539,13 @@ async fn s8_warnings(ctx: Ctx) -> Result<()> {
             // owner's certificate (the other namespace got no Secret to offer).
             let owners = ns.api::<Secret>().get("shared-tls").await?;
             let owners = check_chain(&tls_crt(&owners).context("shared-tls without tls.crt")?, None)?;
-            wait_served(ctx.plane, &shared, Expect { serial: &owners.serial, root: None, app: false }, Instant::now(), Duration::from_secs(20))
+            wait_served(
+                ctx.plane,
+                &shared,
+                Expect::certificate(&owners.serial),
+                Instant::now(),
+                Duration::from_secs(20),
+            )
             .await
             .context("the ingress does not serve the owning namespace's certificate for the shared host")?;
             Ok(())

@@ -131,19 +131,28 @@ fi
 #   HTTP-01 only), which also drops every DNS SDK from the build.
 traefik_src="$e2e/.cache/traefik"
 traefik_mod="$here/traefik"
+# Outside any module (a scratch folder), so no go.mod around decides what is downloaded.
+download_json() { # module@version
+  local scratch out
+  scratch=$(mktemp -d)
+  out=$(cd "$scratch" && GOFLAGS=-mod=mod GOWORK=off go mod download -json "$1") || { rmdir "$scratch"; return 1; }
+  rmdir "$scratch"
+  printf '%s\n' "$out"
+}
+pinned=$(sed -n 's/^require github.com\/traefik\/traefik\/v3 \(v[^ ]*\)$/\1/p' "$traefik_mod/go.mod")
+[[ $pinned == "$TRAEFIK_VERSION" ]] ||
+  fail "check Traefik's pin" "set TRAEFIK_VERSION in e2e/versions.env and the require line of $traefik_mod/go.mod to the same version (now $TRAEFIK_VERSION and $pinned)"
 traefik_prepare() {
-  local pinned lego legodir
-  pinned=$(sed -n 's/^require github.com\/traefik\/traefik\/v3 \(v[^ ]*\)$/\1/p' "$traefik_mod/go.mod")
-  [[ $pinned == "$TRAEFIK_VERSION" ]] ||
-    fail "check Traefik's pin" "set TRAEFIK_VERSION in e2e/versions.env and the require line of $traefik_mod/go.mod to the same version (now $TRAEFIK_VERSION and $pinned)"
-  [[ "$(cat "$traefik_src/.prepared" 2>/dev/null)" == "$TRAEFIK_VERSION" ]] && return 0
+  # Prepared again when the version or this function (the workarounds) changes.
+  local key lego legodir gomod
+  key="$TRAEFIK_VERSION $(declare -f traefik_prepare | sha256sum | cut -c1-16)"
+  [[ "$(cat "$traefik_src/.prepared" 2>/dev/null)" == "$key" ]] && return 0
   step "preparing Traefik $TRAEFIK_VERSION's module workarounds in $traefik_src"
-  local gomod
-  gomod=$(cd /tmp && GOFLAGS=-mod=mod go mod download -json "github.com/traefik/traefik/v3@$TRAEFIK_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p') ||
+  gomod=$(download_json "github.com/traefik/traefik/v3@$TRAEFIK_VERSION" | sed -n 's/^\t"GoMod": "\(.*\)",$/\1/p') ||
     fail "download Traefik $TRAEFIK_VERSION" "go mod download github.com/traefik/traefik/v3@$TRAEFIK_VERSION"
   lego=$(sed -n 's/^\tgithub.com\/go-acme\/lego\/v5 \(v[^ ]*\)$/\1/p' "$gomod")
   [[ -n $lego ]] || fail "find Traefik's lego v5 version" "grep go-acme/lego/v5 $gomod"
-  legodir=$(cd /tmp && go mod download -json "github.com/go-acme/lego/v5@$lego" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p') ||
+  legodir=$(download_json "github.com/go-acme/lego/v5@$lego" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p') ||
     fail "download lego $lego" "go mod download github.com/go-acme/lego/v5@$lego"
   rm -rf "$traefik_src" && mkdir -p "$traefik_src/ext"
   printf 'module github.com/traefik/traefik/dynamic/ext\n\ngo 1.24\n' >"$traefik_src/ext/go.mod"
@@ -178,16 +187,18 @@ func NewDNSChallengeProviderByName(name string) (challenge.Provider, error) {
 	return nil, fmt.Errorf("unrecognized DNS provider: %s (none in this build)", name)
 }
 GO
-  echo "$TRAEFIK_VERSION" >"$traefik_src/.prepared"
+  echo "$key" >"$traefik_src/.prepared"
 }
-if ! fresh traefik "$TRAEFIK_VERSION"; then
+# The binary is rebuilt when the version, the wrapper module or the workarounds change.
+traefik_key="$TRAEFIK_VERSION $(cat "$traefik_mod/go.mod" "$traefik_mod/go.sum" <(declare -f traefik_prepare) | sha256sum | cut -c1-16)"
+if ! fresh traefik "$traefik_key"; then
   traefik_prepare
   step "building traefik $TRAEFIK_VERSION (cold: about 15 minutes on 2 cores)"
   (cd "$traefik_mod" && CGO_ENABLED=0 go build -trimpath \
     -ldflags "-s -w -X github.com/traefik/traefik/v3/pkg/version.Version=$TRAEFIK_VERSION" \
     -o "$bin/traefik" github.com/traefik/traefik/v3/cmd/traefik) ||
     fail "build traefik" "cd $traefik_mod && CGO_ENABLED=0 go build -o $bin/traefik github.com/traefik/traefik/v3/cmd/traefik"
-  stamp traefik "$TRAEFIK_VERSION"
+  stamp traefik "$traefik_key"
 fi
 # The Gateway API CRDs Traefik implements: the standard channel of the version its go.mod
 # requires (so the pin in versions.env must be that one), from the module's config/crd.

@@ -215,10 +215,10 @@ async fn remove_paths(client: &Client, ns: &str) -> (Vec<String>, Option<Error>)
 }
 
 /// Takes the HTTP-01 paths off one Ingress; whether it had any. The patch is guarded by the
-/// resourceVersion it was computed from; an ingress controller writes the Ingress's status
-/// at any time (Traefik does right after a change), which fails the guard (the API server
-/// answers 422 for a failed test operation, 409 for a conflict), so the Ingress is read
-/// again and the patch recomputed, a few times.
+/// resourceVersion it was computed from. Others write the Ingress meanwhile: an ingress
+/// controller its status (Traefik as soon as it serves a new Ingress), the reconciler its
+/// paths. That fails the guard (the API server answers 422 for a failed test operation, 409
+/// for a conflict), so the Ingress is read again and the patch recomputed, a few times.
 async fn remove_paths_of(api: &Api<Ingress>, mut ingress: Ingress) -> Result<bool> {
     let name = ingress.name_any();
     let mut attempt = 1;
@@ -234,6 +234,13 @@ async fn remove_paths_of(api: &Api<Ingress>, mut ingress: Ingress) -> Result<boo
         {
             Ok(_) => return Ok(true),
             Err(kube::Error::Api(s)) if matches!(s.code, 409 | 422) && attempt < PATCH_ATTEMPTS => {
+                tracing::debug!(
+                    ingress = name,
+                    attempt,
+                    code = s.code,
+                    message = s.message,
+                    "Ingress changed under the path removal; reading it again"
+                );
                 attempt += 1;
                 match api.get_opt(&name).await? {
                     Some(fresh) => ingress = fresh,
