@@ -993,12 +993,20 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             let ns = &namespaces[0];
             let hosts = vec![host("web", ns), host("www", ns)];
             let mut manifest = web_app("web", &hosts, "web-tls", 3, json!({}), json!({}));
-            // The app's own paths beside sidecert's: web_app's `/` Prefix and an Exact one.
+            // The app's own paths beside sidecert's: web_app's `/` Prefix, and an Exact
+            // `/metrics` to another Service of the same Pods (the sidecars' metrics port), so
+            // what answers tells which route Traefik chose.
             manifest["items"][1]["spec"]["rules"][0]["http"]["paths"]
                 .as_array_mut()
                 .context("web_app's Ingress has no paths")?
-                .push(json!({"path": "/index.html", "pathType": "Exact",
-                             "backend": {"service": {"name": "web", "port": {"name": "http"}}}}));
+                .push(json!({"path": "/metrics", "pathType": "Exact",
+                             "backend": {"service": {"name": "web-metrics", "port": {"number": 80}}}}));
+            manifest["items"]
+                .as_array_mut()
+                .context("web_app's List has no items")?
+                .push(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-metrics"},
+                             "spec": {"selector": {"app": "web"},
+                                      "ports": [{"port": 80, "targetPort": sidecert_contract::DEFAULT_METRICS_PORT}]}}));
             let traefik = traefik_pod(&ctx.client).await?;
             let applied = Instant::now();
             ctx.kubectl_ok(
@@ -1093,13 +1101,19 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             );
             // The app's paths still reach the app; the challenge path reaches a sidecar (its
             // EndpointSlice may reach Traefik in a later batch than the app's).
-            let exact = through_ingress(ctx.plane, &hosts[0], "/index.html").await?;
-            ensure!(
-                exact.status == 200 && exact.body.contains(APP_PAGE),
-                "the Exact path /index.html answered {} {:?}",
-                exact.status,
-                exact.body
-            );
+            let exact = wait_for(Duration::from_secs(15), || async {
+                let r = through_ingress(ctx.plane, &hosts[0], "/metrics").await.ok()?;
+                (r.status == 200 && r.body.contains("sidecert_orders_total")).then_some(())
+            })
+            .await;
+            if exact.is_err() {
+                let r = through_ingress(ctx.plane, &hosts[0], "/metrics").await?;
+                anyhow::bail!(
+                    "the Exact path /metrics answered {} {:?}, not the sidecars' metrics",
+                    r.status,
+                    r.body.chars().take(200).collect::<String>()
+                );
+            }
             let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
             for h in &hosts {
                 let solver_answers = wait_for(Duration::from_secs(15), || async {
