@@ -115,13 +115,14 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 fn parse(raw: &[u8]) -> Result<Response> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| {
         Error::invalid(
             "HTTP response",
             format!("no end of headers in {} bytes", raw.len()),
         )
     })?;
+    let head = String::from_utf8_lossy(raw.get(..split).unwrap_or_default());
+    let body = raw.get(split + 4..).unwrap_or_default();
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
     let status = status_line
@@ -135,30 +136,34 @@ fn parse(raw: &[u8]) -> Result<Response> {
             n.trim().eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked")
         })
     });
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    let body = if chunked { dechunk(body) } else { body.to_vec() };
     Ok(Response {
         status,
         headers,
-        body,
+        body: String::from_utf8_lossy(&body).into_owned(),
         chain: Vec::new(),
     })
 }
 
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
+/// The body of a chunked answer, on bytes (a chunk's size counts bytes, not characters).
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(rest.get(..eol).unwrap_or_default()).into_owned();
         let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16) else {
             break;
         };
+        let after = rest.get(eol + 2..).unwrap_or_default();
         if n == 0 {
             break;
         }
         let Some(chunk) = after.get(..n) else {
-            out.push_str(after);
+            out.extend_from_slice(after);
             break;
         };
-        out.push_str(chunk);
-        rest = after.get(n..).unwrap_or_default().trim_start_matches("\r\n");
+        out.extend_from_slice(chunk);
+        rest = after.get(n..).unwrap_or_default();
+        rest = rest.strip_prefix(b"\r\n").unwrap_or(rest);
     }
     out
 }
@@ -219,6 +224,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.body, "hello world");
+        // Sizes count bytes: "é" is two.
+        let r = parse(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhé\r\n1\r\n!\r\n0\r\n\r\n".as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.body, "hé!");
         assert!(parse(b"garbage").is_err());
     }
 }
