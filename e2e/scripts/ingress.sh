@@ -146,7 +146,15 @@ up() {
   [[ -f "$crds/.complete" ]] || die "the Gateway API CRDs are missing from $crds; run make tools"
   say "installing the Gateway API $GATEWAY_API_VERSION CRDs (standard channel)"
   kubectl_admin apply --server-side --force-conflicts -f "$crds" >/dev/null
-  kubectl_admin wait --for condition=Established --timeout 30s crd -l gateway.networking.k8s.io/channel=standard >/dev/null
+  # Every CRD of the folder (files gateway.networking.k8s.io_<plural>.yaml; the one
+  # ValidatingAdmissionPolicy file is not a CRD).
+  local names=() f
+  for f in "$crds"/gateway.networking.k8s.io_*.yaml; do
+    grep -q '^kind: CustomResourceDefinition$' "$f" || continue
+    f=${f##*/gateway.networking.k8s.io_}
+    names+=("crd/${f%.yaml}.gateway.networking.k8s.io")
+  done
+  kubectl_admin wait --for condition=Established --timeout 30s "${names[@]}" >/dev/null
   say "starting the ingress controller (Traefik $TRAEFIK_VERSION: Ingress and Gateway API providers)"
   manifest | kubectl_admin apply -f - >/dev/null
   kubectl_admin -n "$INGRESS_NAMESPACE" rollout status deployment/traefik --timeout "${SIDECERT_INGRESS_WAIT:-90}s" >&2 ||
