@@ -23,7 +23,7 @@ PEBBLE_PORT=14000
 PEBBLE_MGMT_PORT=15000
 PEBBLE_HTTP01_PORT=8089
 # The ingress controller (Traefik, on the node's network): Pebble validates HTTP-01 on one
-# port for every name, so its HTTP entrypoint is that port; HTTPS on the next, ping on its own.
+# port for every name, so its HTTP entrypoint is that port; HTTPS on 8443, ping on 8082.
 INGRESS_HTTP_PORT=$PEBBLE_HTTP01_PORT
 INGRESS_HTTPS_PORT=8443
 INGRESS_PING_PORT=8082
