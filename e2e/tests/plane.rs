@@ -34,6 +34,10 @@ use tokio::{
 };
 
 const NODE: &str = "sidecert-local";
+/// A challenge path no solver holds a file for.
+const PROBE: &str = "/.well-known/acme-challenge/probe";
+/// busybox httpd's page for a file it does not have (Traefik's own 404 is `404 page not found`).
+const HTTPD_NOT_FOUND: &str = "<TITLE>404 Not Found</TITLE>";
 
 /// Runs `body`; on failure prints the namespace's state; always deletes the namespace.
 async fn in_namespace<F, Fut>(prefix: &str, body: F) -> anyhow::Result<()>
@@ -479,12 +483,11 @@ async fn solver_behind_service(ns: &TestNamespace) -> anyhow::Result<()> {
 /// 404 page for an unknown file, not Traefik's `404 page not found`): it applies changes at
 /// most every 2 s, so a ready endpoint is not yet a route.
 async fn routed_to_solver(plane: &Plane, host: &str) -> anyhow::Result<()> {
-    let probe = "/.well-known/acme-challenge/probe";
     wait_for(Duration::from_secs(20), || async {
-        let r = sidecert_e2e::ingress::http_get(plane.ingress_http(), host, probe)
+        let r = sidecert_e2e::ingress::http_get(plane.ingress_http(), host, PROBE)
             .await
             .ok()?;
-        (r.status == 404 && r.body.contains("<TITLE>404 Not Found</TITLE>")).then_some(())
+        (r.status == 404 && r.body.contains(HTTPD_NOT_FOUND)).then_some(())
     })
     .await
     .with_context(|| format!("Traefik does not route {host}'s challenge path to the solver Pod"))
@@ -728,17 +731,11 @@ async fn a_gateway_routes_http01_and_serves_its_listeners_certificate() -> anyho
         // HTTPS: the listener's certificate, and the route to the Pod (its httpd has no such
         // file, so its own 404 page shows the request reached it).
         wait_for(Duration::from_secs(30), || async {
-            let r = sidecert_e2e::ingress::https_get(
-                plane.ingress_https(),
-                &name,
-                "/.well-known/acme-challenge/probe",
-            )
-            .await
-            .ok()?;
-            (r.chain.first() == Some(&want_leaf)
-                && r.status == 404
-                && r.body.contains("<TITLE>404 Not Found</TITLE>"))
-            .then_some(())
+            let r = sidecert_e2e::ingress::https_get(plane.ingress_https(), &name, PROBE)
+                .await
+                .ok()?;
+            (r.chain.first() == Some(&want_leaf) && r.status == 404 && r.body.contains(HTTPD_NOT_FOUND))
+                .then_some(())
         })
         .await
         .context("the Gateway's HTTPS listener does not serve gw-tls's certificate and route to the Pod")?;

@@ -806,6 +806,36 @@ async fn traefik_pod(client: &Client) -> Result<(String, i32)> {
     Ok((pod.metadata.uid.clone().unwrap_or_default(), restarts(pod)))
 }
 
+/// Waits up to `timeout` until `GET https://{host}{path}` through the ingress controller
+/// answers as `ok` says (`want` names it); on timeout, says what it answered last.
+async fn wait_answer(
+    plane: &Plane,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+    want: &str,
+    ok: impl Fn(&ingress::Response) -> bool,
+) -> Result<()> {
+    let last = std::sync::Mutex::new(String::from("no answer"));
+    let answered = wait_for(timeout, || async {
+        match through_ingress(plane, host, path).await {
+            Ok(r) if ok(&r) => Some(()),
+            Ok(r) => {
+                let body: String = r.body.chars().take(200).collect();
+                *last.lock().unwrap() = format!("{} {body:?}", r.status);
+                None
+            }
+            Err(e) => {
+                *last.lock().unwrap() = format!("{e:#}");
+                None
+            }
+        }
+    })
+    .await;
+    let last = last.lock().unwrap().clone();
+    answered.with_context(|| format!("https://{host}{path} answered {last}, not {want}"))
+}
+
 /// `GET https://{host}{path}` through the ingress controller (SNI and Host `host`).
 async fn through_ingress(plane: &Plane, host: &str, path: &str) -> Result<ingress::Response> {
     ingress::https_get(plane.ingress_https(), host, path)
@@ -1101,34 +1131,26 @@ async fn s1_ingress(ctx: Ctx) -> Result<()> {
             );
             // The app's paths still reach the app; the challenge path reaches a sidecar (its
             // EndpointSlice may reach Traefik in a later batch than the app's).
-            let exact = wait_for(Duration::from_secs(15), || async {
-                let r = through_ingress(ctx.plane, &hosts[0], "/metrics").await.ok()?;
-                (r.status == 200 && r.body.contains("sidecert_orders_total")).then_some(())
-            })
-            .await;
-            if exact.is_err() {
-                let r = through_ingress(ctx.plane, &hosts[0], "/metrics").await?;
-                anyhow::bail!(
-                    "the Exact path /metrics answered {} {:?}, not the sidecars' metrics",
-                    r.status,
-                    r.body.chars().take(200).collect::<String>()
-                );
-            }
+            wait_answer(
+                ctx.plane,
+                &hosts[0],
+                "/metrics",
+                Duration::from_secs(15),
+                "the sidecars' metrics (the Exact path's Service)",
+                |r| r.status == 200 && r.body.contains("sidecert_orders_total"),
+            )
+            .await?;
             let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
             for h in &hosts {
-                let solver_answers = wait_for(Duration::from_secs(15), || async {
-                    let r = through_ingress(ctx.plane, h, &probe).await.ok()?;
-                    (r.status == 404 && r.body == SOLVER_UNKNOWN_TOKEN).then_some(())
-                })
-                .await;
-                if solver_answers.is_err() {
-                    let r = through_ingress(ctx.plane, h, &probe).await?;
-                    anyhow::bail!(
-                        "https://{h}{probe} answered {} {:?}, not the solver's unknown token",
-                        r.status,
-                        r.body
-                    );
-                }
+                wait_answer(
+                    ctx.plane,
+                    h,
+                    &probe,
+                    Duration::from_secs(15),
+                    "the solver's unknown token",
+                    |r| r.status == 404 && r.body == SOLVER_UNKNOWN_TOKEN,
+                )
+                .await?;
                 let plain = ingress::http_get(ctx.plane.ingress_http(), h, "/").await?;
                 ensure!(
                     plain.status == 200 && plain.body.contains(APP_PAGE),
@@ -1250,12 +1272,15 @@ async fn unlabelled_namespace_is_cleaned(
     }
     // Through Traefik, the challenge path is the app's again (its `/` Prefix: httpd's 404).
     let probe = format!("{ACME_CHALLENGE_PATH}sidecert-e2e-probe");
-    wait_for(Duration::from_secs(20), || async {
-        let r = through_ingress(ctx.plane, host, &probe).await.ok()?;
-        (r.status == 404 && r.body.contains(APP_NOT_FOUND)).then_some(())
-    })
-    .await
-    .with_context(|| format!("https://{host}{probe} still reaches the solver after the cleanup"))?;
+    wait_answer(
+        ctx.plane,
+        host,
+        &probe,
+        Duration::from_secs(20),
+        "the app's 404 page after the cleanup",
+        |r| r.status == 404 && r.body.contains(APP_NOT_FOUND),
+    )
+    .await?;
     let sa = format!("--as=system:serviceaccount:{}:default", ns.name());
     let out = ctx
         .kubectl(
