@@ -91,6 +91,7 @@ pub async fn review(args: ReviewArgs) -> Result<()> {
             let snapshot = Snapshot {
                 ingresses: ingresses.items.into_iter().map(Arc::new).collect(),
                 services: services.items.into_iter().map(Arc::new).collect(),
+                ..Snapshot::default()
             };
             Arc::new(snapshot)
         }

@@ -367,6 +367,7 @@ async fn a_pod_gets_the_hosts_next_entry_when_the_first_is_someone_elses() {
     let lookup = Arc::new(Snapshot {
         ingresses: vec![ingress.clone()],
         services: vec![web_service(&name)],
+        ..Snapshot::default()
     });
     let reviewer = reviewer_over(&client, lookup);
     let mut object = serde_json::to_value(ingress.as_ref()).unwrap();

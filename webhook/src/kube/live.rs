@@ -128,7 +128,11 @@ pub async fn live_snapshot(
             .into_iter()
             .map(Arc::new)
             .collect();
-        Ok(Some(Snapshot { ingresses, services }))
+        Ok(Some(Snapshot {
+            ingresses,
+            services,
+            ..Snapshot::default()
+        }))
     };
     tokio::time::timeout(budget, read)
         .await

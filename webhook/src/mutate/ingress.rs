@@ -15,13 +15,14 @@ use kube::{
     core::admission::{AdmissionRequest, Operation},
 };
 use sidecert_contract::{
-    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, bounded_name, max_names_per_order,
+    ACME_CHALLENGE_PATH, SOLVER_SERVICE_SUFFIX, annotations, max_names_per_order,
     validate_certificate_secret_name, validate_domain, validate_service_name,
 };
 
 use json_patch::{PatchOperation, RemoveOperation, TestOperation};
 use jsonptr::PointerBuf;
 
+pub use crate::mutate::objects::solver_service_name;
 use crate::mutate::{
     context::{Context, HostChecks, SecretChecks, SecretStanding},
     effect::Effect,
@@ -42,15 +43,6 @@ pub fn is_annotated(ingress: &Ingress) -> bool {
         .as_ref()
         .and_then(|a| a.get(annotations::ISSUE_TEMPORARY_CERTIFICATE))
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
-}
-
-/// The solver Service for a backend Service: `<backend>-sidecert-solver`, at most 63
-/// characters whatever the backend's name holds; a long backend is cut and ends in a hash of
-/// its whole name (so two long backends never share a solver). The name always ends in the
-/// suffix: that is how [`plan`] tells a solver path from the backend's own.
-pub fn solver_service_name(backend: &str) -> String {
-    let keep = 63 - SOLVER_SERVICE_SUFFIX.len();
-    format!("{}{SOLVER_SERVICE_SUFFIX}", bounded_name(backend, keep))
 }
 
 /// One TLS Secret of an Ingress and the HTTP-01-capable hosts it covers.

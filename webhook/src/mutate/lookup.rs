@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use k8s_openapi::api::{core::v1::Service, networking::v1::Ingress};
 
+use crate::mutate::gateway::GatewayObjects;
+
 /// Where Ingresses and Services are looked up. The server uses a watch-backed cache
 /// ([`crate::kube::cache::Cache`]); tests, the offline commands and the live re-check use a
 /// [`Snapshot`].
@@ -16,6 +18,20 @@ pub trait Lookup: Send + Sync {
     fn service(&self, namespace: &str, name: &str) -> Option<Arc<Service>>;
     /// The Services of a namespace.
     fn services(&self, namespace: &str) -> Vec<Arc<Service>>;
+    /// The Gateway API objects (none without the CRDs).
+    fn gateway_objects(&self) -> GatewayObjects {
+        GatewayObjects::default()
+    }
+    /// The annotated Gateways and ListenerSets of a namespace, each as the Ingress that asks
+    /// for the same certificates through the same Services
+    /// ([`crate::mutate::gateway::GatewayPlan::as_ingress`]).
+    fn gateway_ingresses(&self, namespace: &str) -> Vec<Arc<Ingress>> {
+        self.gateway_objects()
+            .ingresses(namespace)
+            .into_iter()
+            .map(Arc::new)
+            .collect()
+    }
 }
 
 /// A fixed set of objects (possibly empty: no cluster).
@@ -23,6 +39,7 @@ pub trait Lookup: Send + Sync {
 pub struct Snapshot {
     pub ingresses: Vec<Arc<Ingress>>,
     pub services: Vec<Arc<Service>>,
+    pub gateway: GatewayObjects,
 }
 
 /// The objects of `items` in `namespace`.
@@ -50,5 +67,9 @@ impl Lookup for Snapshot {
 
     fn services(&self, namespace: &str) -> Vec<Arc<Service>> {
         in_namespace(&self.services, namespace)
+    }
+
+    fn gateway_objects(&self) -> GatewayObjects {
+        self.gateway.clone()
     }
 }

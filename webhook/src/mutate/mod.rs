@@ -15,6 +15,7 @@
 pub mod container;
 pub mod context;
 pub mod effect;
+pub mod gateway;
 pub mod ingress;
 pub mod lookup;
 pub mod namespace;

@@ -18,10 +18,20 @@ use k8s_openapi::{
 };
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use sidecert_contract::{
-    HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, annotations, bounded_name, validate_secret_name,
+    HTTP01_PORT_NAME, MANAGED_BY, MANAGED_BY_LABEL, SOLVER_SERVICE_SUFFIX, annotations, bounded_name,
+    validate_secret_name,
 };
 
 use crate::error::Result;
+
+/// The solver Service for a backend Service: `<backend>-sidecert-solver`, at most 63
+/// characters whatever the backend's name holds; a long backend is cut and ends in a hash of
+/// its whole name (so two long backends never share a solver). The name always ends in the
+/// suffix: that is how [`crate::mutate::ingress::plan`] tells a solver path from the backend's own.
+pub fn solver_service_name(backend: &str) -> String {
+    let keep = 63 - SOLVER_SERVICE_SUFFIX.len();
+    format!("{}{SOLVER_SERVICE_SUFFIX}", bounded_name(backend, keep))
+}
 
 /// Name of the solver Service's port (→ target port `sidecert-http`).
 pub const SOLVER_PORT_NAME: &str = "http";

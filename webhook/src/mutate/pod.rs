@@ -387,6 +387,7 @@ mod tests {
             lookup: Arc::new(Snapshot {
                 ingresses: Vec::new(),
                 services: services.into_iter().map(Arc::new).collect(),
+                ..Snapshot::default()
             }),
             secrets: Default::default(),
             hosts: Default::default(),
@@ -462,6 +463,7 @@ mod tests {
             lookup: Arc::new(Snapshot {
                 ingresses,
                 services: vec![Arc::new(web)],
+                ..Snapshot::default()
             }),
             secrets: crate::mutate::context::SecretChecks {
                 left_out: (0..10)

@@ -140,6 +140,7 @@ pub fn select(
     // Annotated Ingresses whose TLS hosts are served by a Service selecting this Pod.
     let mut ingress_overrides: Option<(String, Overrides)> = None;
     let mut ingresses = lookup.ingresses(namespace);
+    ingresses.extend(lookup.gateway_ingresses(namespace));
     ingresses.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     for ing in ingresses.iter().filter(|i| is_annotated(i)) {
         let mut plan = plan(ing, default_profile);

@@ -58,6 +58,8 @@ const ROLE_PREFIX: &str = "sidecert-";
 pub struct Cleaned {
     /// Ingresses whose HTTP-01 paths came off.
     pub ingresses: Vec<String>,
+    /// sidecert's HTTP-01 HTTPRoutes (Gateway API).
+    pub routes: Vec<String>,
     pub services: Vec<String>,
     pub roles: Vec<String>,
     pub role_bindings: Vec<String>,
@@ -66,6 +68,7 @@ pub struct Cleaned {
 impl Cleaned {
     pub fn is_empty(&self) -> bool {
         self.ingresses.is_empty()
+            && self.routes.is_empty()
             && self.services.is_empty()
             && self.roles.is_empty()
             && self.role_bindings.is_empty()
@@ -76,6 +79,7 @@ impl Cleaned {
         tracing::info!(
             namespace = ns,
             ingresses = ?self.ingresses,
+            routes = ?self.routes,
             services = ?self.services,
             roles = ?self.roles,
             role_bindings = ?self.role_bindings,
@@ -141,8 +145,8 @@ pub async fn may_clean(client: &Client, ns: &str) -> Result<bool> {
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
-/// Takes sidecert's HTTP-01 paths off every Ingress of `ns`, and deletes its solver Services,
-/// Roles and RoleBindings there. Each step goes on past a failure; the first error is returned
+/// Takes sidecert's HTTP-01 paths off every Ingress of `ns`, and deletes its HTTP-01
+/// HTTPRoutes, solver Services, Roles and RoleBindings there. Each step goes on past a failure; the first error is returned
 /// after all were tried (the next pass tries again). While an Ingress keeps a path, the solver
 /// Services stay, so that the next pass finds the namespace again. With `still_unserved`
 /// (the reconciler's selector), the namespace is asked about once more before its Roles
@@ -164,9 +168,12 @@ pub async fn clean_namespace(
     // Paths first: a challenge route must not outlive the Service it points at.
     let (done, failed) = remove_paths(client, ns).await;
     cleaned.ingresses = done;
+    let routes = delete_solver_routes(client, ns).await;
+    let routes_failed = routes.is_err();
+    note(routes, &mut cleaned.routes);
     if let Some(e) = failed {
         note(Err(e), &mut Vec::new());
-    } else {
+    } else if !routes_failed {
         note(delete_ours::<Service>(client, ns).await, &mut cleaned.services);
     }
     if let Some(selector) = still_unserved {
@@ -185,6 +192,46 @@ pub async fn clean_namespace(
     );
     note(delete_ours::<Role>(client, ns).await, &mut cleaned.roles);
     (cleaned, first_error)
+}
+
+/// Deletes sidecert's HTTP-01 HTTPRoutes in `ns` (a namespace that lost its label, an
+/// uninstall); the names deleted. Without the Gateway API CRDs there are none.
+pub async fn delete_solver_routes(client: &kube::Client, ns: &str) -> Result<Vec<String>> {
+    let api = Api::<kube::api::DynamicObject>::namespaced_with(
+        client.clone(),
+        ns,
+        &crate::mutate::gateway::http_route_resource(),
+    );
+    let lp = kube::api::ListParams::default().labels(&format!(
+        "{}={}",
+        sidecert_contract::MANAGED_BY_LABEL,
+        sidecert_contract::MANAGED_BY
+    ));
+    let list = match api.list(&lp).await {
+        Ok(list) => list.items,
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut deleted = Vec::new();
+    for route in list
+        .iter()
+        .filter(|r| crate::mutate::gateway::is_solver_route(&r.metadata))
+    {
+        let name = route.metadata.name.clone().unwrap_or_default();
+        let dp = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                uid: route.metadata.uid.clone(),
+                resource_version: None,
+            }),
+            ..kube::api::DeleteParams::default()
+        };
+        match api.delete(&name, &dp).await {
+            Ok(_) => deleted.push(name),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(deleted)
 }
 
 /// How often the cleanup reads an Ingress again when it changed under the patch.

@@ -64,7 +64,8 @@ pub struct Reconciler {
     pub(super) metrics: Metrics,
     /// Consecutive failures per Ingress (`ns/name`), for the backoff.
     pub(super) failures: Mutex<HashMap<String, u32>>,
-    /// The last warning Event per Ingress uid, so a standing problem is reported once.
+    /// The last warning Event per object uid and reason, so a standing problem is reported
+    /// once.
     reported: Mutex<HashMap<String, String>>,
 }
 
@@ -112,8 +113,10 @@ impl Reconciler {
         if !same || !self.namespace_enabled(ns) {
             return BTreeSet::new();
         }
-        self.lookup
-            .ingresses(ns)
+        let mut ingresses = self.lookup.ingresses(ns);
+        // The annotated Gateways and ListenerSets, as the Ingresses that ask for the same.
+        ingresses.extend(self.lookup.gateway_ingresses(ns));
+        ingresses
             .iter()
             .filter(|i| is_annotated(i))
             .flat_map(|i| {
@@ -128,7 +131,7 @@ impl Reconciler {
 
     /// Claims `hosts` for the served namespace `ns`, within its allowed domains (`None`
     /// without claims). The objects are stored: a claim held is not renewed.
-    async fn claim_for(&self, ns: &str, hosts: &[&str]) -> Option<Claimed> {
+    pub(super) async fn claim_for(&self, ns: &str, hosts: &[&str]) -> Option<Claimed> {
         let claims = self.claims.as_ref()?;
         let served = self
             .namespaces
@@ -204,7 +207,7 @@ impl Reconciler {
         } else {
             "HostNotOwned"
         };
-        self.warn_once(ingress, reason, note).await;
+        self.warn_once(&ingress.object_ref(&()), reason, note).await;
         plan.leave_out_hosts(ns, &checks);
         // Only hosts another namespace owns or this one may not claim: a host whose claim is
         // not known in time, or past what one pass claims, keeps its path.
@@ -253,7 +256,7 @@ impl Reconciler {
         self.action("route_removed");
         tracing::info!(namespace = ns, ingress = %name, why, "removed the HTTP-01 path");
         self.event(
-            ingress,
+            &ingress.object_ref(&()),
             EventType::Normal,
             "ChallengeRouteRemoved",
             "Reconcile",
@@ -270,7 +273,7 @@ impl Reconciler {
 
     pub(super) async fn event(
         &self,
-        ingress: &Ingress,
+        target: &ObjectReference,
         type_: EventType,
         reason: &str,
         action: &str,
@@ -284,20 +287,21 @@ impl Reconciler {
             action: action.to_owned(),
             secondary,
         };
-        if let Err(e) = self.recorder.publish(&ev, &ingress.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&ev, target).await {
             tracing::warn!(error = %e, reason, "cannot record an Event");
         }
     }
 
-    /// A warning Event, unless the same one was the last for this Ingress.
-    pub(super) async fn warn_once(&self, ingress: &Ingress, reason: &str, note: String) {
-        let uid = ingress.uid().unwrap_or_default();
+    /// A warning Event, unless the same one was the last of its reason for this object (its
+    /// uid).
+    pub(super) async fn warn_once(&self, target: &ObjectReference, reason: &str, note: String) {
+        let uid = format!("{}/{reason}", target.uid.as_deref().unwrap_or_default());
         let fresh = {
             let mut reported = self.reported.lock().unwrap_or_else(|p| p.into_inner());
             reported.insert(uid, note.clone()).as_ref() != Some(&note)
         };
         if fresh {
-            self.event(ingress, EventType::Warning, reason, "Check", note, None)
+            self.event(target, EventType::Warning, reason, "Check", note, None)
                 .await;
         }
     }
@@ -326,7 +330,8 @@ impl Reconciler {
                 .map(|s| foreign_secret_warning(ns, s))
                 .collect::<Vec<_>>()
                 .join("; ");
-            self.warn_once(ingress, "SecretNotOurs", note).await;
+            self.warn_once(&ingress.object_ref(&()), "SecretNotOurs", note)
+                .await;
         }
         let mut generation_source = ingress.clone();
         let patch = route_patch(&plan);
@@ -348,7 +353,7 @@ impl Reconciler {
             self.action("route_added");
             tracing::info!(namespace = ns, ingress = %name, "added the HTTP-01 path");
             self.event(
-                ingress,
+                &ingress.object_ref(&()),
                 EventType::Normal,
                 "ChallengeRouteAdded",
                 "Reconcile",
@@ -410,8 +415,14 @@ impl Reconciler {
                 }
             }
         }
-        self.roll(ingress, ns, &selectors, &restart_key(&generation_source))
-            .await?;
+        self.roll(
+            &ingress.object_ref(&()),
+            "Ingress",
+            ns,
+            &selectors,
+            &restart_key(&generation_source),
+        )
+        .await?;
         first_error.map_or(Ok(()), Err)
     }
 

@@ -20,6 +20,7 @@ use crate::{
     reconciler::{
         context::Reconciler,
         controller::{clean_unserved, prune_roles, run_controller, sweep_claims},
+        gateway::reconcile_gateways,
         settings::{CONTROLLER_NAME, Settings},
     },
 };
@@ -177,6 +178,7 @@ async fn lead(
     let sweeps = tokio::spawn(sweep_claims(ctx.clone()));
     let cleanups = tokio::spawn(clean_unserved(ctx.clone()));
     let prunes = tokio::spawn(prune_roles(ctx.clone()));
+    let gateways = tokio::spawn(reconcile_gateways(ctx.clone()));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let controller = run_controller(ctx, stop_rx.map(drop));
     tokio::pin!(controller);
@@ -189,6 +191,7 @@ async fn lead(
     sweeps.abort();
     cleanups.abort();
     prunes.abort();
+    gateways.abort();
     let _ = stop_tx.send(());
     if outcome.is_some()
         && tokio::time::timeout(Duration::from_secs(5), &mut controller)

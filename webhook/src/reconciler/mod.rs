@@ -15,6 +15,10 @@
 //! For an Ingress without the annotation: the HTTP-01 paths and sidecert's solver Services go;
 //! Secrets stay.
 //!
+//! Annotated Gateways and ListenerSets get the same ([`gateway`]): temporary Secrets, solver
+//! Services, sidecert's HTTP-01 HTTPRoutes, restarts, and an Event for every listener it
+//! cannot serve; without the annotation, its HTTPRoutes and solver Services go.
+//!
 //! For a namespace that loses its label: sidecert's HTTP-01 paths, solver Services, Roles and
 //! RoleBindings there go; Secrets and Leases stay ([`cleanup`]).
 //!
@@ -27,6 +31,7 @@
 pub mod cleanup;
 pub mod context;
 pub mod controller;
+pub mod gateway;
 pub mod leader;
 pub mod plan;
 pub mod prune;

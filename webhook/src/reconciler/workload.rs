@@ -1,5 +1,5 @@
-//! Workload restarts: the Pods behind an Ingress that lack the sidecar get their workload
-//! restarted once per Ingress generation (like `kubectl rollout restart`), with an Event;
+//! Workload restarts: the Pods behind an Ingress (or a Gateway or ListenerSet) that lack the sidecar get their workload
+//! restarted once per generation of that object (like `kubectl rollout restart`), with an Event;
 //! Pods without a restartable owner are named in an Event, never deleted.
 
 use std::collections::{BTreeMap, HashMap};
@@ -7,8 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
-        core::v1::Pod,
-        networking::v1::Ingress,
+        core::v1::{ObjectReference, Pod},
     },
     apimachinery::pkg::apis::meta::v1::OwnerReference,
 };
@@ -35,7 +34,8 @@ impl Reconciler {
     /// Restarts (once per Ingress generation) the workloads of Pods that lack the sidecar.
     pub(super) async fn roll(
         &self,
-        ingress: &Ingress,
+        target: &ObjectReference,
+        what: &str,
         ns: &str,
         selectors: &[BTreeMap<String, String>],
         key: &str,
@@ -78,18 +78,24 @@ impl Reconciler {
             }
             if self.restart(ns, workload, key).await? {
                 self.action("rollout_restart");
-                tracing::info!(namespace = ns, ingress = %ingress.name_any(), workload = workload.name(), "rollout restart");
+                tracing::info!(
+                    namespace = ns,
+                    object = what,
+                    name = target.name.as_deref().unwrap_or_default(),
+                    workload = workload.name(),
+                    "rollout restart"
+                );
                 self.event(
-                    ingress,
+                    target,
                     EventType::Normal,
                     "RolloutRestart",
                     "Restart",
                     format!(
-                        "restarted {} {}: its Pods {} back this Ingress but have no sidecert sidecar \
-                         (created before the Ingress was annotated, or while the webhook was unavailable)",
+                        "restarted {} {}: its Pods {} back this {what} but have no sidecert sidecar \
+                         (created before the {what} was annotated, or while the webhook was unavailable)",
                         workload.kind(),
                         workload.name(),
-                        pod_list(pods)
+                        pod_list(pods),
                     ),
                     Some(workload.reference(ns)),
                 )
@@ -99,20 +105,20 @@ impl Reconciler {
         let mut notes = Vec::new();
         if !not_restarted.is_empty() {
             notes.push(format!(
-                "{} have Pods without the sidecert sidecar behind this Ingress; restart them \
+                "{} have Pods without the sidecert sidecar behind this {what}; restart them \
                  (kubectl rollout restart): automatic restarts are off",
                 not_restarted.join(", ")
             ));
         }
         if !stranded.is_empty() {
             notes.push(format!(
-                "Pods {} back this Ingress without the sidecert sidecar and have no workload sidecert \
+                "Pods {} back this {what} without the sidecert sidecar and have no workload sidecert \
                  can restart; recreate them (sidecert never deletes Pods)",
                 pod_list(&stranded)
             ));
         }
         if !notes.is_empty() {
-            self.warn_once(ingress, "PodsWithoutSidecar", notes.join("; "))
+            self.warn_once(target, "PodsWithoutSidecar", notes.join("; "))
                 .await;
         }
         Ok(())

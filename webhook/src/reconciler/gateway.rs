@@ -1,0 +1,474 @@
+//! The Gateway API reconciler: keeps the world of every annotated Gateway and ListenerSet of
+//! the served namespaces in line, as [`Reconciler::ensure`] does for an Ingress:
+//!
+//! - the temporary Secrets exist where no Secret does (an existing Secret is never touched),
+//!   and so do the certificates' Leases;
+//! - the solver Services exist, owned by the Gateway or ListenerSet, with their backend's
+//!   selector;
+//! - sidecert's HTTPRoute per backend ([`solver_route`]) exists as planned, and one that the
+//!   Gateway did not accept is an Event;
+//! - Pods behind the backends that lack the sidecar get their workload restarted once per
+//!   generation, with an Event;
+//! - every reason a listener cannot be served ([`Finding`]) is a warning Event on the object.
+//!
+//! For a Gateway or ListenerSet without the annotation: sidecert's HTTPRoutes and solver
+//! Services go; Secrets stay. A deleted one takes them with it (owner references).
+//!
+//! The objects come from the admission caches ([`Lookup::gateway_objects`]): without the
+//! CRDs there are none, and nothing runs. One pass a second looks at what changed; each
+//! object is reconciled again at the reconciler's interval.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, hash_map::DefaultHasher},
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use kube::{
+    Api,
+    api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions},
+    runtime::events::EventType,
+};
+use sidecert_contract::{foreign_secret_warning, lease_name};
+
+use crate::{
+    error::{Error, Result},
+    mutate::{
+        context::SecretChecks,
+        effect::Effect,
+        gateway::{
+            GatewayObjects, Parent, Route, http_route_resource, is_solver_route, owned_by, route_current,
+            solver_route, solver_route_name,
+        },
+        ingress::{plan as ingress_plan, solver_service_name},
+    },
+    reconciler::{
+        context::{Reconciler, remove_solvers},
+        controller::RETRY,
+        plan::restart_key,
+    },
+};
+
+/// How often the reconciler looks at the cached Gateway API objects.
+pub const PASS: Duration = Duration::from_secs(1);
+
+/// The field manager of sidecert's server-side applies of its HTTPRoutes.
+const FIELD_MANAGER: &str = "sidecert";
+
+#[derive(Default)]
+struct Seen {
+    fingerprint: u64,
+    at: Option<Instant>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    annotated: bool,
+}
+
+/// What a parent's reconcile depends on: itself, its Gateway, and the HTTPRoutes of its
+/// namespace and of its Gateway's.
+fn fingerprint(parent: &Parent, objects: &GatewayObjects) -> u64 {
+    let mut h = DefaultHasher::new();
+    parent.meta.resource_version.hash(&mut h);
+    parent.is_annotated().hash(&mut h);
+    let gateway = parent.parent_gateway();
+    if let Some((ns, name)) = &gateway {
+        objects
+            .gateway(ns, name)
+            .map(|g| g.meta.resource_version)
+            .hash(&mut h);
+    }
+    let mut rvs: Vec<(&str, &str, &str)> = objects
+        .routes
+        .iter()
+        .filter(|r| {
+            let ns = r.metadata.namespace.as_deref();
+            ns == Some(parent.namespace.as_str())
+                || gateway.as_ref().is_some_and(|(g, _)| ns == Some(g.as_str()))
+        })
+        .map(|r| {
+            (
+                r.metadata.namespace.as_deref().unwrap_or_default(),
+                r.metadata.name.as_deref().unwrap_or_default(),
+                r.metadata.resource_version.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    rvs.sort_unstable();
+    rvs.hash(&mut h);
+    h.finish()
+}
+
+/// While this replica leads, reconciles the Gateways and ListenerSets.
+pub async fn reconcile_gateways(ctx: Arc<Reconciler>) {
+    let mut tick = tokio::time::interval(PASS);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: HashMap<String, Seen> = HashMap::new();
+    loop {
+        tick.tick().await;
+        let objects = ctx.lookup.gateway_objects();
+        if objects.is_empty() && seen.is_empty() {
+            continue;
+        }
+        let routes = objects.routes();
+        let (parents, unreadable) = objects.parents(None);
+        let mut alive = BTreeSet::new();
+        for parent in &parents {
+            let Some(uid) = parent.meta.uid.clone() else {
+                continue;
+            };
+            alive.insert(uid.clone());
+            if !ctx.namespace_enabled(&parent.namespace) {
+                continue;
+            }
+            let fp = fingerprint(parent, &objects);
+            let now = Instant::now();
+            let entry = seen.entry(uid.clone()).or_default();
+            let due = entry.fingerprint != fp
+                || entry
+                    .at
+                    .is_none_or(|at| now.duration_since(at) >= ctx.settings.interval);
+            let retry_due = entry.retry_at.is_some_and(|at| now >= at);
+            if !due && !retry_due {
+                continue;
+            }
+            if entry.retry_at.is_some_and(|at| now < at) && entry.fingerprint == fp {
+                continue;
+            }
+            let annotated = parent.is_annotated();
+            // One that never was annotated has nothing of sidecert's, unless the cache holds
+            // a solver route it owns (annotated while this replica did not lead).
+            let owns_routes = routes.iter().any(|r| r.is_sidecerts() && owned_by(&r.meta, &uid));
+            let result = if annotated {
+                ctx.ensure_parent(parent, &objects, &routes).await
+            } else if entry.annotated || owns_routes {
+                ctx.remove_parent(parent, &routes).await
+            } else {
+                Ok(())
+            };
+            let label = match &result {
+                Ok(()) => {
+                    *entry = Seen {
+                        fingerprint: fp,
+                        at: Some(now),
+                        annotated,
+                        ..Seen::default()
+                    };
+                    "ok"
+                }
+                Err(e) => {
+                    entry.failures = entry.failures.saturating_add(1);
+                    let wait = RETRY.delay(entry.failures);
+                    entry.fingerprint = fp;
+                    entry.at = Some(now);
+                    entry.retry_at = Some(now + wait);
+                    entry.annotated |= annotated;
+                    tracing::warn!(
+                        object = %parent.display(),
+                        namespace = parent.namespace,
+                        error = %e,
+                        retry_in = ?wait,
+                        "reconcile failed"
+                    );
+                    e.metric_label()
+                }
+            };
+            ctx.metrics.reconciles.with_label_values(&[label]).inc();
+        }
+        for (kind, meta, why) in unreadable {
+            let ns = meta.namespace.clone().unwrap_or_default();
+            if ctx.namespace_enabled(&ns) {
+                tracing::debug!(kind = kind.kind(), namespace = ns, why, "unreadable");
+            }
+        }
+        seen.retain(|uid, _| alive.contains(uid));
+    }
+}
+
+impl Reconciler {
+    /// Brings an annotated Gateway's or ListenerSet's world in line.
+    pub(super) async fn ensure_parent(
+        &self,
+        parent: &Parent,
+        objects: &GatewayObjects,
+        routes: &[Route],
+    ) -> Result<()> {
+        let ns = parent.namespace.as_str();
+        let target = parent.object_reference();
+        let labels = |name: &str| {
+            self.namespaces
+                .get(&kube::runtime::reflector::ObjectRef::new(name))
+                .and_then(|n| n.metadata.labels.clone())
+        };
+        let gplan = objects.plan_of(parent, routes, &labels);
+        for finding in &gplan.findings {
+            self.warn_once(&target, finding.reason, finding.message.clone())
+                .await;
+        }
+        let ingress = gplan.as_ingress(parent);
+        let mut plan = ingress_plan(&ingress, self.settings.default_profile.as_deref());
+        for warning in plan.warnings.drain(..) {
+            tracing::debug!(object = %parent.display(), namespace = ns, warning, "plan");
+        }
+
+        // One owner per host.
+        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+        let mut hosts_unknown = false;
+        if let Some(claimed) = self.claim_for(ns, &hosts).await {
+            let checks = claimed.checks(false);
+            if !checks.left_out.is_empty() {
+                hosts_unknown = checks
+                    .left_out
+                    .values()
+                    .any(|s| matches!(s, crate::mutate::context::HostStanding::Unknown));
+                let warnings: BTreeSet<String> = checks
+                    .left_out
+                    .iter()
+                    .map(|(host, standing)| standing.warning(ns, host))
+                    .collect();
+                let mut note = warnings.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+                if warnings.len() > 3 {
+                    note.push_str(&format!("; and {} more", warnings.len() - 3));
+                }
+                let reason = if hosts_unknown {
+                    "HostOwnerUnknown"
+                } else {
+                    "HostNotOwned"
+                };
+                self.warn_once(&target, reason, note).await;
+                plan.leave_out_hosts(ns, &checks);
+            }
+        }
+
+        // A Secret of someone else's is never written, routed to or rolled for.
+        let owners = self
+            .executor
+            .secret_owners(ns, &plan.secret_names(), self.executor.budget())
+            .await;
+        let checks = SecretChecks {
+            left_out: owners.left_out(),
+            checked: None,
+        };
+        plan.leave_out(ns, &checks);
+        if !owners.foreign.is_empty() {
+            let note = owners
+                .foreign
+                .iter()
+                .map(|s| foreign_secret_warning(ns, s))
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.warn_once(&target, "SecretNotOurs", note).await;
+        }
+        let mut first_error =
+            (!owners.unknown.is_empty() || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
+
+        for secret in &plan.secrets {
+            let effect = Effect::TemporarySecret {
+                namespace: ns.to_owned(),
+                name: secret.secret_name.clone(),
+                domains: secret.domains.clone(),
+            };
+            if let Err(e) = self.executor.apply_one(&effect).await {
+                tracing::warn!(namespace = ns, object = %parent.display(), effect = effect.describe(), error = %e, "reconcile");
+                first_error.get_or_insert(e);
+            }
+            let lease = lease_name(&secret.secret_name);
+            if let Err(e) = self.executor.ensure_lease(ns, &lease).await {
+                first_error.get_or_insert(e);
+            }
+        }
+
+        // Solver Services and routes, per backend, for the hosts left.
+        let owner = parent.owner_reference();
+        let mut by_backend: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for route in &plan.routes {
+            by_backend
+                .entry(route.backend.as_str())
+                .or_default()
+                .insert(route.host.as_str());
+        }
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &http_route_resource());
+        let mut wanted_routes = BTreeSet::new();
+        let mut selectors = Vec::new();
+        for (backend, hosts) in &by_backend {
+            match self
+                .executor
+                .sync_solver(ns, &solver_service_name(backend), backend, owner.as_ref())
+                .await
+            {
+                Ok(Some(action)) => self.action(action),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            }
+            match self.executor.backend_selector(ns, backend).await {
+                Ok(s) => selectors.push(s),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            let Some(want) = solver_route(parent, &gplan, backend, hosts) else {
+                continue;
+            };
+            let name = solver_route_name(parent, backend);
+            wanted_routes.insert(name.clone());
+            let existing = objects.routes.iter().find(|r| {
+                r.metadata.namespace.as_deref() == Some(ns) && r.metadata.name.as_deref() == Some(&name)
+            });
+            match existing {
+                Some(r) if !is_solver_route(&r.metadata) => {
+                    self.warn_once(
+                        &target,
+                        "SolverRouteNameTaken",
+                        format!(
+                            "sidecert: {}: HTTPRoute {name} exists and is not sidecert's; the HTTP-01 \
+                             challenges of {} are not routed",
+                            parent.display(),
+                            hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    )
+                    .await;
+                    continue;
+                }
+                Some(r) if route_current(r, &want) => {
+                    if let Some(why) = Route::read(r).ok().and_then(|r| r.not_accepted()) {
+                        self.warn_once(
+                            &target,
+                            "SolverRouteNotAccepted",
+                            format!(
+                                "sidecert: {}: the Gateway did not accept sidecert's HTTPRoute {name}, so \
+                                 the HTTP-01 challenges of {} cannot reach the solver: {why}",
+                                parent.display(),
+                                hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                            ),
+                        )
+                        .await;
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let created = existing.is_none();
+            match api
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&want),
+                )
+                .await
+            {
+                Ok(_) => {
+                    self.action(if created { "route_added" } else { "route_repaired" });
+                    tracing::info!(namespace = ns, object = %parent.display(), route = name, "applied the HTTP-01 HTTPRoute");
+                    if created {
+                        self.event(
+                            &target,
+                            EventType::Normal,
+                            "ChallengeRouteAdded",
+                            "Reconcile",
+                            format!(
+                                "created HTTPRoute {name} for the HTTP-01 challenges of {}",
+                                hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                            ),
+                            None,
+                        )
+                        .await;
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e.into());
+                }
+            }
+        }
+        // Its routes for backends it no longer has.
+        if let Some(uid) = parent.meta.uid.as_deref() {
+            for r in routes.iter().filter(|r| {
+                r.namespace == ns
+                    && r.is_sidecerts()
+                    && owned_by(&r.meta, uid)
+                    && !wanted_routes.contains(&r.name)
+            }) {
+                if let Err(e) = self.delete_route(&api, r).await {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+
+        self.roll(
+            &target,
+            parent.kind.kind(),
+            ns,
+            &selectors,
+            &restart_key(&ingress),
+        )
+        .await?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Takes sidecert's HTTPRoutes and solver Services off a Gateway or ListenerSet that lost
+    /// the annotation. Secrets stay.
+    pub(super) async fn remove_parent(&self, parent: &Parent, routes: &[Route]) -> Result<()> {
+        let ns = parent.namespace.as_str();
+        let Some(uid) = parent.meta.uid.as_deref() else {
+            return Ok(());
+        };
+        let api = Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &http_route_resource());
+        let mut removed = Vec::new();
+        for r in routes
+            .iter()
+            .filter(|r| r.namespace == ns && r.is_sidecerts() && owned_by(&r.meta, uid))
+        {
+            self.delete_route(&api, r).await?;
+            removed.push(r.name.clone());
+        }
+        let solvers = remove_solvers(&self.client, ns, Some(uid), &[]).await?;
+        for svc in &solvers {
+            self.action("solver_deleted");
+            tracing::info!(namespace = ns, object = %parent.display(), service = svc, "deleted solver Service");
+        }
+        if !removed.is_empty() || !solvers.is_empty() {
+            self.event(
+                &parent.object_reference(),
+                EventType::Normal,
+                "ChallengeRouteRemoved",
+                "Reconcile",
+                format!(
+                    "removed sidecert's HTTPRoutes ({}) and solver Services ({}): the {} is no longer \
+                     annotated {}; its Secrets are left alone",
+                    removed.join(", "),
+                    solvers.join(", "),
+                    parent.kind.kind(),
+                    sidecert_contract::annotations::ISSUE_TEMPORARY_CERTIFICATE
+                ),
+                None,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn delete_route(&self, api: &Api<DynamicObject>, route: &Route) -> Result<()> {
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: route.meta.uid.clone(),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match api.delete(&route.name, &dp).await {
+            Ok(_) => {
+                self.action("route_removed");
+                tracing::info!(
+                    namespace = route.namespace,
+                    route = route.name,
+                    "deleted sidecert's HTTPRoute"
+                );
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
