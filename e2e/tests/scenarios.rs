@@ -125,6 +125,16 @@ async fn scenarios() {
                 .await,
             );
         }
+        if selected.contains(&13) {
+            outcomes.push(
+                run(
+                    13,
+                    "Gateway API: a Gateway and a ListenerSet",
+                    s13_gateway(ctx.clone()),
+                )
+                .await,
+            );
+        }
         if selected.contains(&12) {
             outcomes.push(
                 run(
@@ -165,7 +175,7 @@ fn selected_scenarios() -> BTreeSet<u8> {
         Ok(list) if !list.trim().is_empty() => {
             list.split(',').filter_map(|s| s.trim().parse().ok()).collect()
         }
-        _ => (1..=12).collect(),
+        _ => (1..=13).collect(),
     }
 }
 
@@ -3036,6 +3046,345 @@ async fn strict_rbac_holds(ctx: &Ctx, listed: &TestNamespace, unlisted: &TestNam
     ensure!(
         ctx.claim_holder(&host("web", unlisted)).await?.is_none(),
         "the unlisted namespace claimed its host"
+    );
+    Ok(())
+}
+
+/// A Gateway API object of `kind`, in `ns`, from its JSON.
+async fn apply_gateway_api(ctx: &Ctx, ns: &str, manifest: &Value) -> Result<()> {
+    ctx.kubectl_ok(&["-n", ns, "apply", "-f", "-"], Some(&manifest.to_string()))
+        .await
+        .map(drop)
+}
+
+fn gateway_objects(ctx: &Ctx, ns: &str, kind: &str) -> Api<kube::api::DynamicObject> {
+    Api::namespaced_with(ctx.client.clone(), ns, &sidecert_e2e::dns::gateway_api(kind))
+}
+
+/// Waits until an Event of `reason` about the object `name` is in `ns`; its message.
+async fn wait_event(ctx: &Ctx, ns: &str, name: &str, reason: &str) -> Result<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(ctx.client.clone(), ns);
+    wait_for(Duration::from_secs(30), || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+            .map(|e| e.note.unwrap_or_default())
+    })
+    .await
+    .with_context(|| format!("no {reason} Event about {name} in {ns}"))
+}
+
+/// Scenario 13: Gateway API. A Gateway with HTTP and HTTPS listeners, an HTTPRoute and a
+/// Deployment in one `kubectl apply`: HTTPS through Traefik's Gateway with the temporary
+/// certificate at once, then the Pebble-issued one, one order; the same for a ListenerSet
+/// attached to a Gateway in another namespace (Traefik v3.7 does not serve ListenerSets, so
+/// only its HTTP-01 challenge goes through Traefik, by the Gateway's HTTP listener); each
+/// misconfiguration is an Event; without the annotation sidecert's HTTPRoute and solver
+/// Service go and the Secret stays.
+async fn s13_gateway(ctx: Ctx) -> Result<()> {
+    ctx.clone()
+        .in_namespaces(
+            &[("e2e-s13", true), ("e2e-s13-infra", false), ("e2e-s13-other", true)],
+            |namespaces| async move {
+                let (ns, infra, other) = (&namespaces[0], &namespaces[1], &namespaces[2]);
+                let class = std::env::var("GATEWAY_CLASS").unwrap_or_else(|_| "traefik".into());
+                let (http_port, https_port) = (ctx.plane.ingress_http().port(), ctx.plane.ingress_https().port());
+                let host = host("gw", ns);
+                let mut manifest = web_app("web", std::slice::from_ref(&host), "web-tls", 2, json!({}), json!({}));
+                // The Ingress of web_app goes: the Gateway and its route stand in for it.
+                let items = manifest["items"].as_array_mut().context("web_app's List has no items")?;
+                items.retain(|i| i["kind"] != "Ingress");
+                let switch = json!({annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"});
+                items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                    "metadata": {"name": "edge", "annotations": switch},
+                    "spec": {"gatewayClassName": class, "listeners": [
+                        {"name": "http", "protocol": "HTTP", "port": http_port, "hostname": host},
+                        {"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": host,
+                         "tls": {"mode": "Terminate", "certificateRefs": [{"name": "web-tls"}]}}]}}));
+                items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                    "metadata": {"name": "web"},
+                    "spec": {"parentRefs": [{"name": "edge", "sectionName": "https"}], "hostnames": [host],
+                             "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}));
+                let applied = Instant::now();
+                ctx.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&manifest.to_string()))
+                    .await?;
+
+                let secrets: Api<Secret> = ns.api();
+                let temporary = wait_for(Duration::from_secs(10), || async {
+                    secrets.get_opt("web-tls").await.ok().flatten()
+                })
+                .await
+                .context("no temporary Secret web-tls within 10 s of the apply")?;
+                eprintln!(
+                    "scenario 13: apply -> temporary Secret of the Gateway's listener: {:.1} s",
+                    applied.elapsed().as_secs_f64()
+                );
+                ensure!(
+                    annotation(&temporary, annotations::TEMPORARY) == Some("true"),
+                    "web-tls is not the temporary certificate"
+                );
+                let temp_info = check_chain(&tls_crt(&temporary).context("no tls.crt")?, None)?;
+                let (temporary_after, _) = wait_served(
+                    ctx.plane,
+                    &host,
+                    Expect::certificate(&temp_info.serial),
+                    applied,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                eprintln!(
+                    "scenario 13: apply -> https://{host}/ through the Gateway with the temporary certificate: {:.1} s",
+                    temporary_after.as_secs_f64()
+                );
+
+                // sidecert's HTTPRoute: to the HTTP listener by sectionName, for the host.
+                let routes = gateway_objects(&ctx, ns.name(), "HTTPRoute");
+                let solver_route = "gw.edge.web-sidecert-solver";
+                let route = wait_for(Duration::from_secs(20), || async {
+                    routes.get_opt(solver_route).await.ok().flatten()
+                })
+                .await
+                .with_context(|| format!("no HTTPRoute {solver_route}"))?;
+                ensure!(
+                    route.data["spec"]["parentRefs"]
+                        == json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge",
+                                    "sectionName": "http"}]),
+                    "solver route parentRefs {}",
+                    route.data["spec"]["parentRefs"]
+                );
+                ensure!(route.data["spec"]["hostnames"] == json!([host]), "solver route hostnames");
+                let solver = format!("web{SOLVER_SERVICE_SUFFIX}");
+                ns.api::<Service>()
+                    .get_opt(&solver)
+                    .await?
+                    .with_context(|| format!("no solver Service {solver}"))?;
+
+                // Every Pod gets the sidecar (at creation, or through one rollout restart).
+                let pods_api: Api<Pod> = ns.api();
+                wait_for(Duration::from_secs(90), || async {
+                    let pods = running_pods(&pods_api, "app=web", 2, Duration::from_secs(5)).await.ok()?;
+                    pods.iter().all(|p| sidecar(p).is_some()).then_some(())
+                })
+                .await
+                .context("the Pods behind the HTTPRoute did not all get the sidecar")?;
+
+                let issued = wait_issued(&secrets, "web-tls", Duration::from_secs(90)).await?;
+                let info = check_issued(ctx.plane, &issued, std::slice::from_ref(&host)).await?;
+                let root = ctx.plane.pebble_root_pem().await?;
+                let (issued_after, _) = wait_served(
+                    ctx.plane,
+                    &host,
+                    Expect::issued(&info.serial, &root),
+                    applied,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                eprintln!(
+                    "scenario 13: apply -> https://{host}/ through the Gateway with the issued certificate: {:.1} s",
+                    issued_after.as_secs_f64()
+                );
+                let tokens = pebble_tokens(ctx.plane, &host);
+                ensure!(tokens.len() == 1, "Pebble validated {} challenges for {host}", tokens.len());
+                let pods = pods_api.list(&ListParams::default().labels("app=web")).await?.items;
+                let running: Vec<Pod> = pods.into_iter().filter(is_running).collect();
+                let orders = sidecar_metric_sum(&running, "sidecert_orders_total", "").await?;
+                ensure!(orders <= 1.0, "the sidecars made {orders} orders, want one");
+
+                listener_set(&ctx, ns, infra).await?;
+                misconfigurations(&ctx, ns, other, &host).await?;
+
+                // Without the annotation: sidecert's route and solver Service go, the Secret stays.
+                ctx.kubectl_ok(
+                    &["-n", ns.name(), "annotate", "gateway", "edge", &format!("{}-", annotations::ISSUE_TEMPORARY_CERTIFICATE)],
+                    None,
+                )
+                .await?;
+                wait_for(Duration::from_secs(20), || async {
+                    let route = routes.get_opt(solver_route).await.ok()?;
+                    let svc = ns.api::<Service>().get_opt(&solver).await.ok()?;
+                    (route.is_none() && svc.is_none()).then_some(())
+                })
+                .await
+                .context("sidecert's HTTPRoute and solver Service outlived the annotation")?;
+                let kept = secrets.get("web-tls").await?;
+                ensure!(tls_crt(&kept) == tls_crt(&issued), "the issued Secret changed after the annotation went");
+                wait_event(&ctx, ns.name(), "edge", "ChallengeRouteRemoved").await?;
+                Ok(())
+            },
+        )
+        .await
+}
+
+/// Scenario 13, continued: a ListenerSet in `ns` attached to a Gateway in `infra` (which
+/// admits ListenerSets and routes from every namespace on its HTTP listener).
+async fn listener_set(ctx: &Ctx, ns: &TestNamespace, infra: &TestNamespace) -> Result<()> {
+    let class = std::env::var("GATEWAY_CLASS").unwrap_or_else(|_| "traefik".into());
+    let http_port = ctx.plane.ingress_http().port();
+    let https_port = ctx.plane.ingress_https().port();
+    apply_gateway_api(
+        ctx,
+        infra.name(),
+        &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "shared"},
+            "spec": {"gatewayClassName": class,
+                     "allowedListeners": {"namespaces": {"from": "All"}},
+                     "listeners": [{"name": "http", "protocol": "HTTP", "port": http_port,
+                                    "allowedRoutes": {"namespaces": {"from": "All"}}}]}}),
+    )
+    .await?;
+    let host = host("ls", ns);
+    let mut manifest = web_app(
+        "api",
+        std::slice::from_ref(&host),
+        "api-tls",
+        1,
+        json!({}),
+        json!({}),
+    );
+    let items = manifest["items"].as_array_mut().context("no items")?;
+    items.retain(|i| i["kind"] != "Ingress");
+    items.push(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ListenerSet",
+        "metadata": {"name": "api", "annotations": {annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"}},
+        "spec": {"parentRef": {"name": "shared", "namespace": infra.name()},
+                 "listeners": [{"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": host,
+                                "tls": {"mode": "Terminate", "certificateRefs": [{"name": "api-tls"}]}}]}}),
+    );
+    items.push(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "api"},
+        "spec": {"parentRefs": [{"kind": "ListenerSet", "name": "api", "sectionName": "https"}],
+                 "rules": [{"backendRefs": [{"name": "api", "port": 80}]}]}}),
+    );
+    let applied = Instant::now();
+    ctx.kubectl_ok(
+        &["-n", ns.name(), "apply", "-f", "-"],
+        Some(&manifest.to_string()),
+    )
+    .await?;
+    let secrets: Api<Secret> = ns.api();
+    let temporary = wait_for(Duration::from_secs(10), || async {
+        secrets.get_opt("api-tls").await.ok().flatten()
+    })
+    .await
+    .context("no temporary Secret api-tls for the ListenerSet's listener")?;
+    ensure!(
+        annotation(&temporary, annotations::TEMPORARY) == Some("true"),
+        "api-tls is not temporary"
+    );
+    eprintln!(
+        "scenario 13: apply -> temporary Secret of the ListenerSet's listener: {:.1} s",
+        applied.elapsed().as_secs_f64()
+    );
+    let routes = gateway_objects(ctx, ns.name(), "HTTPRoute");
+    let route = wait_for(Duration::from_secs(20), || async {
+        routes.get_opt("ls.api.api-sidecert-solver").await.ok().flatten()
+    })
+    .await
+    .context("no solver HTTPRoute for the ListenerSet")?;
+    ensure!(
+        route.data["spec"]["parentRefs"]
+            == json!([{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "shared",
+                        "namespace": infra.name(), "sectionName": "http"}]),
+        "the ListenerSet's solver route attaches to {}",
+        route.data["spec"]["parentRefs"]
+    );
+    let issued = wait_issued(&secrets, "api-tls", Duration::from_secs(90)).await?;
+    check_issued(ctx.plane, &issued, std::slice::from_ref(&host)).await?;
+    let tokens = pebble_tokens(ctx.plane, &host);
+    ensure!(
+        tokens.len() == 1,
+        "Pebble validated {} challenges for {host}",
+        tokens.len()
+    );
+    eprintln!(
+        "scenario 13: apply -> the ListenerSet's certificate issued: {:.1} s",
+        applied.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Scenario 13, continued: every misconfiguration is an Event on its object.
+async fn misconfigurations(ctx: &Ctx, ns: &TestNamespace, other: &TestNamespace, owned: &str) -> Result<()> {
+    let class = std::env::var("GATEWAY_CLASS").unwrap_or_else(|_| "traefik".into());
+    let http_port = ctx.plane.ingress_http().port();
+    let https_port = ctx.plane.ingress_https().port();
+    let switch = json!({annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"});
+    let gateway = |name: &str, listeners: Value| {
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": name, "annotations": switch},
+               "spec": {"gatewayClassName": class, "listeners": listeners}})
+    };
+    let https = |name: &str, host: &str, cert: Value| {
+        json!({"name": name, "protocol": "HTTPS", "port": https_port, "hostname": host,
+               "tls": {"mode": "Terminate", "certificateRefs": [cert]}})
+    };
+    let cases = [
+        (
+            "no-http",
+            "NoHTTPListener",
+            json!([https("https", &host("a", ns), json!({"name": "a-tls"}))]),
+        ),
+        (
+            "not-allowed",
+            "SolverRouteNotAllowed",
+            json!([{"name": "http", "protocol": "HTTP", "port": http_port,
+                    "allowedRoutes": {"namespaces": {"from": "None"}}},
+                   https("https", &host("b", ns), json!({"name": "b-tls"}))]),
+        ),
+        (
+            "cross-ns",
+            "CrossNamespaceCertificate",
+            json!([{"name": "http", "protocol": "HTTP", "port": http_port},
+                   https("https", &host("c", ns), json!({"name": "c-tls", "namespace": other.name()}))]),
+        ),
+    ];
+    for (name, reason, listeners) in &cases {
+        apply_gateway_api(ctx, ns.name(), &gateway(name, listeners.clone())).await?;
+        let note = wait_event(ctx, ns.name(), name, reason).await?;
+        eprintln!("scenario 13: {reason}: {note}");
+    }
+    // A ListenerSet on a Gateway that admits none (allowedListeners default: None).
+    apply_gateway_api(
+        ctx,
+        ns.name(),
+        &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ListenerSet",
+            "metadata": {"name": "refused", "annotations": switch},
+            "spec": {"parentRef": {"name": "no-http"},
+                     "listeners": [https("https", &host("d", ns), json!({"name": "d-tls"}))]}}),
+    )
+    .await?;
+    wait_event(ctx, ns.name(), "refused", "ListenerSetNotAllowed").await?;
+    // A backend in another namespace.
+    apply_gateway_api(
+        ctx,
+        ns.name(),
+        &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "elsewhere"},
+            "spec": {"parentRefs": [{"name": "no-http"}],
+                     "rules": [{"backendRefs": [{"name": "web", "namespace": other.name(), "port": 80}]}]}}),
+    )
+    .await?;
+    wait_event(ctx, ns.name(), "no-http", "BackendInOtherNamespace").await?;
+    // A hostname another namespace owns: no temporary Secret, an Event.
+    apply_gateway_api(
+        ctx,
+        other.name(),
+        &gateway(
+            "taker",
+            json!([{"name": "http", "protocol": "HTTP", "port": http_port},
+                   https("https", owned, json!({"name": "taken-tls"}))]),
+        ),
+    )
+    .await?;
+    wait_event(ctx, other.name(), "taker", "HostNotOwned").await?;
+    ensure!(
+        other.api::<Secret>().get_opt("taken-tls").await?.is_none(),
+        "a temporary Secret was made for a host another namespace owns"
     );
     Ok(())
 }

@@ -750,12 +750,24 @@ pub fn plan(parent: &Parent, routes: &[Route], around: &Surroundings) -> Gateway
     }
 
     // Which Service serves each hostname: the HTTPRoutes attached to its listener.
+    // Those attached to this object, in a fixed order, then capped (whatever else the
+    // namespace holds).
     let mut routes: Vec<&Route> = routes
         .iter()
-        .filter(|r| !r.is_sidecerts())
-        .take(MAX_ROUTES)
+        .filter(|r| !r.is_sidecerts() && !r.sections_of(parent).is_empty())
         .collect();
     routes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    if routes.len() > MAX_ROUTES {
+        find(
+            &mut plan,
+            "TooManyRoutes",
+            format!(
+                "{} HTTPRoutes attach to it; sidecert reads the first {MAX_ROUTES} by name",
+                routes.len()
+            ),
+        );
+        routes.truncate(MAX_ROUTES);
+    }
     for (listener, host, secret) in &https {
         for route in &routes {
             let sections = route.sections_of(parent);
@@ -867,11 +879,13 @@ impl GatewayPlan {
     }
 }
 
-/// The name of sidecert's HTTPRoute for one backend of one Gateway or ListenerSet: at most 63
-/// characters, ending in `-sidecert-solver`.
+/// The name of sidecert's HTTPRoute for one backend of one Gateway or ListenerSet:
+/// `gw.<gateway>.<backend>-sidecert-solver` (`ls.` for a ListenerSet), at most 63 characters
+/// (a long one ends in a hash of the whole). Distinct parents or backends never share one: a
+/// backend (a Service, a DNS label) has no dot, so the last dot ends the parent's name.
 pub fn solver_route_name(parent: &Parent, backend: &str) -> String {
     let keep = 63 - SOLVER_SERVICE_SUFFIX.len();
-    let base = format!("{}-{}-{backend}", parent.kind.short(), parent.name);
+    let base = format!("{}.{}.{backend}", parent.kind.short(), parent.name);
     format!("{}{SOLVER_SERVICE_SUFFIX}", bounded_name(&base, keep))
 }
 
@@ -934,9 +948,26 @@ pub fn solver_route(
     }))
 }
 
+/// Whether `have` holds everything `want` holds: objects may have more keys (the API
+/// server's defaults: a backendRef's `group`, `kind` and `weight`), arrays hold as many
+/// items, each holding its counterpart.
+fn holds(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(h), Value::Object(w)) => {
+            w.iter().all(|(k, v)| h.get(k).is_some_and(|hv| holds(hv, v)))
+        }
+        (Value::Array(h), Value::Array(w)) => h.len() == w.len() && h.iter().zip(w).all(|(a, b)| holds(a, b)),
+        (h, w) => h == w,
+    }
+}
+
 /// Whether an existing solver route already holds what `want` holds (spec, labels, owner).
 pub fn route_current(existing: &DynamicObject, want: &Value) -> bool {
-    existing.data.get("spec") == want.get("spec")
+    existing
+        .data
+        .get("spec")
+        .zip(want.get("spec"))
+        .is_some_and(|(have, want)| holds(have, want))
         && existing
             .metadata
             .labels
@@ -1150,7 +1181,7 @@ mod tests {
         assert_eq!(plan.served[0].backend, "app");
         let hosts = BTreeSet::from(["shop.example"]);
         let r = solver_route(&gw, &plan, "app", &hosts).unwrap();
-        assert_eq!(r["metadata"]["name"], "gw-web-app-sidecert-solver");
+        assert_eq!(r["metadata"]["name"], "gw.web.app-sidecert-solver");
         assert_eq!(
             r["spec"]["parentRefs"],
             json!([{"group": GROUP, "kind": "Gateway", "name": "web", "sectionName": "http"}])
@@ -1265,7 +1296,7 @@ mod tests {
             r["spec"]["parentRefs"],
             json!([{"group": GROUP, "kind": "Gateway", "name": "shared", "namespace": "infra", "sectionName": "http"}])
         );
-        assert_eq!(r["metadata"]["name"], "ls-web-app-sidecert-solver");
+        assert_eq!(r["metadata"]["name"], "ls.web.app-sidecert-solver");
 
         // The Gateway admits no ListenerSets (the default), or is not there.
         let strict = Parent::read(
@@ -1353,6 +1384,32 @@ mod tests {
         o.data["status"] =
             json!({"parents": [{"conditions": [{"type": "Accepted", "status": "False", "reason": 7}]}, 3]});
         assert!(Route::read(&o).unwrap().not_accepted().is_some());
+    }
+
+    #[test]
+    fn a_route_with_the_api_servers_defaults_is_current() {
+        let gw = gateway(json!([
+            http("http", json!({})),
+            https("https", "a.example", json!({"name": "a"}))
+        ]));
+        let routes = [route(
+            "shop",
+            "r",
+            json!({"name": "web"}),
+            json!([]),
+            json!({"name": "app"}),
+        )];
+        let plan = plan_of(&gw, &routes, None);
+        let want = solver_route(&gw, &plan, "app", &BTreeSet::from(["a.example"])).unwrap();
+        let mut stored: DynamicObject = serde_json::from_value(want.clone()).unwrap();
+        stored.data["spec"]["rules"][0]["backendRefs"][0]["group"] = json!("");
+        stored.data["spec"]["rules"][0]["backendRefs"][0]["kind"] = json!("Service");
+        stored.data["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(1);
+        assert!(route_current(&stored, &want));
+        stored.data["spec"]["hostnames"] = json!(["b.example"]);
+        assert!(!route_current(&stored, &want));
+        stored.data["spec"]["hostnames"] = json!(["a.example", "b.example"]);
+        assert!(!route_current(&stored, &want));
     }
 
     #[test]

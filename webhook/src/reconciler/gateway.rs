@@ -27,7 +27,7 @@ use std::{
 
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::EventType,
 };
 use sidecert_contract::{foreign_secret_warning, lease_name};
@@ -65,37 +65,43 @@ struct Seen {
     annotated: bool,
 }
 
+/// The HTTPRoutes of each namespace, read, and a hash of their resourceVersions.
+fn routes_by_namespace(objects: &GatewayObjects) -> BTreeMap<String, (Vec<Route>, u64)> {
+    let mut by_ns: BTreeMap<String, Vec<Route>> = BTreeMap::new();
+    for route in objects.routes() {
+        by_ns.entry(route.namespace.clone()).or_default().push(route);
+    }
+    by_ns
+        .into_iter()
+        .map(|(ns, mut routes)| {
+            routes.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut h = DefaultHasher::new();
+            for r in &routes {
+                (&r.name, &r.meta.resource_version).hash(&mut h);
+            }
+            (ns, (routes, h.finish()))
+        })
+        .collect()
+}
+
 /// What a parent's reconcile depends on: itself, its Gateway, and the HTTPRoutes of its
 /// namespace and of its Gateway's.
-fn fingerprint(parent: &Parent, objects: &GatewayObjects) -> u64 {
+fn fingerprint(
+    parent: &Parent,
+    objects: &GatewayObjects,
+    routes: &BTreeMap<String, (Vec<Route>, u64)>,
+) -> u64 {
     let mut h = DefaultHasher::new();
     parent.meta.resource_version.hash(&mut h);
     parent.is_annotated().hash(&mut h);
-    let gateway = parent.parent_gateway();
-    if let Some((ns, name)) = &gateway {
+    routes.get(&parent.namespace).map(|(_, v)| *v).hash(&mut h);
+    if let Some((ns, name)) = parent.parent_gateway() {
         objects
-            .gateway(ns, name)
+            .gateway(&ns, &name)
             .map(|g| g.meta.resource_version)
             .hash(&mut h);
+        routes.get(&ns).map(|(_, v)| *v).hash(&mut h);
     }
-    let mut rvs: Vec<(&str, &str, &str)> = objects
-        .routes
-        .iter()
-        .filter(|r| {
-            let ns = r.metadata.namespace.as_deref();
-            ns == Some(parent.namespace.as_str())
-                || gateway.as_ref().is_some_and(|(g, _)| ns == Some(g.as_str()))
-        })
-        .map(|r| {
-            (
-                r.metadata.namespace.as_deref().unwrap_or_default(),
-                r.metadata.name.as_deref().unwrap_or_default(),
-                r.metadata.resource_version.as_deref().unwrap_or_default(),
-            )
-        })
-        .collect();
-    rvs.sort_unstable();
-    rvs.hash(&mut h);
     h.finish()
 }
 
@@ -110,7 +116,7 @@ pub async fn reconcile_gateways(ctx: Arc<Reconciler>) {
         if objects.is_empty() && seen.is_empty() {
             continue;
         }
-        let routes = objects.routes();
+        let by_ns = routes_by_namespace(&objects);
         let (parents, unreadable) = objects.parents(None);
         let mut alive = BTreeSet::new();
         for parent in &parents {
@@ -121,7 +127,13 @@ pub async fn reconcile_gateways(ctx: Arc<Reconciler>) {
             if !ctx.namespace_enabled(&parent.namespace) {
                 continue;
             }
-            let fp = fingerprint(parent, &objects);
+            let fp = fingerprint(parent, &objects, &by_ns);
+            // Only the routes of its own namespace: the Pods behind routes elsewhere could not
+            // get the certificate, and another namespace's routes are not its owner's to add.
+            let routes = by_ns
+                .get(&parent.namespace)
+                .map(|(r, _)| r.as_slice())
+                .unwrap_or_default();
             let now = Instant::now();
             let entry = seen.entry(uid.clone()).or_default();
             let due = entry.fingerprint != fp
@@ -140,9 +152,9 @@ pub async fn reconcile_gateways(ctx: Arc<Reconciler>) {
             // a solver route it owns (annotated while this replica did not lead).
             let owns_routes = routes.iter().any(|r| r.is_sidecerts() && owned_by(&r.meta, &uid));
             let result = if annotated {
-                ctx.ensure_parent(parent, &objects, &routes).await
+                ctx.ensure_parent(parent, &objects, routes).await
             } else if entry.annotated || owns_routes {
-                ctx.remove_parent(parent, &routes).await
+                ctx.remove_parent(parent, routes).await
             } else {
                 Ok(())
             };
@@ -201,9 +213,13 @@ impl Reconciler {
                 .and_then(|n| n.metadata.labels.clone())
         };
         let gplan = objects.plan_of(parent, routes, &labels);
-        for finding in &gplan.findings {
-            self.warn_once(&target, finding.reason, finding.message.clone())
-                .await;
+        // One Event per reason: its findings, sorted, in one note of at most 1 kB.
+        let mut by_reason: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for f in &gplan.findings {
+            by_reason.entry(f.reason).or_default().insert(f.message.as_str());
+        }
+        for (reason, messages) in by_reason {
+            self.warn_once(&target, reason, note_of(&messages)).await;
         }
         let ingress = gplan.as_ingress(parent);
         let mut plan = ingress_plan(&ingress, self.settings.default_profile.as_deref());
@@ -317,22 +333,23 @@ impl Reconciler {
             let existing = objects.routes.iter().find(|r| {
                 r.metadata.namespace.as_deref() == Some(ns) && r.metadata.name.as_deref() == Some(&name)
             });
+            let uid = parent.meta.uid.as_deref().unwrap_or_default();
             match existing {
-                Some(r) if !is_solver_route(&r.metadata) => {
+                Some(r) if !is_solver_route(&r.metadata) || !owned_by(&r.metadata, uid) => {
                     self.warn_once(
                         &target,
                         "SolverRouteNameTaken",
                         format!(
-                            "sidecert: {}: HTTPRoute {name} exists and is not sidecert's; the HTTP-01 \
+                            "sidecert: {}: HTTPRoute {name} exists and is not this {}'s; the HTTP-01 \
                              challenges of {} are not routed",
                             parent.display(),
+                            parent.kind.kind(),
                             hosts.iter().copied().collect::<Vec<_>>().join(", ")
                         ),
                     )
                     .await;
-                    continue;
                 }
-                Some(r) if route_current(r, &want) => {
+                Some(r) => {
                     if let Some(why) = Route::read(r).ok().and_then(|r| r.not_accepted()) {
                         self.warn_once(
                             &target,
@@ -346,39 +363,32 @@ impl Reconciler {
                         )
                         .await;
                     }
-                    continue;
-                }
-                _ => {}
-            }
-            let created = existing.is_none();
-            match api
-                .patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&want),
-                )
-                .await
-            {
-                Ok(_) => {
-                    self.action(if created { "route_added" } else { "route_repaired" });
-                    tracing::info!(namespace = ns, object = %parent.display(), route = name, "applied the HTTP-01 HTTPRoute");
-                    if created {
-                        self.event(
-                            &target,
-                            EventType::Normal,
-                            "ChallengeRouteAdded",
-                            "Reconcile",
-                            format!(
-                                "created HTTPRoute {name} for the HTTP-01 challenges of {}",
-                                hosts.iter().copied().collect::<Vec<_>>().join(", ")
-                            ),
-                            None,
-                        )
-                        .await;
+                    if !route_current(r, &want) {
+                        // sidecert's own, drifted: put back what it holds.
+                        match api
+                            .patch(
+                                &name,
+                                &PatchParams::apply(FIELD_MANAGER).force(),
+                                &Patch::Apply(&want),
+                            )
+                            .await
+                        {
+                            Ok(_) => {
+                                self.action("route_repaired");
+                                tracing::info!(namespace = ns, object = %parent.display(), route = name, "repaired the HTTP-01 HTTPRoute");
+                            }
+                            Err(e) => {
+                                first_error.get_or_insert(e.into());
+                            }
+                        }
                     }
                 }
-                Err(e) => {
-                    first_error.get_or_insert(e.into());
+                None => {
+                    // Created, never applied over: a route of that name the cache has not seen
+                    // yet is someone else's, and stays theirs.
+                    if let Err(e) = self.create_route(&api, &target, &name, &want, hosts).await {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
@@ -449,6 +459,41 @@ impl Reconciler {
         Ok(())
     }
 
+    async fn create_route(
+        &self,
+        api: &Api<DynamicObject>,
+        target: &k8s_openapi::api::core::v1::ObjectReference,
+        name: &str,
+        want: &serde_json::Value,
+        hosts: &BTreeSet<&str>,
+    ) -> Result<()> {
+        let route: DynamicObject = serde_json::from_value(want.clone())
+            .map_err(|e| Error::Contended(format!("cannot build HTTPRoute {name}: {e}")))?;
+        match api.create(&PostParams::default(), &route).await {
+            Ok(_) => {
+                self.action("route_added");
+                tracing::info!(route = name, "created the HTTP-01 HTTPRoute");
+                self.event(
+                    target,
+                    EventType::Normal,
+                    "ChallengeRouteAdded",
+                    "Reconcile",
+                    format!(
+                        "created HTTPRoute {name} for the HTTP-01 challenges of {}",
+                        hosts.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                    None,
+                )
+                .await;
+                Ok(())
+            }
+            // Made meanwhile, by a pass before or by someone else: the next pass, from the
+            // cache, tells which.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn delete_route(&self, api: &Api<DynamicObject>, route: &Route) -> Result<()> {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
@@ -470,5 +515,55 @@ impl Reconciler {
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The most an Event's note holds (1 kB), with room for "and N more".
+const NOTE_BYTES: usize = 900;
+
+/// Messages joined into one Event note of at most [`NOTE_BYTES`] and a count of the rest, cut
+/// at whole messages (a first one longer than that, at a character boundary).
+fn note_of(messages: &BTreeSet<&str>) -> String {
+    let mut note = String::new();
+    let mut shown = 0;
+    for m in messages {
+        let sep = if note.is_empty() { "" } else { "; " };
+        if note.len() + sep.len() + m.len() > NOTE_BYTES {
+            if note.is_empty() {
+                let mut end = NOTE_BYTES.min(m.len());
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                note = m.get(..end).unwrap_or_default().to_owned();
+                shown = 1;
+            }
+            break;
+        }
+        note.push_str(sep);
+        note.push_str(m);
+        shown += 1;
+    }
+    if messages.len() > shown {
+        note.push_str(&format!("; and {} more", messages.len() - shown));
+    }
+    note
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_fit_an_event() {
+        let long = "é".repeat(2000);
+        let many: Vec<String> = (0..100)
+            .map(|i| format!("listener l{i} is wrong in some way"))
+            .collect();
+        let set: BTreeSet<&str> = many.iter().map(String::as_str).collect();
+        let note = note_of(&set);
+        assert!(note.len() < 1024 && note.ends_with("more"), "{note}");
+        let note = note_of(&BTreeSet::from([long.as_str(), "b"]));
+        assert!(note.len() < 1024, "{}", note.len());
+        assert_eq!(note_of(&BTreeSet::from(["a", "b"])), "a; b");
     }
 }
