@@ -3099,13 +3099,14 @@ async fn s13_gateway(ctx: Ctx) -> Result<()> {
                 let items = manifest["items"].as_array_mut().context("web_app's List has no items")?;
                 items.retain(|i| i["kind"] != "Ingress");
                 let switch = json!({annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"});
-                items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                // Before the Deployment, as a user's one file would have them.
+                items.insert(1, json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                     "metadata": {"name": "edge", "annotations": switch},
                     "spec": {"gatewayClassName": class, "listeners": [
                         {"name": "http", "protocol": "HTTP", "port": http_port, "hostname": host},
                         {"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": host,
                          "tls": {"mode": "Terminate", "certificateRefs": [{"name": "web-tls"}]}}]}}));
-                items.push(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                items.insert(2, json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                     "metadata": {"name": "web"},
                     "spec": {"parentRefs": [{"name": "edge", "sectionName": "https"}], "hostnames": [host],
                              "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}));
@@ -3189,6 +3190,10 @@ async fn s13_gateway(ctx: Ctx) -> Result<()> {
                 );
                 let tokens = pebble_tokens(ctx.plane, &host);
                 ensure!(tokens.len() == 1, "Pebble validated {} challenges for {host}", tokens.len());
+                // Injected at creation (the live re-check reads the Gateway and its route when
+                // the caches lag), or else through one rollout restart: say which.
+                let restarts = events_with_reason(&ctx.client, ns.name(), "RolloutRestart").await?;
+                eprintln!("scenario 13: rollout restarts for the Gateway's Pods: {}", restarts.len());
                 let pods = pods_api.list(&ListParams::default().labels("app=web")).await?.items;
                 let running: Vec<Pod> = pods.into_iter().filter(is_running).collect();
                 let orders = sidecar_metric_sum(&running, "sidecert_orders_total", "").await?;

@@ -33,6 +33,13 @@ pub struct Cache {
 
 /// Whether "the Gateway API is absent" was said (once per process, for all three kinds).
 static GATEWAY_API_ABSENT_SAID: AtomicBool = AtomicBool::new(false);
+/// Whether a Gateway API watch has listed its kind: the CRDs are installed.
+static GATEWAY_API_PRESENT: AtomicBool = AtomicBool::new(false);
+
+/// Whether the cluster has the Gateway API CRDs (as far as the watches know).
+pub fn gateway_api_present() -> bool {
+    GATEWAY_API_PRESENT.load(Ordering::Relaxed)
+}
 
 /// Watches one Gateway API kind. Without its CRD the watch fails and backs off (up to a
 /// minute between tries), so the kind is picked up once the CRDs are installed, without a
@@ -52,6 +59,7 @@ fn watch_gateway_api(client: &Client, ar: ApiResource) -> Store<DynamicObject> {
         async move {
             match e {
                 Ok(_) => {
+                    GATEWAY_API_PRESENT.store(true, Ordering::Relaxed);
                     if !found.swap(true, Ordering::Relaxed) && GATEWAY_API_ABSENT_SAID.load(Ordering::Relaxed) {
                         tracing::info!(kind, "the Gateway API is installed now: serving its {kind}s");
                     }

@@ -13,13 +13,19 @@ use k8s_openapi::api::{
     core::v1::{Pod, Service},
     networking::v1::Ingress,
 };
-use kube::{Api, Client, api::ListParams, core::admission::AdmissionRequest};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, ListParams},
+    core::admission::AdmissionRequest,
+};
 
 use crate::{
     error::{Error, Result},
+    kube::cache::gateway_api_present,
     metrics::Metrics,
     mutate::{
         context::Context,
+        gateway::{GatewayObjects, ParentKind, http_route_resource},
         ingress::is_annotated,
         lookup::Snapshot,
         outcome::Outcome,
@@ -100,7 +106,7 @@ impl LiveCheck {
 }
 
 /// The namespace read from the API server rather than the watch caches: its annotated
-/// Ingresses and its Services. `None` when the annotated Ingresses are exactly the ones
+/// Ingresses (and its Gateway API objects, when the cluster has them) and its Services. `None` when the annotated Ingresses are exactly the ones
 /// the cache holds (`cached`: uid → resourceVersion, see
 /// [`crate::mutate::select::annotated_versions`]); then no Service list is made.
 pub async fn live_snapshot(
@@ -118,7 +124,14 @@ pub async fn live_snapshot(
             .filter(is_annotated)
             .map(Arc::new)
             .collect();
-        if annotated_versions(&ingresses) == *cached {
+        let gateway = if gateway_api_present() {
+            live_gateway_objects(client, namespace).await?
+        } else {
+            GatewayObjects::default()
+        };
+        let mut all = ingresses.clone();
+        all.extend(gateway.ingresses(namespace).into_iter().map(Arc::new));
+        if annotated_versions(&all) == *cached {
             return Ok(None);
         }
         let services = Api::<Service>::namespaced(client.clone(), namespace)
@@ -131,10 +144,33 @@ pub async fn live_snapshot(
         Ok(Some(Snapshot {
             ingresses,
             services,
-            ..Snapshot::default()
+            gateway,
         }))
     };
     tokio::time::timeout(budget, read)
         .await
         .unwrap_or(Err(Error::Timeout(budget)))
+}
+
+/// The Gateways, ListenerSets and HTTPRoutes of `namespace`, from the API server (a kind
+/// whose CRD is missing has none).
+async fn live_gateway_objects(client: &Client, namespace: &str) -> Result<GatewayObjects> {
+    let list = |ar: kube::api::ApiResource| async move {
+        let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar);
+        match api.list(&ListParams::default()).await {
+            Ok(list) => Ok(list.items.into_iter().map(Arc::new).collect()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
+            Err(e) => Err(Error::from(e)),
+        }
+    };
+    let (gateways, listener_sets, routes) = futures::try_join!(
+        list(ParentKind::Gateway.api_resource()),
+        list(ParentKind::ListenerSet.api_resource()),
+        list(http_route_resource()),
+    )?;
+    Ok(GatewayObjects {
+        gateways,
+        listener_sets,
+        routes,
+    })
 }

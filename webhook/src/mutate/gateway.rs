@@ -1080,10 +1080,32 @@ impl GatewayObjects {
             .filter(|r| r.metadata.namespace.as_deref() == Some(ns))
             .filter_map(|r| Route::read(r).ok())
             .collect();
+        // The resourceVersion tells a stale cache from the API server (see
+        // `crate::mutate::select::Recheck`): the parent's, and a hash of its namespace's routes.
+        let mut names: Vec<(&str, &str)> = routes
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.meta.resource_version.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect();
+        names.sort_unstable();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&names, &mut h);
+        let routes_version = std::hash::Hasher::finish(&h);
         let no_labels = |_: &str| None;
         annotated
             .into_iter()
-            .map(|p| self.plan_of(p, &routes, &no_labels).as_ingress(p))
+            .map(|p| {
+                let mut ing = self.plan_of(p, &routes, &no_labels).as_ingress(p);
+                ing.metadata.resource_version = Some(format!(
+                    "{}/{routes_version:016x}",
+                    p.meta.resource_version.as_deref().unwrap_or_default()
+                ));
+                ing
+            })
             .collect()
     }
 }

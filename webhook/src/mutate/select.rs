@@ -255,10 +255,15 @@ pub struct Recheck {
 }
 
 /// Whether a Pod that the caches did not select must be re-checked live: a cached Service
-/// selects it (so an Ingress could, through that Service), though no cached Ingress does.
+/// selects it (so an Ingress, or a Gateway's HTTPRoute, could, through that Service), though
+/// no cached Ingress or Gateway does.
 pub fn recheck(namespace: &str, labels: &BTreeMap<String, String>, lookup: &dyn Lookup) -> Option<Recheck> {
-    has_selecting_service(namespace, labels, lookup).then(|| Recheck {
-        namespace: namespace.to_owned(),
-        known: annotated_versions(&lookup.ingresses(namespace)),
+    has_selecting_service(namespace, labels, lookup).then(|| {
+        let mut ingresses = lookup.ingresses(namespace);
+        ingresses.extend(lookup.gateway_ingresses(namespace));
+        Recheck {
+            namespace: namespace.to_owned(),
+            known: annotated_versions(&ingresses),
+        }
     })
 }
