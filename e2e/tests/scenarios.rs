@@ -3199,6 +3199,15 @@ async fn s13_gateway(ctx: Ctx) -> Result<()> {
                 let orders = sidecar_metric_sum(&running, "sidecert_orders_total", "").await?;
                 ensure!(orders <= 1.0, "the sidecars made {orders} orders, want one");
 
+                // A deleted solver route comes back (the reconciler), as sidecert's.
+                routes.delete(solver_route, &DeleteParams::default()).await?;
+                wait_for(Duration::from_secs(20), || async {
+                    let r = routes.get_opt(solver_route).await.ok()??;
+                    (r.metadata.deletion_timestamp.is_none() && r.metadata.uid != route.metadata.uid).then_some(())
+                })
+                .await
+                .context("the deleted solver HTTPRoute did not come back")?;
+
                 listener_set(&ctx, ns, infra).await?;
                 misconfigurations(&ctx, ns, other, &host).await?;
 
