@@ -2166,7 +2166,27 @@ async fn s9_namespace_guard(ctx: Ctx) -> Result<()> {
                             "labels": {"app.kubernetes.io/managed-by": "sidecert"}},
                         "spec": holder.map_or(json!({}), |h| json!({"holderIdentity": h}))})
                 };
+                // sidecert's HTTP-01 HTTPRoute, and ones it never writes.
+                let route = |name: &str, labelled: bool, path: &str, backend: &str| {
+                    let labels = if labelled {
+                        json!({"app.kubernetes.io/managed-by": "sidecert"})
+                    } else {
+                        json!({})
+                    };
+                    json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                        "metadata": {"name": name, "labels": labels},
+                        "spec": {"parentRefs": [{"name": "edge", "sectionName": "http"}],
+                            "hostnames": ["a.example"],
+                            "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                                       "backendRefs": [{"name": backend, "port": 80}]}]}})
+                };
+                let challenge = ACME_CHALLENGE_PATH;
                 for (object, allowed, what) in [
+                    (route("gw.edge.web-sidecert-solver", true, challenge, "web-sidecert-solver"), true, "sidecert's HTTPRoute"),
+                    (route("gw.edge.web-sidecert-solver", false, challenge, "web-sidecert-solver"), false, "an unlabelled HTTPRoute"),
+                    (route("tenant-route", true, challenge, "web-sidecert-solver"), false, "an HTTPRoute of another name"),
+                    (route("gw.edge.web-sidecert-solver", true, "/", "web-sidecert-solver"), false, "an HTTPRoute of every path"),
+                    (route("gw.edge.web-sidecert-solver", true, challenge, "web"), false, "an HTTPRoute to an app's Service"),
                     (account(json!({})), true, "an empty account Secret"),
                     (account(json!({"credentials.json": "e30="})), false, "an account Secret with a key"),
                     (lease("sidecert-web-tls", None), true, "a certificate's Lease"),
