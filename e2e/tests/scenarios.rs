@@ -3114,40 +3114,21 @@ async fn s13_gateway(ctx: Ctx) -> Result<()> {
                 let class = std::env::var("GATEWAY_CLASS").unwrap_or_else(|_| "traefik".into());
                 let (http_port, https_port) = (ctx.plane.ingress_http().port(), ctx.plane.ingress_https().port());
                 let host = host("gw", ns);
-                let mut manifest = web_app("web", std::slice::from_ref(&host), "web-tls", 2, json!({}), json!({}));
-                // The Ingress of web_app goes: the Gateway and its route stand in for it.
-                let items = manifest["items"].as_array_mut().context("web_app's List has no items")?;
-                items.retain(|i| i["kind"] != "Ingress");
                 let switch = json!({annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"});
-                // Before the Deployment, as a user's one file would have them.
-                items.insert(1, json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+                let gateway = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                     "metadata": {"name": "edge", "annotations": switch},
                     "spec": {"gatewayClassName": class, "listeners": [
                         {"name": "http", "protocol": "HTTP", "port": http_port, "hostname": host},
                         {"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": host,
-                         "tls": {"mode": "Terminate", "certificateRefs": [{"name": "web-tls"}]}}]}}));
-                items.insert(2, json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                         "tls": {"mode": "Terminate", "certificateRefs": [{"name": "web-tls"}]}}]}});
+                let http_route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                     "metadata": {"name": "web"},
                     "spec": {"parentRefs": [{"name": "edge", "sectionName": "https"}], "hostnames": [host],
-                             "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}}));
-                let applied = Instant::now();
-                ctx.kubectl_ok(&["-n", ns.name(), "apply", "-f", "-"], Some(&manifest.to_string()))
-                    .await?;
-
+                             "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]}});
                 let secrets: Api<Secret> = ns.api();
-                let temporary = wait_for(Duration::from_secs(10), || async {
-                    secrets.get_opt("web-tls").await.ok().flatten()
-                })
-                .await
-                .context("no temporary Secret web-tls within 10 s of the apply")?;
-                eprintln!(
-                    "scenario 13: apply -> temporary Secret of the Gateway's listener: {:.1} s",
-                    applied.elapsed().as_secs_f64()
-                );
-                ensure!(
-                    annotation(&temporary, annotations::TEMPORARY) == Some("true"),
-                    "web-tls is not the temporary certificate"
-                );
+                let (applied, temporary) =
+                    apply_gateway_app(&ctx, ns, ("web", 2), &host, "web-tls", [gateway, http_route], "Gateway")
+                        .await?;
                 let temp_info = check_chain(&tls_crt(&temporary).context("no tls.crt")?, None)?;
                 let (temporary_after, _) = wait_served(
                     ctx.plane,
@@ -3253,6 +3234,53 @@ async fn s13_gateway(ctx: Ctx) -> Result<()> {
         .await
 }
 
+/// `web_app`'s Service and Deployment of (`app`, `replicas`) for `host` with the Gateway API
+/// `objects` before the Deployment (as a user's one file would have them), in one `kubectl
+/// apply`; then the temporary Secret `secret` of the `what`'s listener, within 10 s. When it
+/// was applied, and that Secret.
+async fn apply_gateway_app(
+    ctx: &Ctx,
+    ns: &TestNamespace,
+    (app, replicas): (&str, u32),
+    host: &str,
+    secret: &str,
+    objects: [Value; 2],
+    what: &str,
+) -> Result<(Instant, Secret)> {
+    let mut manifest = web_app(app, &[host.to_owned()], secret, replicas, json!({}), json!({}));
+    let items = manifest["items"]
+        .as_array_mut()
+        .context("web_app's List has no items")?;
+    // web_app's Ingress goes: the Gateway API objects stand in for it.
+    items.retain(|i| i["kind"] != "Ingress");
+    for (i, object) in objects.into_iter().enumerate() {
+        items.insert(1 + i, object);
+    }
+    let applied = Instant::now();
+    ctx.kubectl_ok(
+        &["-n", ns.name(), "apply", "-f", "-"],
+        Some(&manifest.to_string()),
+    )
+    .await?;
+    let secrets: Api<Secret> = ns.api();
+    let temporary = wait_for(Duration::from_secs(10), || async {
+        secrets.get_opt(secret).await.ok().flatten()
+    })
+    .await
+    .with_context(|| {
+        format!("no temporary Secret {secret} for the {what}'s listener within 10 s of the apply")
+    })?;
+    ensure!(
+        annotation(&temporary, annotations::TEMPORARY) == Some("true"),
+        "{secret} is not the temporary certificate"
+    );
+    eprintln!(
+        "scenario 13: apply -> temporary Secret of the {what}'s listener: {:.1} s",
+        applied.elapsed().as_secs_f64()
+    );
+    Ok((applied, temporary))
+}
+
 /// Scenario 13, continued: a ListenerSet in `ns` attached to a Gateway in `infra` (which
 /// admits ListenerSets and routes from every namespace on its HTTP listener).
 async fn listener_set(ctx: &Ctx, ns: &TestNamespace, infra: &TestNamespace) -> Result<()> {
@@ -3271,49 +3299,26 @@ async fn listener_set(ctx: &Ctx, ns: &TestNamespace, infra: &TestNamespace) -> R
     )
     .await?;
     let host = host("ls", ns);
-    let mut manifest = web_app(
-        "api",
-        std::slice::from_ref(&host),
-        "api-tls",
-        1,
-        json!({}),
-        json!({}),
-    );
-    let items = manifest["items"].as_array_mut().context("no items")?;
-    items.retain(|i| i["kind"] != "Ingress");
-    items.push(
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ListenerSet",
+    let listener_set = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ListenerSet",
         "metadata": {"name": "api", "annotations": {annotations::ISSUE_TEMPORARY_CERTIFICATE: "true"}},
         "spec": {"parentRef": {"name": "shared", "namespace": infra.name()},
                  "listeners": [{"name": "https", "protocol": "HTTPS", "port": https_port, "hostname": host,
-                                "tls": {"mode": "Terminate", "certificateRefs": [{"name": "api-tls"}]}}]}}),
-    );
-    items.push(
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                                "tls": {"mode": "Terminate", "certificateRefs": [{"name": "api-tls"}]}}]}});
+    let http_route = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
         "metadata": {"name": "api"},
         "spec": {"parentRefs": [{"kind": "ListenerSet", "name": "api", "sectionName": "https"}],
-                 "rules": [{"backendRefs": [{"name": "api", "port": 80}]}]}}),
-    );
-    let applied = Instant::now();
-    ctx.kubectl_ok(
-        &["-n", ns.name(), "apply", "-f", "-"],
-        Some(&manifest.to_string()),
+                 "rules": [{"backendRefs": [{"name": "api", "port": 80}]}]}});
+    let secrets: Api<Secret> = ns.api();
+    let (applied, _) = apply_gateway_app(
+        ctx,
+        ns,
+        ("api", 1),
+        &host,
+        "api-tls",
+        [listener_set, http_route],
+        "ListenerSet",
     )
     .await?;
-    let secrets: Api<Secret> = ns.api();
-    let temporary = wait_for(Duration::from_secs(10), || async {
-        secrets.get_opt("api-tls").await.ok().flatten()
-    })
-    .await
-    .context("no temporary Secret api-tls for the ListenerSet's listener")?;
-    ensure!(
-        annotation(&temporary, annotations::TEMPORARY) == Some("true"),
-        "api-tls is not temporary"
-    );
-    eprintln!(
-        "scenario 13: apply -> temporary Secret of the ListenerSet's listener: {:.1} s",
-        applied.elapsed().as_secs_f64()
-    );
     let routes = gateway_objects(ctx, ns.name(), "HTTPRoute");
     let route = wait_for(Duration::from_secs(20), || async {
         routes.get_opt("ls.api.api-sidecert-solver").await.ok().flatten()

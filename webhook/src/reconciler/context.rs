@@ -172,6 +172,70 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Claims the plan's hosts for `ns` and leaves out of it those it may not have, with a
+    /// `HostNotOwned` (or `HostOwnerUnknown`) warning Event on `target`; what was left out,
+    /// `None` when nothing was (or without claims).
+    pub(super) async fn claim_plan_hosts(
+        &self,
+        target: &ObjectReference,
+        ns: &str,
+        plan: &mut Plan,
+    ) -> Option<crate::mutate::context::HostChecks> {
+        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
+        let checks = self.claim_for(ns, &hosts).await?.checks(false);
+        if checks.left_out.is_empty() {
+            return None;
+        }
+        // An Event's note holds 1 kB: the first few warnings, and how many more.
+        let warnings: BTreeSet<String> = checks
+            .left_out
+            .iter()
+            .map(|(host, standing)| standing.warning(ns, host))
+            .collect();
+        let mut note = warnings.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+        if warnings.len() > 3 {
+            note.push_str(&format!("; and {} more", warnings.len() - 3));
+        }
+        let reason = if owner_unknown(&checks.left_out) {
+            "HostOwnerUnknown"
+        } else {
+            "HostNotOwned"
+        };
+        self.warn_once(target, reason, note).await;
+        plan.leave_out_hosts(ns, &checks);
+        Some(checks)
+    }
+
+    /// Leaves the Secrets of someone else's out of the plan (never written, routed to or
+    /// rolled for), with a `SecretNotOurs` warning Event on `target`; whether the owner of
+    /// one could not be told in time (the reconcile is then retried with backoff).
+    pub(super) async fn leave_out_foreign_secrets(
+        &self,
+        target: &ObjectReference,
+        ns: &str,
+        plan: &mut Plan,
+    ) -> bool {
+        let owners = self
+            .executor
+            .secret_owners(ns, &plan.secret_names(), self.executor.budget())
+            .await;
+        let checks = SecretChecks {
+            left_out: owners.left_out(),
+            checked: None,
+        };
+        plan.leave_out(ns, &checks);
+        if !owners.foreign.is_empty() {
+            let note = owners
+                .foreign
+                .iter()
+                .map(|s| foreign_secret_warning(ns, s))
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.warn_once(target, "SecretNotOurs", note).await;
+        }
+        !owners.unknown.is_empty()
+    }
+
     /// Claims the plan's hosts for `ns` and leaves out the ones it may not have, with a
     /// warning Event; the HTTP-01 paths of those another namespace owns or this one may not
     /// claim (added before the claim, or before sidecert claimed hosts at all) come off the
@@ -183,32 +247,10 @@ impl Reconciler {
         ns: &str,
         plan: &mut Plan,
     ) -> Result<(Option<Ingress>, bool)> {
-        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
-        let Some(claimed) = self.claim_for(ns, &hosts).await else {
+        let Some(checks) = self.claim_plan_hosts(&ingress.object_ref(&()), ns, plan).await else {
             return Ok((None, false));
         };
-        let checks = claimed.checks(false);
-        if checks.left_out.is_empty() {
-            return Ok((None, false));
-        }
         let unknown = owner_unknown(&checks.left_out);
-        // An Event's note holds 1 kB: the first few warnings, and how many more.
-        let warnings: BTreeSet<String> = checks
-            .left_out
-            .iter()
-            .map(|(host, standing)| standing.warning(ns, host))
-            .collect();
-        let mut note = warnings.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
-        if warnings.len() > 3 {
-            note.push_str(&format!("; and {} more", warnings.len() - 3));
-        }
-        let reason = if unknown {
-            "HostOwnerUnknown"
-        } else {
-            "HostNotOwned"
-        };
-        self.warn_once(&ingress.object_ref(&()), reason, note).await;
-        plan.leave_out_hosts(ns, &checks);
         // Only hosts another namespace owns or this one may not claim: a host whose claim is
         // not known in time, or past what one pass claims, keeps its path.
         let gone = |host: &str| {
@@ -313,26 +355,9 @@ impl Reconciler {
         // One owner per host: what another namespace owns is left out, and its path goes.
         let (trimmed, hosts_unknown) = self.leave_out_hosts(ingress, ns, &mut plan).await?;
         let ingress = trimmed.as_ref().unwrap_or(ingress);
-        // A Secret of someone else's is never written, routed to or rolled for.
-        let owners = self
-            .executor
-            .secret_owners(ns, &plan.secret_names(), self.executor.budget())
+        let owners_unknown = self
+            .leave_out_foreign_secrets(&ingress.object_ref(&()), ns, &mut plan)
             .await;
-        let checks = SecretChecks {
-            left_out: owners.left_out(),
-            checked: None,
-        };
-        plan.leave_out(ns, &checks);
-        if !owners.foreign.is_empty() {
-            let note = owners
-                .foreign
-                .iter()
-                .map(|s| foreign_secret_warning(ns, s))
-                .collect::<Vec<_>>()
-                .join("; ");
-            self.warn_once(&ingress.object_ref(&()), "SecretNotOurs", note)
-                .await;
-        }
         let mut generation_source = ingress.clone();
         let patch = route_patch(&plan);
         if !patch.is_empty() {
@@ -369,7 +394,7 @@ impl Reconciler {
 
         // A Secret whose owner could not be told is left out this time; retry with backoff.
         let mut first_error =
-            (!owners.unknown.is_empty() || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
+            (owners_unknown || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
         for effect in effects(ingress, ns, &plan) {
             let result = match &effect {
                 Effect::SolverService {

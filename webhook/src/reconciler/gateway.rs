@@ -30,12 +30,12 @@ use kube::{
     api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
     runtime::events::EventType,
 };
-use sidecert_contract::{foreign_secret_warning, lease_name};
+use sidecert_contract::lease_name;
 
 use crate::{
     error::{Error, Result},
     mutate::{
-        context::SecretChecks,
+        context::HostStanding,
         effect::Effect,
         gateway::{
             GatewayObjects, Parent, Route, http_route_resource, is_solver_route, owned_by, route_current,
@@ -227,56 +227,19 @@ impl Reconciler {
             tracing::debug!(object = %parent.display(), namespace = ns, warning, "plan");
         }
 
-        // One owner per host.
-        let hosts: Vec<&str> = plan.hosts().into_iter().collect();
-        let mut hosts_unknown = false;
-        if let Some(claimed) = self.claim_for(ns, &hosts).await {
-            let checks = claimed.checks(false);
-            if !checks.left_out.is_empty() {
-                hosts_unknown = checks
+        // One owner per host; a Secret of someone else's is never written.
+        let hosts_unknown = self
+            .claim_plan_hosts(&target, ns, &mut plan)
+            .await
+            .is_some_and(|checks| {
+                checks
                     .left_out
                     .values()
-                    .any(|s| matches!(s, crate::mutate::context::HostStanding::Unknown));
-                let warnings: BTreeSet<String> = checks
-                    .left_out
-                    .iter()
-                    .map(|(host, standing)| standing.warning(ns, host))
-                    .collect();
-                let mut note = warnings.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
-                if warnings.len() > 3 {
-                    note.push_str(&format!("; and {} more", warnings.len() - 3));
-                }
-                let reason = if hosts_unknown {
-                    "HostOwnerUnknown"
-                } else {
-                    "HostNotOwned"
-                };
-                self.warn_once(&target, reason, note).await;
-                plan.leave_out_hosts(ns, &checks);
-            }
-        }
-
-        // A Secret of someone else's is never written, routed to or rolled for.
-        let owners = self
-            .executor
-            .secret_owners(ns, &plan.secret_names(), self.executor.budget())
-            .await;
-        let checks = SecretChecks {
-            left_out: owners.left_out(),
-            checked: None,
-        };
-        plan.leave_out(ns, &checks);
-        if !owners.foreign.is_empty() {
-            let note = owners
-                .foreign
-                .iter()
-                .map(|s| foreign_secret_warning(ns, s))
-                .collect::<Vec<_>>()
-                .join("; ");
-            self.warn_once(&target, "SecretNotOurs", note).await;
-        }
+                    .any(|s| matches!(s, HostStanding::Unknown))
+            });
+        let owners_unknown = self.leave_out_foreign_secrets(&target, ns, &mut plan).await;
         let mut first_error =
-            (!owners.unknown.is_empty() || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
+            (owners_unknown || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
 
         for secret in &plan.secrets {
             let effect = Effect::TemporarySecret {
