@@ -218,17 +218,15 @@ pub async fn delete_solver_routes(client: &kube::Client, ns: &str) -> Result<Vec
         .filter(|r| crate::mutate::gateway::is_solver_route(&r.metadata))
     {
         let name = route.metadata.name.clone().unwrap_or_default();
-        let dp = kube::api::DeleteParams {
-            preconditions: Some(kube::api::Preconditions {
-                uid: route.metadata.uid.clone(),
-                resource_version: None,
-            }),
-            ..kube::api::DeleteParams::default()
-        };
-        match api.delete(&name, &dp).await {
-            Ok(_) => deleted.push(name),
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => return Err(e.into()),
+        match delete_unchanged(&api, &route.metadata).await? {
+            Deleted::Yes => deleted.push(name),
+            Deleted::Gone => {}
+            // Changed since listed: the next pass looks again.
+            Deleted::Changed => {
+                return Err(Error::Contended(format!(
+                    "HTTPRoute {name} changed while it was removed"
+                )));
+            }
         }
     }
     Ok(deleted)

@@ -477,7 +477,7 @@ impl Reconciler {
 /// Whether a reconcile that left out these hosts is retried with backoff: only when the owner
 /// of one was not known in time. Past the most hosts one pass claims, or the most claims a
 /// namespace holds, a host stays left out until the next interval.
-fn owner_unknown(left_out: &BTreeMap<String, HostStanding>) -> bool {
+pub(super) fn owner_unknown(left_out: &BTreeMap<String, HostStanding>) -> bool {
     left_out.values().any(|s| matches!(s, HostStanding::Unknown))
 }
 

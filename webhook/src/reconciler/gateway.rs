@@ -27,15 +27,15 @@ use std::{
 
 use kube::{
     Api,
-    api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions},
+    api::{DynamicObject, Patch, PatchParams, PostParams},
     runtime::events::EventType,
 };
 use sidecert_contract::lease_name;
 
 use crate::{
     error::{Error, Result},
+    kube::delete::{Deleted, delete_unchanged},
     mutate::{
-        context::HostStanding,
         effect::Effect,
         gateway::{
             GatewayObjects, Parent, Route, http_route_resource, is_solver_route, owned_by, route_current,
@@ -44,7 +44,7 @@ use crate::{
         ingress::{plan as ingress_plan, solver_service_name},
     },
     reconciler::{
-        context::{Reconciler, remove_solvers},
+        context::{Reconciler, owner_unknown, remove_solvers},
         controller::RETRY,
         plan::restart_key,
     },
@@ -136,15 +136,19 @@ pub async fn reconcile_gateways(ctx: Arc<Reconciler>) {
                 .unwrap_or_default();
             let now = Instant::now();
             let entry = seen.entry(uid.clone()).or_default();
-            let due = entry.fingerprint != fp
-                || entry
-                    .at
-                    .is_none_or(|at| now.duration_since(at) >= ctx.settings.interval);
-            let retry_due = entry.retry_at.is_some_and(|at| now >= at);
-            if !due && !retry_due {
-                continue;
-            }
-            if entry.retry_at.is_some_and(|at| now < at) && entry.fingerprint == fp {
+            // A change is reconciled at once; else a failed one when its backoff is over, and
+            // a settled one every interval.
+            let changed = entry.fingerprint != fp;
+            let due = match entry.retry_at {
+                Some(at) => changed || now >= at,
+                None => {
+                    changed
+                        || entry
+                            .at
+                            .is_none_or(|at| now.duration_since(at) >= ctx.settings.interval)
+                }
+            };
+            if !due {
                 continue;
             }
             let annotated = parent.is_annotated();
@@ -231,12 +235,7 @@ impl Reconciler {
         let hosts_unknown = self
             .claim_plan_hosts(&target, ns, &mut plan)
             .await
-            .is_some_and(|checks| {
-                checks
-                    .left_out
-                    .values()
-                    .any(|s| matches!(s, HostStanding::Unknown))
-            });
+            .is_some_and(|checks| owner_unknown(&checks.left_out));
         let owners_unknown = self.leave_out_foreign_secrets(&target, ns, &mut plan).await;
         let mut first_error =
             (owners_unknown || hosts_unknown).then(|| Error::Timeout(self.executor.budget()));
@@ -457,16 +456,11 @@ impl Reconciler {
         }
     }
 
+    /// Deletes one of sidecert's routes as read ([`delete_unchanged`]); one that changed
+    /// since is an error, and the next pass looks again.
     async fn delete_route(&self, api: &Api<DynamicObject>, route: &Route) -> Result<()> {
-        let dp = DeleteParams {
-            preconditions: Some(Preconditions {
-                uid: route.meta.uid.clone(),
-                resource_version: None,
-            }),
-            ..DeleteParams::default()
-        };
-        match api.delete(&route.name, &dp).await {
-            Ok(_) => {
+        match delete_unchanged(api, &route.meta).await? {
+            Deleted::Yes => {
                 self.action("route_removed");
                 tracing::info!(
                     namespace = route.namespace,
@@ -475,8 +469,11 @@ impl Reconciler {
                 );
                 Ok(())
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(e.into()),
+            Deleted::Gone => Ok(()),
+            Deleted::Changed => Err(Error::Contended(format!(
+                "HTTPRoute {} changed while it was removed",
+                route.name
+            ))),
         }
     }
 }
