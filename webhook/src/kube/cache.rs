@@ -65,7 +65,7 @@ fn watch_gateway_api(client: &Client, ar: ApiResource) -> Store<DynamicObject> {
                     }
                 }
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(s)) | watcher::Error::WatchStartFailed(kube::Error::Api(s)))
-                    if s.code == 404 && !found.load(Ordering::Relaxed) =>
+                    if s.is_not_found() && !found.load(Ordering::Relaxed) =>
                 {
                     if !GATEWAY_API_ABSENT_SAID.swap(true, Ordering::Relaxed) {
                         tracing::info!(

@@ -159,7 +159,7 @@ async fn live_gateway_objects(client: &Client, namespace: &str) -> Result<Gatewa
         let api = Api::<DynamicObject>::namespaced_with(client.clone(), namespace, &ar);
         match api.list(&ListParams::default()).await {
             Ok(list) => Ok(list.items.into_iter().map(Arc::new).collect()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
+            Err(kube::Error::Api(s)) if s.is_not_found() => Ok(Vec::new()),
             Err(e) => Err(Error::from(e)),
         }
     };

@@ -209,7 +209,7 @@ pub async fn delete_solver_routes(client: &kube::Client, ns: &str) -> Result<Vec
     ));
     let list = match api.list(&lp).await {
         Ok(list) => list.items,
-        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Vec::new()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(Vec::new()),
         Err(e) => return Err(e.into()),
     };
     let mut deleted = Vec::new();

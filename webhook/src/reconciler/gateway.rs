@@ -34,7 +34,10 @@ use sidecert_contract::lease_name;
 
 use crate::{
     error::{Error, Result},
-    kube::delete::{Deleted, delete_unchanged},
+    kube::{
+        delete::{Deleted, delete_unchanged},
+        executor::already_exists,
+    },
     mutate::{
         effect::Effect,
         gateway::{
@@ -451,7 +454,7 @@ impl Reconciler {
             }
             // Made meanwhile, by a pass before or by someone else: the next pass, from the
             // cache, tells which.
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) if already_exists(&e) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
